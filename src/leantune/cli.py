@@ -1,0 +1,116 @@
+"""The ``leantune`` command: thin entrypoints that parse, build and call the library.
+
+    leantune train [CONFIG.yaml] [section.key=value ...] [--resume]
+    leantune generate RUN_DIR_or_MODEL (--prompt TEXT | --prompts FILE.jsonl)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from leantune.config import ConfigError, describe_options, load_config
+from leantune.data.sources import DataError
+from leantune.train.run_dir import RunDirError
+
+# Errors a user can fix from the message alone: printed as one line, no traceback.
+USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, FloatingPointError)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    config = args.config
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)  # `leantune train optim.lr=1e-4` with no YAML
+        config = None
+    if args.resume:
+        overrides.append("train.resume=true")
+    cfg = load_config(config, overrides)
+    _setup_logging(cfg.logging.level)
+    from leantune.train.loop import train  # heavy imports only once the config is valid
+
+    summary = train(cfg)
+    _print_summary(summary, cfg.train.output_dir)
+    return 0
+
+
+def _print_summary(s: dict, run_dir: str) -> None:
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    print(f"\nrun directory: {run_dir}")
+    print(f"held-out loss: before {fmt(s['eval_loss']['before'])} -> after "
+          f"{fmt(s['eval_loss']['after'])}")
+    print(f"parameters: {s['trainable_params']:,} trainable / {s['total_params']:,} total "
+          f"({100 * s['trainable_params'] / s['total_params']:.3f} %)")
+    print(f"throughput: {s['tokens_per_second']:.1f} tokens/s over {s['optimizer_steps']} steps "
+          f"({s['train_tokens']['total']:,} tokens, padding {100 * s['padding_fraction']:.1f} %), "
+          f"wall {s['wall_seconds']:.0f} s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
+    for sample in s["samples"]:
+        print(f"\nheld-out prompt:\n{sample['prompt'].strip()}")
+        print(f"\nreply before training:\n{sample['before']}")
+        print(f"\nreply after training:\n{sample['after']}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.serve import answer_prompts, load_for_generation
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
+    model, tokenizer = load_for_generation(Path(args.target))
+    if args.prompt is not None:
+        rows = [{"prompt": args.prompt}]
+    else:
+        from leantune.data.sources import read_rows
+
+        rows = [r.record for r in read_rows(args.prompts)]
+    replies = answer_prompts(model, tokenizer, rows, args.max_new_tokens, args.temperature,
+                             raw=args.raw)
+    if args.prompt is not None:
+        print(replies[0])
+    else:
+        for row, reply in zip(rows, replies):
+            print(json.dumps({**row, "reply": reply}, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leantune", description="Adapt language models cheaply.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser(
+        "train", help="train an adapter", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train an adapter. Options come from CONFIG.yaml and section.key=value "
+                    "overrides (YAML values: numbers, true/false, null, [lists]).",
+        epilog="options (section.key (type, default): meaning):\n" + describe_options())
+    tr.add_argument("config", nargs="?", help="YAML config (see examples/)")
+    tr.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    tr.add_argument("--resume", action="store_true", help="same as train.resume=true")
+    tr.set_defaults(func=cmd_train)
+    gen = sub.add_parser("generate", help="answer prompts with base model + adapter")
+    gen.add_argument("target", help="a run directory (base + adapter) or a model directory")
+    gen.add_argument("--prompt", help="one prompt (rendered with the chat template)")
+    gen.add_argument("--prompts", help="JSONL of {prompt} or {messages} rows; replies to stdout")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"leantune: error: {e}", file=sys.stderr)
+        return 2

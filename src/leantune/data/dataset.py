@@ -1,0 +1,124 @@
+"""From a data config to encoded train and eval sets, with counts of what was read,
+skipped, truncated and dropped (all reported in ``summary.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+
+from leantune.config import DataConfig
+from leantune.data.encode import Encoded, encode
+from leantune.data.formats import Example, detect_format, to_example
+from leantune.data.sources import DataError, read_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataStats:
+    """What happened to the input rows; every row lands in exactly one bucket."""
+
+    rows_read: int = 0
+    bad_rows_skipped: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    bad_row_samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Splits:
+    """Encoded train / eval sets and the Examples they came from (for prompts)."""
+
+    train: list[Encoded]
+    eval: list[Encoded]
+    eval_examples: list[Example]
+    stats: DataStats
+    format: str
+
+
+def load_examples(path: str, cfg: DataConfig, has_chat_template: bool, stats: DataStats
+                  ) -> tuple[list[Example], str]:
+    """Read and convert every row of ``path``; bad rows raise or are skipped and counted."""
+    fmt = None if cfg.format == "auto" else cfg.format
+    examples = []
+    for row in read_rows(path, cfg.split):
+        stats.rows_read += 1
+        try:
+            fmt = fmt or detect_format(row.record, row)
+            examples.append(to_example(row, fmt, has_chat_template, cfg.system_prompt))
+        except DataError as e:
+            if not cfg.skip_bad_rows:
+                raise
+            stats.bad_rows_skipped += 1
+            if len(stats.bad_row_samples) < 5:
+                stats.bad_row_samples.append(str(e))
+    if not examples:
+        raise DataError(path, "file", None, "no usable rows" + (
+            f" ({stats.bad_rows_skipped} malformed rows skipped)" if stats.bad_rows_skipped else ""))
+    return examples, fmt
+
+
+def encode_all(examples: list[Example], tokenizer, cfg: DataConfig, stats: DataStats
+               ) -> tuple[list[Encoded], list[Example]]:
+    """Encode examples, applying ``cfg.truncation``; returns the kept ones and their sources."""
+    kept, sources = [], []
+    for ex in examples:
+        enc, truncated = encode(ex, tokenizer, cfg.max_length, cfg.train_on)
+        if truncated and cfg.truncation == "drop":
+            stats.dropped_too_long += 1
+            continue
+        if enc.num_targets == 0:  # e.g. a prompt longer than max_length: nothing to learn
+            stats.dropped_no_target += 1
+            continue
+        stats.truncated += truncated
+        kept.append(enc)
+        sources.append(ex)
+    return kept, sources
+
+
+def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
+    """Load, subsample, split (seeded) and encode the data of ``cfg``.
+
+    Raises:
+        DataError: a malformed row (unless ``skip_bad_rows``), or nothing left to train on.
+    """
+    stats = DataStats()
+    has_template = tokenizer.chat_template is not None
+    examples, fmt = load_examples(cfg.path, cfg, has_template, stats)
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    if cfg.max_examples is not None:
+        order = order[: cfg.max_examples]
+    if cfg.eval_path is not None:
+        eval_ex, _ = load_examples(cfg.eval_path, cfg, has_template, DataStats())
+        n_eval = 0
+    else:
+        n_eval = round(len(order) * cfg.eval_fraction)
+        if cfg.eval_examples is not None:
+            n_eval = min(n_eval, cfg.eval_examples)
+        eval_ex = [examples[i] for i in order[:n_eval]]
+    if cfg.eval_path is not None and cfg.eval_examples is not None:
+        eval_ex = eval_ex[: cfg.eval_examples]
+    train_ex = [examples[i] for i in order[n_eval:]]
+    train, _ = encode_all(train_ex, tokenizer, cfg, stats)
+    eval_enc, eval_src = encode_all(eval_ex, tokenizer, cfg, stats)
+    if not train:
+        raise DataError(cfg.path, "file", None, f"no training example left after encoding "
+                        f"({stats.dropped_too_long} longer than data.max_length={cfg.max_length}, "
+                        f"{stats.dropped_no_target} with no target token inside it); raise "
+                        "data.max_length or use data.truncation=right")
+    stats.train_examples, stats.eval_examples = len(train), len(eval_enc)
+    log.info("data: %d rows (%s), %d train / %d eval examples, %d truncated, %d dropped, "
+             "%d bad rows skipped", stats.rows_read, fmt, len(train), len(eval_enc),
+             stats.truncated, stats.dropped_too_long + stats.dropped_no_target,
+             stats.bad_rows_skipped)
+    return Splits(train, eval_enc, eval_src, stats, fmt)

@@ -1,0 +1,144 @@
+"""Read rows from files, `datasets` directories and hub ids, keeping where each row came
+from (file and line or row number) so that a bad row can be named precisely.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A malformed input; the message names the file, the line/row and the field."""
+
+    def __init__(self, source: str, where: str, field: str | None, problem: str):
+        self.source, self.where, self.field, self.problem = source, where, field, problem
+        at = f", field {field!r}" if field else ""
+        super().__init__(f"{source}, {where}{at}: {problem}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input record and where it came from, e.g. ``("data.jsonl", "line 7")``."""
+
+    source: str
+    where: str
+    record: Any
+
+
+def read_rows(path: str, split: str = "train") -> Iterator[Row]:
+    """Yield every row of a JSONL / JSON / CSV / parquet file, a `datasets` dir or hub id.
+
+    Raises:
+        DataError: unreadable file or unparsable line, with file and line.
+        FileNotFoundError: the path exists neither locally nor as a hub id.
+    """
+    if path == "embedded:sharegpt":
+        from leantune.embedded import sharegpt_rows
+
+        yield from sharegpt_rows()
+        return
+    p = Path(path)
+    if p.is_dir():
+        yield from _read_datasets_dir(p, split)
+    elif p.suffix == ".jsonl":
+        yield from _read_jsonl(p)
+    elif p.suffix == ".json":
+        yield from _read_json(p)
+    elif p.suffix in (".csv", ".tsv"):
+        yield from _read_csv(p, "\t" if p.suffix == ".tsv" else ",")
+    elif p.suffix == ".parquet":
+        yield from _read_parquet(p)
+    elif p.exists():
+        raise DataError(str(p), "file", None, "unknown extension; use .jsonl, .json, .csv, "
+                        ".tsv, .parquet or a datasets directory")
+    else:
+        yield from _read_hub(path, split)
+
+
+def _read_jsonl(p: Path) -> Iterator[Row]:
+    with p.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(str(p), f"line {n}", None, f"not UTF-8 ({e.reason} at byte "
+                                f"{e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                yield Row(str(p), f"line {n}", json.loads(text))
+            except json.JSONDecodeError as e:
+                raise DataError(str(p), f"line {n}", None, f"invalid JSON: {e.msg} at column "
+                                f"{e.colno}") from None
+
+
+def _read_json(p: Path) -> Iterator[Row]:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(str(p), "file", None, f"not UTF-8 ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(str(p), f"line {e.lineno}", None, f"invalid JSON: {e.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(str(p), "file", None, "expected a JSON array of rows (or {'data': [...]})")
+    for i, rec in enumerate(data):
+        yield Row(str(p), f"item {i}", rec)
+
+
+def _read_csv(p: Path, delimiter: str) -> Iterator[Row]:
+    try:
+        with p.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            for rec in reader:
+                yield Row(str(p), f"line {reader.line_num}", rec)
+    except UnicodeDecodeError as e:
+        raise DataError(str(p), "file", None, f"not UTF-8 ({e.reason})") from None
+    except csv.Error as e:
+        raise DataError(str(p), "file", None, f"invalid CSV: {e}") from None
+
+
+def _read_parquet(p: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises several unrelated types for corrupt files
+        raise DataError(str(p), "file", None, f"unreadable parquet: {e}") from None
+    for i, rec in enumerate(table.to_pylist()):
+        yield Row(str(p), f"row {i}", rec)
+
+
+def _read_datasets_dir(p: Path, split: str) -> Iterator[Row]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(str(p), "dataset", None, f"no split {split!r}; has {list(ds)}")
+        ds = ds[split]
+    for i, rec in enumerate(ds):
+        yield Row(f"{p}[{split}]", f"row {i}", rec)
+
+
+def _read_hub(name: str, split: str) -> Iterator[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline machines land here: say what was tried
+        raise FileNotFoundError(
+            f"{name!r} is not a local file or directory, and loading it as a hub dataset "
+            f"failed ({type(e).__name__}: {e})"
+        ) from None
+    for i, rec in enumerate(ds):
+        yield Row(f"{name}[{split}]", f"row {i}", rec)

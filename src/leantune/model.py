@@ -1,0 +1,125 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+GGUF checkpoints are dequantized by transformers (slow: ~30 s for 135 M parameters), so
+the result is cached once as a plain HF directory and reloaded from there (< 1 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from leantune.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` is float32 on CPU (bf16 matmuls are 14-24x slower there) and bf16 on GPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return DTYPES[name]
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """``(name_or_path, gguf_file)`` with ``embedded:`` names replaced by package files."""
+    if cfg.name_or_path == "embedded:smollm2":
+        from leantune.embedded import smollm2_gguf
+
+        path = smollm2_gguf()
+        return str(path.parent), path.name
+    if cfg.name_or_path.startswith("embedded:"):
+        raise ValueError(f"model.name_or_path: unknown embedded model {cfg.name_or_path!r}; "
+                         "the only one is 'embedded:smollm2'")
+    return cfg.name_or_path, cfg.gguf_file
+
+
+def _gguf_cache_dir(cfg: ModelConfig, path: Path) -> Path:
+    root = Path(cfg.cache_dir or os.environ.get("LEANTUNE_CACHE", "~/.cache/leantune")).expanduser()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return root / "gguf" / f"{path.stem}-{key[:12]}"
+
+
+def dequantize_gguf(cfg: ModelConfig, directory: str, gguf_file: str) -> Path:
+    """Dequantize ``directory/gguf_file`` to an fp32 HF directory, once; return its path.
+
+    The copy is written to a temporary directory and renamed into place, so an
+    interrupted conversion never leaves a half-written cache behind.
+    """
+    path = Path(directory) / gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"model.gguf_file: {path} does not exist")
+    target = _gguf_cache_dir(cfg, path)
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantizing %s once into %s (about 30 s per 100 M parameters)", path.name, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file,
+                                                     dtype=torch.float32)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot be loaded as a causal LM by transformers ({e})") from None
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    # save_pretrained refuses a model that still carries its GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load_tokenizer(cfg: ModelConfig, source: str | None = None):
+    """The tokenizer of the model, with a pad token (EOS when it has none)."""
+    source = source or resolve_local(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
+                                              revision=cfg.revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_local(cfg: ModelConfig) -> str:
+    """Where to load weights from: a GGUF file's cached HF copy, or the given name/path."""
+    name, gguf_file = resolve_source(cfg)
+    if gguf_file is not None:
+        return str(dequantize_gguf(cfg, name, gguf_file))
+    return name
+
+
+def load_model(cfg: ModelConfig, source: str | None = None) -> PreTrainedModel:
+    """Load the causal LM described by ``cfg`` (weights via safetensors when available).
+
+    Raises:
+        FileNotFoundError: a local directory without config or weights.
+    """
+    source = source or resolve_local(cfg)
+    local = Path(source)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{local} has no config.json: not a Hugging Face model directory")
+    if cfg.trust_remote_code:
+        log.warning("trust_remote_code=true: running model code shipped with %s", source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, use_safetensors=None,
+        )
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model weights from {source}: {e}") from None
+    # Training and eval never use a KV cache: with one, transformers silently stops
+    # honouring packed position_ids (see DESIGN.md).
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

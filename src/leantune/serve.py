@@ -1,0 +1,56 @@
+"""Load a trained run (base + adapter) or a plain model for generation, and answer
+prompts given as text or chat messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from leantune.adapters import build_adapter
+from leantune.config import ConfigError, ModelConfig, load_config
+from leantune.generate import generate
+from leantune.model import load_model, load_tokenizer, resolve_local
+
+
+def load_for_generation(target: Path):
+    """``(model, tokenizer)`` from a run directory (its base model + ``adapter/``) or from
+    a model directory / hub id."""
+    if (target / "config.yaml").is_file():
+        cfg = load_config(target / "config.yaml")
+        if not (target / "adapter").is_dir():
+            raise FileNotFoundError(f"{target} has no adapter/ yet (the run has not finished); "
+                                    f"a checkpoint's adapter is under {target}/checkpoints/")
+        source = resolve_local(cfg.model)
+        model = build_adapter(cfg.adapter).load(load_model(cfg.model, source), target / "adapter")
+        return model, load_tokenizer(cfg.model, source)
+    cfg = ModelConfig(name_or_path=str(target))
+    source = resolve_local(cfg)
+    return load_model(cfg, source), load_tokenizer(cfg, source)
+
+
+def render_prompt(row: dict, tokenizer, raw: bool = False) -> tuple[str, bool]:
+    """``(text, add_special_tokens)`` for a ``{"prompt": ...}`` or ``{"messages": [...]}`` row."""
+    if "messages" in row:
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False,
+                                             add_generation_prompt=True), False
+    if not isinstance(row.get("prompt"), str):
+        raise ConfigError(f"a prompt row needs a 'prompt' string or 'messages'; got {row!r}")
+    if raw or tokenizer.chat_template is None:
+        return row["prompt"], True
+    messages = [{"role": "user", "content": row["prompt"]}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+
+
+def answer_prompts(model, tokenizer, rows: list[dict], max_new_tokens: int,
+                   temperature: float = 0.0, raw: bool = False) -> list[str]:
+    """Replies to every row, batched by how the prompt is tokenized."""
+    rendered = [render_prompt(r, tokenizer, raw) for r in rows]
+    replies: list[str | None] = [None] * len(rows)
+    for special in (False, True):
+        idx = [i for i, (_, s) in enumerate(rendered) if s == special]
+        if idx:
+            out = generate(model, tokenizer, [rendered[i][0] for i in idx], max_new_tokens,
+                           special, temperature=temperature)
+            for i, reply in zip(idx, out):
+                replies[i] = reply
+    return replies

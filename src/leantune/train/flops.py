@@ -1,0 +1,53 @@
+"""A FLOPs ledger that counts frozen and trainable weights honestly.
+
+For a batch of ``R`` rows of ``T`` positions (pads included: their compute is spent),
+with ``P_f`` frozen and ``P_t`` trainable matmul weights (every ``nn.Linear``, the LM
+head and adapter matrices included; embedding lookups are not matmuls), ``L`` layers
+and attention width ``d``:
+
+- forward:  ``2 (P_f + P_t) R T + 2 L d R T^2``   (causal QK^T and AV)
+- backward: ``2 (P_f + P_t) R T`` for activation gradients through every layer,
+  ``+ 2 P_t R T`` for weight gradients (trainable weights only),
+  ``+ 4 L d R T^2`` for attention.
+
+Full fine-tuning thus costs the usual ~3x a forward; a frozen base with a small adapter
+costs ~2x, because the frozen weights' gradients are never formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    frozen_matmul_params: int
+    trainable_matmul_params: int
+    layers: int
+    attn_width: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FlopModel:
+        frozen = trainable = 0
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                n = module.weight.numel()
+                if module.weight.requires_grad:
+                    trainable += n
+                else:
+                    frozen += n
+        config = model.config
+        return cls(frozen, trainable, config.num_hidden_layers, config.hidden_size)
+
+    def forward(self, rows: int, length: int) -> int:
+        weights = 2 * (self.frozen_matmul_params + self.trainable_matmul_params) * rows * length
+        return weights + 2 * self.layers * self.attn_width * rows * length**2
+
+    def train(self, rows: int, length: int) -> int:
+        """Forward + backward FLOPs of one micro-batch."""
+        params = self.frozen_matmul_params + self.trainable_matmul_params
+        backward = (2 * params + 2 * self.trainable_matmul_params) * rows * length
+        backward += 4 * self.layers * self.attn_width * rows * length**2
+        return self.forward(rows, length) + backward

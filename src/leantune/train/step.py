@@ -1,0 +1,69 @@
+"""One optimizer step: forward and backward over the step's micro-batches, with the loss
+normalized by the target tokens of the whole step across micro-batches and processes.
+
+``loss = sum over all target tokens of -log p(token) / N_step``, where ``N_step`` counts
+the targets of every micro-batch on every process. Each micro-batch backpropagates
+``sum_i / N_step * world_size`` (DDP averages gradients over processes, and the
+``world_size`` factor undoes that), so the accumulated gradient is exactly that of one
+big batch - never a mean of per-batch means (transformers#34191).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from leantune.data.encode import IGNORE
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model gets: everything but labels, and never a KV cache."""
+    return {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
+
+
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target tokens and their count.
+
+    Shapes: logits [B, T, V]; position t predicts labels[t + 1]; -100 is ignored.
+    """
+    logits = model(**model_inputs(batch)).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean over the step's target tokens, all processes
+    target_tokens: int   # all processes
+    grad_norm: float | None
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
+               max_grad_norm: float | None) -> StepResult:
+    """Accumulate gradients over ``micro_batches`` and take one optimizer step."""
+    local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+    total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
+    scale = accelerator.num_processes / max(total, 1)
+    summed = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        # Gradients are all-reduced once, on the last micro-batch of the step.
+        sync = i == len(micro_batches) - 1
+        with accelerator.no_sync(model) if not sync else nullcontext():
+            loss, _ = loss_sum(model, batch)
+            accelerator.backward(loss * scale)
+        summed += loss.detach()
+    grad_norm = None
+    if max_grad_norm is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mean = float(accelerator.reduce(summed, "sum")) / max(total, 1)
+    return StepResult(mean, total, grad_norm)

@@ -13,6 +13,8 @@ from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tiny matmuls gain nothing from threads, and lose a lot when another process holds the cores.
+torch.set_num_threads(1)
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"

@@ -259,9 +259,13 @@ def _validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     for key, value in {"eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every,
-                       "train.max_steps": cfg.train.max_steps}.items():
+                       "train.max_steps": cfg.train.max_steps,
+                       "data.max_examples": cfg.data.max_examples}.items():
         if value is not None and value < 1:
             raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
+    # A negative cap would slice from the end in build_splits and move rows silently.
+    if cfg.data.eval_examples is not None and cfg.data.eval_examples < 0:
+        raise ConfigError(f"data.eval_examples: must be >= 0 or null, got {cfg.data.eval_examples}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:

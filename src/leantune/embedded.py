@@ -73,6 +73,9 @@ def recover_json_array(text: str) -> tuple[list, bool]:
             item, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
             return items, False
+        is_number = isinstance(item, (int, float)) and not isinstance(item, bool)
+        if is_number and (pos >= n or text[pos] not in " \t\r\n,]"):
+            return items, False  # a number cut off may have lost digits ("12" of "125")
         items.append(item)
 
 

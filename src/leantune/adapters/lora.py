@@ -40,6 +40,9 @@ class LoRA:
 
     def load_weights(self, model: nn.Module, directory: Path) -> None:
         result = set_peft_model_state_dict(model, load_peft_weights(str(directory)))
-        if result.unexpected_keys:
+        # missing_keys lists every base weight too; only LoRA matrices left out matter (they
+        # would silently keep their fresh init).
+        missing = [k for k in result.missing_keys if ".lora_" in k]
+        if result.unexpected_keys or missing:
             raise ValueError(f"{directory}: adapter weights do not fit this model "
-                             f"(unexpected: {result.unexpected_keys[:3]})")
+                             f"(unexpected: {result.unexpected_keys[:3]}, missing: {missing[:3]})")

@@ -18,7 +18,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataStats:
-    """What happened to the input rows; every row lands in exactly one bucket."""
+    """What happened to the rows of ``data.path``.
+
+    Every row read lands in exactly one of ``bad_rows_skipped``, ``dropped_too_long``,
+    ``dropped_no_target``, ``train_examples`` and ``eval_examples`` (unless ``max_examples``
+    left it out or the eval rows come from ``eval_path``); ``truncated`` counts kept
+    examples that were cut.
+    """
 
     rows_read: int = 0
     bad_rows_skipped: int = 0
@@ -49,7 +55,17 @@ def load_examples(path: str, cfg: DataConfig, has_chat_template: bool, stats: Da
     """Read and convert every row of ``path``; bad rows raise or are skipped and counted."""
     fmt = None if cfg.format == "auto" else cfg.format
     examples = []
-    for row in read_rows(path, cfg.split):
+
+    def skip(error: DataError) -> None:
+        stats.bad_rows_skipped += 1
+        if len(stats.bad_row_samples) < 5:
+            stats.bad_row_samples.append(str(error))
+
+    def unreadable(error: DataError) -> None:  # a JSONL line that is not JSON is a bad row too
+        stats.rows_read += 1
+        skip(error)
+
+    for row in read_rows(path, cfg.split, unreadable if cfg.skip_bad_rows else None):
         stats.rows_read += 1
         try:
             fmt = fmt or detect_format(row.record, row)
@@ -57,9 +73,7 @@ def load_examples(path: str, cfg: DataConfig, has_chat_template: bool, stats: Da
         except DataError as e:
             if not cfg.skip_bad_rows:
                 raise
-            stats.bad_rows_skipped += 1
-            if len(stats.bad_row_samples) < 5:
-                stats.bad_row_samples.append(str(e))
+            skip(e)
     if not examples:
         raise DataError(path, "file", None, "no usable rows" + (
             f" ({stats.bad_rows_skipped} malformed rows skipped)" if stats.bad_rows_skipped else ""))

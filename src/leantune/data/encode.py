@@ -3,8 +3,9 @@
 Chat examples are rendered with the tokenizer's chat template. The character span of
 assistant turn ``i`` is ``[len(render(m[:i], add_generation_prompt=True)),
 len(render(m[:i+1])))``: it covers the reply and the template's end-of-turn marker (so
-the model learns to stop), never the role header. Tokens whose characters overlap a
-target span get ``labels = input_ids``; all others get -100.
+the model learns to stop), never the role header. An opening assistant turn (``i = 0``)
+answers nothing and is not a target. Tokens whose characters overlap a target span get
+``labels = input_ids``; all others get -100.
 """
 
 from __future__ import annotations
@@ -53,15 +54,28 @@ def render(example: Example, tokenizer, train_on: str = "completion"
         return full, [(0, len(full))], False
     spans = []
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        # An opening assistant turn answers nothing, and its role header cannot be measured
+        # (templates refuse an empty conversation), so it stays context, not a target.
+        if m["role"] != "assistant" or i == 0:
             continue
-        start = len(_render_chat(tokenizer, msgs[:i], add_generation_prompt=True)) if i else 0
+        start_text = _render_chat(tokenizer, msgs[:i], add_generation_prompt=True)
         end_text = _render_chat(tokenizer, msgs[: i + 1])
-        if not full.startswith(end_text):
+        if not (full.startswith(start_text) and full.startswith(end_text)):
             raise DataError(example.source, "", None, "the chat template does not render turns as "
                             "prefixes of the whole conversation; use data.train_on=all")
-        spans.append((start, len(end_text)))
+        spans.append((len(start_text), len(end_text)))
     return full, spans, False
+
+
+def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids ``add_special_tokens=True`` puts before and after a text (e.g. ``[bos], []``);
+    measured, because whether a tokenizer adds BOS (Llama) or not (GPT-2, Qwen2) varies."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    return [], []  # the specials change the text's own tokens: add none rather than guess
 
 
 def encode(example: Example, tokenizer, max_length: int, train_on: str = "completion"
@@ -78,15 +92,15 @@ def encode(example: Example, tokenizer, max_length: int, train_on: str = "comple
         is_target = [any(s < e2 and e > s2 for s2, e2 in spans) and e > s
                      for s, e in enc["offset_mapping"]]
     else:
-        ids, is_target, pos = [], [], 0
+        prefix, suffix = _special_ids(tokenizer) if special else ([], [])
+        ids, is_target = list(prefix), [False] * len(prefix)
         bounds = sorted({0, len(text), *(b for span in spans for b in span)})
-        if special and tokenizer.bos_token_id is not None:
-            ids, is_target = [tokenizer.bos_token_id], [False]
         for a, b in zip(bounds, bounds[1:]):
             piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
             inside = any(s <= a and b <= e for s, e in spans)
             ids += piece
             is_target += [inside] * len(piece)
+        ids, is_target = ids + suffix, is_target + [False] * len(suffix)
     truncated = len(ids) > max_length
     ids, is_target = ids[:max_length], is_target[:max_length]
     labels = [t if m else IGNORE for t, m in zip(ids, is_target)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ class DataError(ValueError):
     def __init__(self, source: str, where: str, field: str | None, problem: str):
         self.source, self.where, self.field, self.problem = source, where, field, problem
         at = f", field {field!r}" if field else ""
-        super().__init__(f"{source}, {where}{at}: {problem}")
+        super().__init__(", ".join(filter(None, (source, where))) + f"{at}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,13 @@ class Row:
     record: Any
 
 
-def read_rows(path: str, split: str = "train") -> Iterator[Row]:
+def read_rows(path: str, split: str = "train",
+              on_bad: Callable[[DataError], None] | None = None) -> Iterator[Row]:
     """Yield every row of a JSONL / JSON / CSV / parquet file, a `datasets` dir or hub id.
+
+    Args:
+        on_bad: called with the error of each JSONL line that cannot be decoded (bad JSON
+            or UTF-8), which is then skipped; None raises it instead.
 
     Raises:
         DataError: unreadable file or unparsable line, with file and line.
@@ -49,7 +54,7 @@ def read_rows(path: str, split: str = "train") -> Iterator[Row]:
     if p.is_dir():
         yield from _read_datasets_dir(p, split)
     elif p.suffix == ".jsonl":
-        yield from _read_jsonl(p)
+        yield from _read_jsonl(p, on_bad)
     elif p.suffix == ".json":
         yield from _read_json(p)
     elif p.suffix in (".csv", ".tsv"):
@@ -63,21 +68,23 @@ def read_rows(path: str, split: str = "train") -> Iterator[Row]:
         yield from _read_hub(path, split)
 
 
-def _read_jsonl(p: Path) -> Iterator[Row]:
+def _read_jsonl(p: Path, on_bad: Callable[[DataError], None] | None) -> Iterator[Row]:
     with p.open("rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(str(p), f"line {n}", None, f"not UTF-8 ({e.reason} at byte "
-                                f"{e.start})") from None
-            if not text.strip():
+                text = raw.decode("utf-8").rstrip("\r\n")  # so that e.colno stays on this line
+                if text.strip():
+                    yield Row(str(p), f"line {n}", json.loads(text))
                 continue
-            try:
-                yield Row(str(p), f"line {n}", json.loads(text))
+            except UnicodeDecodeError as e:
+                error = DataError(str(p), f"line {n}", None, f"not UTF-8 ({e.reason} at byte "
+                                  f"{e.start})")
             except json.JSONDecodeError as e:
-                raise DataError(str(p), f"line {n}", None, f"invalid JSON: {e.msg} at column "
-                                f"{e.colno}") from None
+                error = DataError(str(p), f"line {n}", None, f"invalid JSON: {e.msg} at column "
+                                  f"{e.colno}")
+            if on_bad is None:
+                raise error
+            on_bad(error)
 
 
 def _read_json(p: Path) -> Iterator[Row]:

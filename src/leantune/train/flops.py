@@ -1,9 +1,9 @@
 """A FLOPs ledger that counts frozen and trainable weights honestly.
 
 For a batch of ``R`` rows of ``T`` positions (pads included: their compute is spent),
-with ``P_f`` frozen and ``P_t`` trainable matmul weights (every ``nn.Linear``, the LM
-head and adapter matrices included; embedding lookups are not matmuls), ``L`` layers
-and attention width ``d``:
+with ``P_f`` frozen and ``P_t`` trainable matmul weights (every ``nn.Linear`` or GPT-2
+style ``Conv1D``, the LM head and adapter matrices included; embedding lookups are not
+matmuls), ``L`` layers and attention width ``d``:
 
 - forward:  ``2 (P_f + P_t) R T + 2 L d R T^2``   (causal QK^T and AV)
 - backward: ``2 (P_f + P_t) R T`` for activation gradients through every layer,
@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class FlopModel:
     def of(cls, model: nn.Module) -> FlopModel:
         frozen = trainable = 0
         for module in model.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, Conv1D)):  # Conv1D: GPT-2's linear layer
                 n = module.weight.numel()
                 if module.weight.requires_grad:
                     trainable += n

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +51,8 @@ class TrainState:
     eval_flops: int = 0
     train_seconds: float = 0.0
     last_loss: float = math.nan
+    eval_loss_before: float | None = None
+    eval_history: list[dict] = field(default_factory=list)  # every eval record so far
 
 
 def micro_batches(splits: Splits, cfg: Config, state: TrainState, acc: Accelerator, pad_id: int
@@ -128,7 +130,7 @@ def train(cfg: Config) -> dict:
 
     pad_id = tokenizer.pad_token_id
     prompts = sample_prompts(splits, tokenizer, cfg.eval.generate)
-    eval_history: list[dict] = []
+    eval_history = state.eval_history  # a resumed run's summary covers the whole run
 
     def run_eval(tag: str) -> dict | None:
         if not splits.eval:
@@ -141,8 +143,10 @@ def train(cfg: Config) -> dict:
         metrics.write(record)
         return result
 
-    before = run_eval("before") if cfg.eval.before and resume_from is None else None
-    replies_before = _replies(model, tokenizer, prompts, cfg, acc)
+    if cfg.eval.before and resume_from is None:
+        state.eval_loss_before = (run_eval("before") or {}).get("loss")
+    # A resumed run's starting point is a checkpoint, not the base: no "before" replies.
+    replies_before = _replies(model, tokenizer, prompts, cfg, acc) if resume_from is None else []
 
     batches = micro_batches(splits, cfg, state, acc, pad_id)
     bar = tqdm(total=steps, initial=state.step, desc="train", dynamic_ncols=True,
@@ -178,11 +182,12 @@ def train(cfg: Config) -> dict:
 
     after = run_eval("after")
     replies_after = _replies(model, tokenizer, prompts, cfg, acc)
-    _save(run_dir, state, adapter, model, optimizer, cfg, acc)
+    if not (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
+        _save(run_dir, state, adapter, model, optimizer, cfg, acc)
     if acc.is_main_process:
         adapter.save(acc.unwrap_model(model), run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "adapter")
-    summary = _summary(cfg, splits, state, trainable, total, before, after, eval_history,
+    summary = _summary(cfg, splits, state, trainable, total, after, eval_history,
                        started, prompts, replies_before, replies_after)
     if acc.is_main_process:
         write_json(run_dir / "summary.json", summary)
@@ -223,7 +228,7 @@ def _replies(model, tokenizer, prompts, cfg: Config, acc: Accelerator) -> list[s
 
 
 def _summary(cfg: Config, splits: Splits, state: TrainState, trainable: int, total: int,
-             before: dict | None, after: dict | None, eval_history: list[dict], started: float,
+             after: dict | None, eval_history: list[dict], started: float,
              prompts, replies_before: list[str], replies_after: list[str]) -> dict:
     """The figures DESIGN.md lists for ``summary.json``, and a little more."""
     return {
@@ -242,11 +247,12 @@ def _summary(cfg: Config, splits: Splits, state: TrainState, trainable: int, tot
         "peak_memory_bytes": peak_memory_bytes(),
         "trainable_params": trainable,
         "total_params": total,
-        "eval_loss": {"before": before and before["loss"], "after": after and after["loss"]},
+        "eval_loss": {"before": state.eval_loss_before, "after": after and after["loss"]},
         "eval_history": eval_history,
         "final_train_loss": state.last_loss,
         "padding_fraction": 1 - state.real_tokens / max(state.positions, 1),
         "data": splits.stats.to_dict() | {"format": splits.format},
-        "samples": [{"prompt": p, "reference": ref, "before": b, "after": a}
-                    for (p, ref, _), b, a in zip(prompts, replies_before, replies_after)],
+        "samples": [{"prompt": p, "reference": ref, "after": a,
+                     "before": replies_before[i] if replies_before else None}
+                    for i, ((p, ref, _), a) in enumerate(zip(prompts, replies_after))],
     }

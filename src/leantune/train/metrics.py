@@ -26,13 +26,15 @@ def _jsonable(value: Any) -> Any:
 
 class MetricsLog:
     """Appends to ``metrics.jsonl``; on resume, drops lines past the checkpoint's step so
-    the file reads as one uninterrupted run."""
+    the file reads as one uninterrupted run. Without a checkpoint to resume from
+    (``resume_step=None``) the run starts over, so an earlier partial log is dropped."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        if enabled and path.exists():
+            kept = [] if resume_step is None else [
+                line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -1,0 +1,125 @@
+"""The ``leantune`` command end to end on a tiny Llama: train from a YAML file, inspect
+the run directory, generate with the result; bad keys fail in one line; --help lists
+every option."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from leantune.cli import main
+from leantune.config import Config, load_config
+
+STEP_FILES = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+              "optimizer.pt", "rng.pt", "trainer_state.json"]
+
+
+def write_data(path) -> str:
+    with path.open("w") as f:
+        for i in range(24):
+            a, b = i % 10, (3 * i) % 10
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"add {a} {b}"},
+                {"role": "assistant", "content": f"The answer is {a + b}."}]}) + "\n")
+    return str(path)
+
+
+def test_train_then_generate(llama_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""
+model:
+  name_or_path: {llama_dir}
+data:
+  path: {write_data(tmp_path / "add.jsonl")}
+  eval_fraction: 0.25
+adapter:
+  r: 4
+optim:
+  lr: 1.0e-2
+train:
+  output_dir: {run_dir}
+  batch_size: 4
+  max_steps: 5
+  progress: false
+checkpoint:
+  every: 2
+  keep_last_n: 2
+eval:
+  generate: 1
+  max_new_tokens: 4
+""")
+    assert main(["train", str(config), "eval.batch_size=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"run directory: {run_dir}" in out and "held-out loss: before" in out
+    assert "reply after training:" in out
+
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved == load_config(config, ["eval.batch_size=3"])
+    assert resolved.eval.batch_size == 3 and resolved.optim.lr == 1e-2
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 5 and summary["method"] == "lora"
+    assert len(summary["samples"]) == 1
+
+    # checkpoint.every=2 with keep_last_n=2: step 4 and the final step 5 remain.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-5"]
+    for step in ("step-4", "step-5"):
+        for f in STEP_FILES:
+            assert (run_dir / "checkpoints" / step / f).is_file(), (step, f)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (run_dir / "adapter" / f).is_file()
+
+    assert main(["generate", str(run_dir), "--prompt", "add 2 3", "--max-new-tokens", "6"]) == 0
+    reply = capsys.readouterr().out
+    assert reply.endswith("\n") and reply.count("\n") == 1
+
+    # The same greedy reply from PEFT and transformers directly.
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir),
+                                      run_dir / "adapter").eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "add 2 3"}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        new = model.generate(**ids, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, ids["input_ids"].shape[1]:]
+    assert reply.strip() == tok.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("where", ["yaml", "override"])
+def test_bad_config_key_is_one_line_exit_2(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)  # the default train.output_dir is relative
+    if where == "yaml":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("optim:\n  lrr: 0.1\n")
+        argv = ["train", str(bad)]
+    else:
+        argv = ["train", "optim.lrr=0.1"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("leantune: error:") and "'optim.lrr'" in lines[0]
+    assert "lr" in lines[0].split("did you mean", 1)[1]
+    assert not (tmp_path / "runs").exists()  # failed before touching the disk
+
+
+def test_train_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):
+            assert f"{section.name}.{f.name} (" in text, f"{section.name}.{f.name}"

@@ -1,0 +1,33 @@
+"""The examples and the README stay true to the code."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from leantune.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reference_lists_every_option_with_its_default():
+    data = yaml.safe_load((ROOT / "examples/reference.yaml").read_text())
+    for section in dataclasses.fields(Config):
+        names = {f.name for f in dataclasses.fields(section.default_factory)}
+        assert set(data[section.name]) == names, section.name
+    assert load_config(ROOT / "examples/reference.yaml") == Config()
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "own_data.yaml"])
+def test_examples_load(name):
+    cfg = load_config(ROOT / "examples" / name)
+    assert cfg.adapter.method == "lora"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
+    assert "pytest" in ci
+    assert ci in (ROOT / "README.md").read_text()

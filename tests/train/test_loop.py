@@ -1,0 +1,194 @@
+"""The training loop end to end on tiny models: the loss falls, the summary holds the
+figures DESIGN.md asks for (and they add up), and an interrupted run resumed from its
+checkpoint ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import leantune.train.loop as loop
+from leantune.adapters import build_adapter
+from leantune.config import load_config
+from leantune.data.collate import epoch_batches
+from leantune.data.dataset import build_splits
+from leantune.model import load_model, load_tokenizer
+from leantune.train.flops import FlopModel
+from leantune.train.run_dir import RunDirError
+
+SUMMARY_KEYS = {"method", "model", "train_tokens", "optimizer_steps", "train_flops", "ff_flops",
+                "ff_stages", "ff_steps_accepted", "wall_seconds", "tokens_per_second",
+                "peak_memory_bytes", "trainable_params", "total_params", "eval_loss",
+                "padding_fraction"}
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    """48 rows of "add a b" -> "The answer is a+b." as chat messages."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "add.jsonl"
+    with path.open("w") as f:
+        for _ in range(48):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"add {a} {b}"},
+                {"role": "assistant", "content": f"The answer is {a + b}."}]}) + "\n")
+    return str(path)
+
+
+def config(model_dir: str, data: str, out, *overrides: str):
+    return load_config(None, [f"model.name_or_path={model_dir}", f"data.path={data}",
+                              "data.eval_fraction=0.25", f"train.output_dir={out}",
+                              "train.batch_size=4", "train.progress=false",
+                              *overrides])
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_summary_is_complete(tiny_model_dir, chat_data, tmp_path):
+    cfg = config(tiny_model_dir, chat_data, tmp_path / "run", "train.max_steps=30",
+                 "optim.lr=1e-2")
+    summary = loop.train(cfg)
+
+    assert SUMMARY_KEYS <= summary.keys()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()).keys() == summary.keys()
+    before, after = summary["eval_loss"]["before"], summary["eval_loss"]["after"]
+    # A random tiny model starts near ln(vocab) = 5.7; 30 steps take ~0.6 off (seeded).
+    assert after < before - 0.25, (before, after)
+    assert summary["method"] == "lora" and summary["model"] == tiny_model_dir
+    assert summary["optimizer_steps"] == 30
+    assert 0 < summary["train_tokens"]["target"] < summary["train_tokens"]["total"]
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["train_flops"] > 0 and summary["tokens_per_second"] > 0
+    assert summary["peak_memory_bytes"] > 0 and summary["wall_seconds"] > 0
+    assert 0 <= summary["padding_fraction"] < 1
+    assert (summary["ff_flops"], summary["ff_stages"], summary["ff_steps_accepted"]) == (0, 0, 0)
+
+    records = read_metrics(tmp_path / "run")
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    first, last = (sum(r["loss"] for r in part) / 5 for part in (train[:5], train[-5:]))
+    assert last < first - 0.25, (first, last)
+    assert train[-1]["target_tokens"] == summary["train_tokens"]["target"]
+    assert train[-1]["train_flops"] == summary["train_flops"]
+    evals = [(r["tag"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    assert evals == [("before", before), ("after", after)]
+
+
+def test_one_epoch_accounts_every_example_once(llama_dir, chat_data, tmp_path):
+    """Tokens, padding and FLOPs in the summary, recomputed from the data and the batches."""
+    cfg = config(llama_dir, chat_data, tmp_path / "run", "train.grad_accum=3",
+                 "eval.before=false")
+    summary = loop.train(cfg)
+    splits = build_splits(cfg.data, load_tokenizer(cfg.model), cfg.train.seed)
+    train = splits.train
+    batches = epoch_batches(len(train), 4, cfg.train.seed, 0)
+    assert (len(train), len(batches)) == (36, 9)
+    assert summary["optimizer_steps"] == 3
+    real = sum(len(e.input_ids) for e in train)
+    assert summary["train_tokens"] == {"target": sum(e.num_targets for e in train), "total": real}
+    shapes = [(len(b), max(len(train[i].input_ids) for i in b)) for b in batches]
+    positions = sum(rows * length for rows, length in shapes)
+    assert summary["padding_fraction"] == pytest.approx(1 - real / positions)
+    fm = FlopModel.of(build_adapter(cfg.adapter).apply(load_model(cfg.model)))
+    assert summary["train_flops"] == sum(fm.train(r, t) for r, t in shapes)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
+    """Make the run die right after it has written checkpoint ``at_step``."""
+    real = loop.save_checkpoint
+
+    def save_then_crash(run_dir, step, *args, **kw):
+        path = real(run_dir, step, *args, **kw)
+        if step == at_step:
+            raise Crash(f"killed after step {step}")
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+
+
+def adapter_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Metrics without wall-clock figures."""
+    timing = {"tokens_per_second", "elapsed_seconds"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(llama_dir, chat_data, tmp_path_factory):
+    """6 steps (2 micro-batches each, LoRA dropout 0.1, cosine), checkpoint every 3."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    overrides = ["train.max_steps=6", "train.grad_accum=2", "checkpoint.every=3",
+                 "adapter.dropout=0.1", "optim.lr=1e-2", "eval.every=2"]
+    return overrides, out, loop.train(config(llama_dir, chat_data, out, *overrides))
+
+
+def test_resume_after_a_crash_is_bit_identical(uninterrupted, llama_dir, chat_data, tmp_path,
+                                               monkeypatch):
+    overrides, straight_dir, straight = uninterrupted
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        crash_after_checkpoint(m, at_step=3)
+        with pytest.raises(Crash):
+            loop.train(config(llama_dir, chat_data, out, *overrides))
+    assert not (out / "adapter").exists()
+    resumed = loop.train(config(llama_dir, chat_data, out, *overrides, "train.resume=true"))
+
+    expected, got = adapter_weights(straight_dir), adapter_weights(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    # The resumed run's log and figures read as the one uninterrupted run.
+    assert comparable(read_metrics(out)) == comparable(read_metrics(straight_dir))
+    for key in ("optimizer_steps", "train_tokens", "train_flops", "eval_flops", "eval_loss",
+                "eval_history", "final_train_loss", "padding_fraction"):
+        assert resumed[key] == straight[key], key
+
+
+def test_resume_before_any_checkpoint_starts_over(uninterrupted, llama_dir, chat_data,
+                                                  tmp_path, monkeypatch):
+    """A crash before the first checkpoint: resume starts from scratch, and the earlier
+    partial log is not kept beside the new one."""
+    overrides, straight_dir, _ = uninterrupted
+    out = tmp_path / "run"
+    real_step = loop.train_step
+    calls = []
+
+    def step_then_crash(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Crash("killed during step 2")
+        return real_step(*args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_step", step_then_crash)
+        with pytest.raises(Crash):
+            loop.train(config(llama_dir, chat_data, out, *overrides))
+    assert not (out / "checkpoints").exists() and (out / "metrics.jsonl").exists()
+    loop.train(config(llama_dir, chat_data, out, *overrides, "train.resume=true"))
+
+    expected, got = adapter_weights(straight_dir), adapter_weights(out)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert comparable(read_metrics(out)) == comparable(read_metrics(straight_dir))
+
+
+def test_existing_run_without_resume_is_refused(uninterrupted, llama_dir, chat_data):
+    overrides, straight_dir, _ = uninterrupted
+    log = (straight_dir / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirError, match="train.resume=true"):
+        loop.train(config(llama_dir, chat_data, straight_dir, *overrides))
+    assert (straight_dir / "metrics.jsonl").read_text() == log  # nothing touched

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from leantune.config import ConfigError, describe_options, load_config
 from leantune.data.sources import DataError
+from leantune.model import ModelError
 from leantune.train.run_dir import RunDirError
 
 # Errors a user can fix from the message alone: printed as one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, RunDirError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RunDirError, FileNotFoundError,
+               FloatingPointError)
 
 
 def _setup_logging(level: str) -> None:

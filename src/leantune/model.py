@@ -19,6 +19,10 @@ from leantune.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
+class ModelError(ValueError):
+    """The model cannot be loaded as configured; the message says what to change."""
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,7 +41,7 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
         path = smollm2_gguf()
         return str(path.parent), path.name
     if cfg.name_or_path.startswith("embedded:"):
-        raise ValueError(f"model.name_or_path: unknown embedded model {cfg.name_or_path!r}; "
+        raise ModelError(f"model.name_or_path: unknown embedded model {cfg.name_or_path!r}; "
                          "the only one is 'embedded:smollm2'")
     return cfg.name_or_path, cfg.gguf_file
 
@@ -66,7 +70,7 @@ def dequantize_gguf(cfg: ModelConfig, directory: str, gguf_file: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file,
                                                      dtype=torch.float32)
     except (ValueError, KeyError) as e:
-        raise ValueError(f"{path}: cannot be loaded as a causal LM by transformers ({e})") from None
+        raise ModelError(f"{path}: cannot be loaded as a causal LM by transformers ({e})") from None
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     # save_pretrained refuses a model that still carries its GGUF quantizer.
     model.hf_quantizer = None
@@ -117,6 +121,8 @@ def load_model(cfg: ModelConfig, source: str | None = None) -> PreTrainedModel:
         )
     except OSError as e:
         raise FileNotFoundError(f"cannot load model weights from {source}: {e}") from None
+    except ValueError as e:  # e.g. an architecture that has no causal-LM head
+        raise ModelError(f"{source}: cannot be loaded as a causal LM ({e})") from None
     # Training and eval never use a KV cache: with one, transformers silently stops
     # honouring packed position_ids (see DESIGN.md).
     model.config.use_cache = False

@@ -210,3 +210,9 @@ def test_recover_truncated_array_of_objects():
     assert recover_json_array(text[: ends[2]]) == (items[:3], False)  # cut right after "}"
     assert recover_json_array(text[: ends[2] + 1]) == (items[:3], False)  # after the comma
     assert recover_json_array(text[: ends[3] - 1]) == (items[:3], False)  # inside item 3
+
+
+def test_missing_data_file_is_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match=f"no such data file: {missing}"):
+        list(read_rows(str(missing)))

@@ -51,6 +51,8 @@ def read_rows(path: str, split: str = "train",
         yield from sharegpt_rows()
         return
     p = Path(path)
+    if p.suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet") and not p.is_file():
+        raise FileNotFoundError(f"no such data file: {p}")
     if p.is_dir():
         yield from _read_datasets_dir(p, split)
     elif p.suffix == ".jsonl":

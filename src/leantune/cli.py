@@ -40,8 +40,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     _setup_logging(cfg.logging.level)
     from leantune.train.loop import train  # heavy imports only once the config is valid
 
+    from accelerate import PartialState
+
     summary = train(cfg)
-    _print_summary(summary, cfg.train.output_dir)
+    if PartialState().is_main_process:
+        _print_summary(summary, cfg.train.output_dir)
     return 0
 
 

@@ -62,7 +62,9 @@ class Run:
 def build_run(cfg: Config) -> Run:
     """Load model, data and adapter, make the optimizer, and restore a checkpoint if asked."""
     started = time.time()
-    acc = Accelerator()
+    # Accelerate only turns a multi-process CPU launch (torchrun) into gloo DDP when told
+    # it is on CPU.
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
     run_dir = prepare_run_dir(cfg, acc)
     with acc.main_process_first():  # one process dequantizes a GGUF, the others reuse it

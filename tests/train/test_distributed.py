@@ -1,0 +1,51 @@
+"""Two processes (torchrun + Accelerate, gloo on CPU) with per-process batch b train
+exactly like one process with batch 2b: same loss curve, same tokens, same eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _losses(run_dir: Path) -> tuple[list[float], int]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    return [r["loss"] for r in steps], steps[-1]["tokens"]
+
+
+def test_two_processes_match_one_with_twice_the_batch(llama_dir, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"add {i % 7} {i % 5}"},
+                                 {"role": "assistant", "content": f"The answer is {i % 7 + i % 5}."}]})
+        + "\n" for i in range(40)))
+    common = [f"model.name_or_path={llama_dir}", f"data.path={data}", "train.max_steps=4",
+              "optim.lr=1e-2", "train.progress=false", "adapter.dropout=0.0",
+              "data.eval_fraction=0.2", "train.grad_accum=2"]
+    leantune = [sys.executable, "-m", "leantune", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m",
+                          "leantune", "train", *common, "train.batch_size=2",
+                          f"train.output_dir={tmp_path / 'two'}"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([*leantune, *common, "train.batch_size=4",
+                          f"train.output_dir={tmp_path / 'one'}"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-2000:]
+    (loss2, tokens2), (loss1, tokens1) = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert tokens2 == tokens1
+    assert loss2 == pytest.approx(loss1, abs=1e-5)
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert s2["eval_loss"]["after"] == pytest.approx(s1["eval_loss"]["after"], abs=1e-5)
+    assert s2["train_tokens"] == s1["train_tokens"]
+    assert two.stdout.count("run directory:") == 1  # only rank 0 prints and writes

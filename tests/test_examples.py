@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leantune.config import Config, load_config
+from leantune.config import Config, load_config, reference_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,7 @@ def test_reference_lists_every_option_with_its_default():
         names = {f.name for f in dataclasses.fields(section.default_factory)}
         assert set(data[section.name]) == names, section.name
     assert load_config(ROOT / "examples/reference.yaml") == Config()
+    assert (ROOT / "examples/reference.yaml").read_text() == reference_yaml()
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "own_data.yaml"])

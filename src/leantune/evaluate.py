@@ -5,19 +5,21 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
 
-from leantune.data.collate import collate_padded
 from leantune.data.encode import Encoded
 from leantune.train.step import loss_sum
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: list[Encoded], batch_size: int, pad_id: int,
+def evaluate(model: torch.nn.Module, examples: list[Encoded], batch_size: int,
+             collate: Callable[[list[Encoded]], dict[str, torch.Tensor]],
              accelerator: Accelerator) -> dict[str, float]:
-    """Loss and perplexity of ``model`` on ``examples`` (sharded over processes).
+    """Loss and perplexity of ``model`` on ``examples`` (sharded over processes), in
+    batches of ``batch_size`` examples laid out by ``collate`` (padded or packed).
 
     Returns:
         ``{"loss", "perplexity", "target_tokens"}``; loss is NaN for an empty set.
@@ -29,7 +31,7 @@ def evaluate(model: torch.nn.Module, examples: list[Encoded], batch_size: int, p
     mine = sorted(examples[rank::world], key=lambda e: len(e.input_ids))
     total, count = torch.zeros((), device=accelerator.device), 0
     for i in range(0, len(mine), batch_size):
-        batch = collate_padded(mine[i : i + batch_size], pad_id)
+        batch = collate(mine[i : i + batch_size])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         loss, n = loss_sum(model, batch)
         total += loss

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from leantune.config import DataConfig
-from leantune.data.collate import collate_padded, epoch_batches
+from leantune.data.batching import epoch_batches
+from leantune.data.collate import collate_padded
 from leantune.data.dataset import build_splits
 from leantune.data.encode import IGNORE, Encoded
 from leantune.data.sources import DataError
@@ -160,8 +161,11 @@ def test_collate_padded():
     a = Encoded([5, 6, 7], [IGNORE, 6, 7])
     b = Encoded([8, 9, 10, 11, 12], [IGNORE, IGNORE, 10, 11, 12])
     batch = collate_padded([a, b], pad_id=0)
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    assert all(t.shape == (2, 5) and t.dtype == torch.long for t in batch.values())
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "token_mask", "num_examples"}
+    assert all(batch[k].shape == (2, 5) and batch[k].dtype == torch.long
+               for k in ("input_ids", "attention_mask", "labels"))
+    assert torch.equal(batch["token_mask"], batch["attention_mask"].bool())
+    assert int(batch["num_examples"]) == 2
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE],

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import leantune.train.loop as loop
 from leantune.adapters import build_adapter
 from leantune.config import load_config
-from leantune.data.collate import epoch_batches
+from leantune.data.batching import epoch_batches
 from leantune.data.dataset import build_splits
 from leantune.model import load_model, load_tokenizer
 from leantune.train.flops import FlopModel
@@ -84,7 +84,7 @@ def test_loss_falls_and_summary_is_complete(tiny_model_dir, chat_data, tmp_path)
 def test_one_epoch_accounts_every_example_once(llama_dir, chat_data, tmp_path):
     """Tokens, padding and FLOPs in the summary, recomputed from the data and the batches."""
     cfg = config(llama_dir, chat_data, tmp_path / "run", "train.grad_accum=3",
-                 "eval.before=false")
+                 "eval.before=false", "data.packing=none")
     summary = loop.train(cfg)
     splits = build_splits(cfg.data, load_tokenizer(cfg.model), cfg.train.seed)
     train = splits.train

@@ -21,17 +21,19 @@ from tqdm.auto import tqdm
 
 from leantune.adapters import Adapter, build_adapter, count_parameters
 from leantune.config import Config
+from leantune.data.batching import Batcher
 from leantune.data.dataset import Splits, build_splits
 from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
 from leantune.generate import generate
-from leantune.model import load_model, load_tokenizer, resolve_local
+from leantune.model import (load_model, load_tokenizer, packing_error, packing_tolerance,
+                            resolve_local)
 from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, peak_memory_bytes, write_json
 from leantune.train.run_dir import prepare_run_dir
 from leantune.train.schedule import lr_multiplier, warmup_steps
-from leantune.train.state import TrainState, micro_batches, total_steps
+from leantune.train.state import TrainState, epoch_plan, micro_batches, total_steps
 from leantune.train.step import StepResult, train_step
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     flop_model: FlopModel
     params: tuple[int, int]  # (trainable, total)
+    batcher: Batcher
+    packing: dict             # requested / used mode and the probe's error
     steps: int
     warmup: int
     state: TrainState
@@ -79,7 +83,10 @@ def build_run(cfg: Config) -> Run:
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    steps = total_steps(cfg, len(splits.train), acc.num_processes)
+    packing = resolve_packing(cfg.data.packing, acc.unwrap_model(model))
+    batcher = Batcher.build(splits.train, packing["used"], cfg.data.max_length,
+                            tokenizer.pad_token_id, cfg.data.packing_strategy)
+    steps = total_steps(cfg, len(epoch_plan(batcher.unit_lengths, cfg, acc.num_processes, 0)))
     warmup = warmup_steps(steps, cfg.optim.warmup_steps, cfg.optim.warmup_ratio)
     state, resume_from = TrainState(), latest_checkpoint(run_dir) if cfg.train.resume else None
     if resume_from is not None:
@@ -92,7 +99,26 @@ def build_run(cfg: Config) -> Run:
               f"parameters ({100 * params[0] / params[1]:.3f} %), {len(splits.train)} train / "
               f"{len(splits.eval)} eval examples, {steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, splits, adapter, model, optimizer, flop_model,
-               params, steps, warmup, state, metrics, resume_from is not None, started)
+               params, batcher, packing, steps, warmup, state, metrics, resume_from is not None,
+               started)
+
+
+def resolve_packing(requested: str, model: torch.nn.Module) -> dict:
+    """The packing mode to use: the requested one when this model and backend keep packed
+    examples apart (probed, see :func:`~leantune.model.packing_error`), else padding,
+    with a warning. Never contaminates silently."""
+    if requested == "none":
+        return {"requested": "none", "used": "none", "probe_error": None, "exact": False}
+    error = packing_error(model)
+    exact = error <= packing_tolerance(model)
+    used = requested
+    if requested == "naive":
+        log.warning("data.packing=naive: attention crosses example boundaries (benchmarks only)")
+    elif not exact:
+        used = "none"
+        log.warning("this model/attention backend does not keep packed examples apart (relative "
+                    "logit error %.2e); falling back to data.packing=none", error)
+    return {"requested": requested, "used": used, "probe_error": error, "exact": exact}
 
 
 def train(cfg: Config) -> dict:
@@ -106,7 +132,7 @@ def train(cfg: Config) -> dict:
             state.eval_loss_before = (evaluate_and_log(run, "before") or {}).get("loss")
         replies_before = sample_replies(run, prompts)
 
-    batches = micro_batches(run.splits.train, cfg, state, acc, run.tokenizer.pad_token_id)
+    batches = micro_batches(run.batcher, cfg, state, acc)
     bar = tqdm(total=run.steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not (cfg.train.progress and acc.is_main_process))
     run.model.train()
@@ -147,7 +173,8 @@ def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
     state = run.state
     bar.update(1)
     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
-                    tok_s=f"{state.tokens_per_second:.0f}")
+                    tok_s=f"{state.tokens_per_second:.0f}", pad=f"{state.padding_fraction:.1%}",
+                    ex_row=f"{state.examples / max(state.rows, 1):.1f}")
     if state.step % run.cfg.train.log_every == 0 or state.step == run.steps:
         run.metrics.write({
             "step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -160,8 +187,10 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
     """Held-out loss now, appended to the eval history and ``metrics.jsonl``."""
     if not run.splits.eval:
         return None
+    # Eval is packed whenever packing is exact here (same loss, less waste), else padded.
+    mode = "online" if run.packing["exact"] and run.packing["requested"] != "none" else "none"
     result = evaluate(run.model, run.splits.eval, run.cfg.eval.batch_size,
-                      run.tokenizer.pad_token_id, run.acc)
+                      lambda batch: run.batcher.collate_examples(batch, mode), run.acc)
     run.state.eval_flops += sum(run.flop_model.forward(1, len(e.input_ids))
                                 for e in run.splits.eval)
     record = {"step": run.state.step, "tag": tag, "eval_loss": result["loss"],
@@ -239,7 +268,10 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "eval_loss": {"before": state.eval_loss_before, "after": after and after["loss"]},
         "eval_history": state.eval_history,
         "final_train_loss": state.last_loss,
-        "padding_fraction": 1 - state.real_tokens / max(state.positions, 1),
+        "padding_fraction": state.padding_fraction,
+        "packing": run.packing,
+        "rows": state.rows,
+        "examples": state.examples,
         "data": run.splits.stats.to_dict() | {"format": run.splits.format},
         "samples": [{"prompt": p, "reference": ref, "after": a,
                      "before": replies_before[i] if replies_before else None}

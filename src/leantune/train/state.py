@@ -12,8 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from leantune.config import Config
-from leantune.data.collate import collate_padded, epoch_batches
-from leantune.data.encode import Encoded
+from leantune.data.batching import Batcher, select_batches
 from leantune.train.flops import FlopModel
 from leantune.train.step import StepResult
 
@@ -28,6 +27,8 @@ class TrainState:
     target_tokens: int = 0
     real_tokens: int = 0     # non-pad input tokens
     positions: int = 0       # input positions processed, pads included
+    rows: int = 0            # micro-batch rows processed
+    examples: int = 0        # examples processed (several per row when packed)
     train_flops: int = 0
     eval_flops: int = 0
     train_seconds: float = 0.0
@@ -36,50 +37,64 @@ class TrainState:
     eval_history: list[dict] = field(default_factory=list)  # every eval record so far
 
     @property
+    def padding_fraction(self) -> float:
+        return 1 - self.real_tokens / max(self.positions, 1)
+
+    @property
     def tokens_per_second(self) -> float:
         return self.real_tokens / max(self.train_seconds, 1e-9)
 
     def account(self, micro: list[dict[str, torch.Tensor]], result: StepResult,
                 flop_model: FlopModel, acc: Accelerator, seconds: float) -> None:
         """Add one optimizer step's tokens (all processes), FLOPs and time."""
-        local = torch.tensor([[int(b["attention_mask"].sum()), b["input_ids"].numel(),
-                               flop_model.train(*b["input_ids"].shape)] for b in micro],
+        local = torch.tensor([[int(b["token_mask"].sum()), b["input_ids"].numel(),
+                               flop_model.train(*b["input_ids"].shape), b["input_ids"].shape[0],
+                               int(b["num_examples"])] for b in micro],
                              dtype=torch.float64, device=acc.device).sum(0)
-        real, positions, flops = acc.reduce(local, "sum").tolist()
+        real, positions, flops, rows, examples = acc.reduce(local, "sum").tolist()
         self.step += 1
         self.last_loss = result.loss
         self.target_tokens += result.target_tokens
         self.real_tokens += int(real)
         self.positions += int(positions)
         self.train_flops += int(flops)
+        self.rows += int(rows)
+        self.examples += int(examples)
         self.train_seconds += seconds
 
 
-def micro_batches(train: list[Encoded], cfg: Config, state: TrainState, acc: Accelerator,
-                  pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def epoch_plan(lengths: list[int], cfg: Config, world: int, epoch: int) -> list[list[int]]:
+    """The global micro-batches (unit indices) of one epoch, for all processes together."""
+    budget = cfg.data.token_budget * world if cfg.data.token_budget else None
+    return select_batches(lengths, cfg.train.batch_size * world, cfg.train.seed, epoch,
+                          cfg.data.batching, budget, padded=cfg.data.packing == "none")
+
+
+def micro_batches(batcher: Batcher, cfg: Config, state: TrainState, acc: Accelerator
+                  ) -> Iterator[dict[str, torch.Tensor]]:
     """This process's micro-batches, forever, resuming at ``state``'s data position.
 
-    Each global micro-batch holds ``batch_size * num_processes`` examples; process ``r``
-    takes every ``num_processes``-th one starting at ``r``.
+    Process ``r`` takes every ``num_processes``-th unit of each global micro-batch,
+    starting at ``r``.
     """
     world, rank = acc.num_processes, acc.process_index
+    lengths = batcher.unit_lengths
     while True:
-        batches = epoch_batches(len(train), cfg.train.batch_size * world, cfg.train.seed,
-                                state.epoch)
+        batches = epoch_plan(lengths, cfg, world, state.epoch)
         while state.batch_in_epoch < len(batches):
             indices = batches[state.batch_in_epoch]
             state.batch_in_epoch += 1
-            if len(indices) < world:  # too small to give every process an example
+            if len(indices) < world:  # too small to give every process a unit
                 continue
-            batch = collate_padded([train[i] for i in indices[rank::world]], pad_id)
+            batch = batcher.collate(indices[rank::world])
             yield {k: v.to(acc.device) for k, v in batch.items()}
         state.epoch += 1
         state.batch_in_epoch = 0
 
 
-def total_steps(cfg: Config, n_train: int, world: int) -> int:
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
     """``train.max_steps``, or the optimizer steps of ``train.epochs`` passes."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    per_epoch = math.ceil(math.ceil(n_train / (cfg.train.batch_size * world)) / cfg.train.grad_accum)
+    per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
     return max(1, math.ceil(cfg.train.epochs * per_epoch))

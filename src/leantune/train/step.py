@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from leantune.data.collate import MODEL_KEYS
 from leantune.data.encode import IGNORE
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the model gets: everything but labels, and never a KV cache."""
-    return {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}
+    """What the model gets: ids, mask or positions (no labels, no bookkeeping), and never a
+    KV cache: with one, transformers ignores packed position_ids."""
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS} | {"use_cache": False}
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -92,6 +92,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.bench.packing import bench_packing, format_table
+
+    trl = args.trl
+    if trl:
+        try:
+            import trl as _  # noqa: F401
+        except ImportError:
+            print("TRL is not installed: comparing leantune's modes only (pip install trl)")
+            trl = False
+    results = bench_packing(args.model, args.examples, args.eval_examples, args.batch_size,
+                            args.max_length, args.rounds, trl=trl, out=Path(args.out))
+    print(format_table(results))
+    if "best_vs_trl" in results["median"]:
+        best = results["median"]["best_vs_trl"]
+        print(f"best leantune mode ({best['mode']}) vs TRL: {best['ratio']:.2f}x tokens/s")
+    print(f"results: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leantune", description="Adapt language models cheaply.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=cmd_generate)
+    bench = sub.add_parser("bench", help="benchmarks (baseline and ours alternately, one process)")
+    bench.add_argument("which", choices=["packing"])
+    bench.add_argument("--model", default="embedded:smollm2")
+    bench.add_argument("--examples", type=int, default=32, help="training examples per mode")
+    bench.add_argument("--eval-examples", type=int, default=16)
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--max-length", type=int, default=1024)
+    bench.add_argument("--rounds", type=int, default=2, help="alternating repeats (medians)")
+    bench.add_argument("--no-trl", dest="trl", action="store_false",
+                       help="skip TRL's SFTTrainer even when installed")
+    bench.add_argument("--out", default="benchmarks/results/packing.json")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

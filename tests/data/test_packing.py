@@ -4,6 +4,7 @@ distribution almost full in well under a second per 100k examples."""
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 
@@ -129,6 +130,18 @@ def test_errors_name_the_offending_index(strategy):
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="unknown packing strategy 'nfd'"):
         pack([1], 4, "nfd")  # type: ignore[arg-type]
+
+
+def test_garbage_collector_state_is_restored():
+    assert gc.isenabled()
+    pack([1, 2, 3], 4)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        pack([1, 2, 3], 4, "greedy")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_packing_efficiency():

@@ -21,12 +21,15 @@ Strategies, for ``n`` examples and ``C = capacity``:
   does not fit. O(n). Keeps neighbouring examples together, wastes more space.
 
 Both decreasing strategies use at most 11/9 of the optimal number of bins plus a
-constant (Johnson 1973); on many short examples they are within a fraction of a percent of
-full. ``"bfd"`` leaves the emptiest bins emptier, which is what later examples need.
+constant (Johnson 1973). On 1M lognormal lengths (mean 118, capacity 256) they open the
+same number of bins, 99.5 % full (``benchmarks/pack_lengths.py``); ``"bfd"`` is the
+default, as in TRL, whose ``pack_dataset(strategy="bfd")`` it reproduces bin for bin when
+TRL sees the whole dataset in one batch.
 """
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from typing import Literal
@@ -38,6 +41,9 @@ Strategy = Literal["bfd", "ffd", "greedy"]
 
 def pack(lengths: Sequence[int], capacity: int, strategy: Strategy = "bfd") -> list[list[int]]:
     """Group example indices into bins whose summed lengths are <= capacity.
+
+    Pure apart from one thing: the cyclic garbage collector is paused while the bins are
+    built, and put back as it was.
 
     Args:
         lengths: Token count of each example, ``1 <= lengths[i] <= capacity``.
@@ -57,7 +63,7 @@ def pack(lengths: Sequence[int], capacity: int, strategy: Strategy = "bfd") -> l
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     if strategy not in ("bfd", "ffd", "greedy"):
         raise ValueError(f"unknown packing strategy {strategy!r}; use 'bfd', 'ffd' or 'greedy'")
-    sizes = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    sizes = np.asarray(lengths, dtype=np.int64)
     bad = (sizes < 1) | (sizes > capacity)
     if bad.any():
         i = int(np.argmax(bad))
@@ -65,13 +71,21 @@ def pack(lengths: Sequence[int], capacity: int, strategy: Strategy = "bfd") -> l
             f"lengths[{i}] = {int(sizes[i])} is outside [1, capacity={capacity}]; "
             "drop empty examples and truncate long ones before packing"
         )
-    if strategy == "greedy":
-        return _greedy(sizes.tolist(), capacity)
-    # Stable sort on the negated lengths: longest first, ties in index order.
-    order = np.argsort(-sizes, kind="stable")
-    if strategy == "bfd":
-        return _best_fit(order.tolist(), sizes[order].tolist(), capacity)
-    return _first_fit(order.tolist(), sizes[order].tolist(), capacity)
+    # The bins are up to n new lists and hold no cycles; in a process with many live objects
+    # (torch, transformers, datasets) the collector's passes over them took longer than the
+    # packing itself (1M lengths: greedy 0.15 s -> 1 s, bfd 1.4 s -> 2.5 s).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        if strategy == "greedy":
+            return _greedy(sizes.tolist(), capacity)
+        # Stable sort on the negated lengths: longest first, ties in index order.
+        order = np.argsort(-sizes, kind="stable")
+        place = _best_fit if strategy == "bfd" else _first_fit
+        return place(order.tolist(), sizes[order].tolist(), capacity)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def packing_efficiency(lengths: Sequence[int], bins: Sequence[Sequence[int]], capacity: int) -> float:

@@ -11,6 +11,7 @@ the start of the phase, eval loss, each also as a ratio to ``none`` (medians ove
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import statistics
@@ -90,6 +91,7 @@ def bench_packing(model_name: str = "embedded:smollm2", examples: int = 32, eval
         for mode in MODES:
             runs[mode].append(run_mode(model, init, mode, train, held_out, batch_size,
                                        max_length, tokenizer.pad_token_id, lr, acc))
+            gc.collect()
             print(f"round {r + 1}/{rounds} {mode:8s} {runs[mode][-1]['tokens_per_second']:7.1f} "
                   f"tokens/s  eval loss {runs[mode][-1]['eval_loss']:.4f}", flush=True)
         if trl:
@@ -97,6 +99,7 @@ def bench_packing(model_name: str = "embedded:smollm2", examples: int = 32, eval
 
             runs["trl"].append(run_trl(source, tokenizer, train, held_out, batch_size,
                                        max_length, lr, acc))
+            gc.collect()  # the Trainer holds reference cycles: free its model before the next round
             print(f"round {r + 1}/{rounds} trl      {runs['trl'][-1]['tokens_per_second']:7.1f} "
                   f"tokens/s  eval loss {runs['trl'][-1]['eval_loss']:.4f}", flush=True)
     results = summarize(runs)

@@ -10,6 +10,10 @@ matmuls), ``L`` layers and attention width ``d``:
   ``+ 2 P_t R T`` for weight gradients (trainable weights only),
   ``+ 4 L d R T^2`` for attention.
 
+Attention is counted over the whole row of ``T`` positions, as the dense masked kernels
+of CPU eager/sdpa compute it; for a packed row a varlen kernel (flash-attention) does only
+the sum of the examples' squares, so there this term is an upper bound.
+
 Full fine-tuning thus costs the usual ~3x a forward; a frozen base with a small adapter
 costs ~2x, because the frozen weights' gradients are never formed.
 """

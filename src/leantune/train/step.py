@@ -33,8 +33,9 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     Shapes: logits [B, T, V]; position t predicts labels[t + 1]; -100 is ignored.
     """
     logits = model(**model_inputs(batch)).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+    # Shift the labels rather than the logits: slicing [B, T, V] logits would copy them.
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                            ignore_index=IGNORE, reduction="sum")
     return loss, int((labels != IGNORE).sum())
 

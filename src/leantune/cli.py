@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--eval-examples", type=int, default=16)
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--max-length", type=int, default=1024)
-    bench.add_argument("--rounds", type=int, default=2, help="alternating repeats (medians)")
+    bench.add_argument("--rounds", type=int, default=1, help="alternating repeats (medians)")
     bench.add_argument("--no-trl", dest="trl", action="store_false",
                        help="skip TRL's SFTTrainer even when installed")
     bench.add_argument("--out", default="benchmarks/results/packing.json")

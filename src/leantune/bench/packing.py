@@ -87,6 +87,10 @@ def bench_packing(model_name: str = "embedded:smollm2", examples: int = 32, eval
     for mode in MODES:  # warm-up: first-touch allocations and kernel choices, untimed
         run_mode(model, init, mode, train[:batch_size], held_out[:2], batch_size, max_length,
                  tokenizer.pad_token_id, lr, acc)
+    setup = {"model": model_name, "train_examples": len(train), "eval_examples": len(held_out),
+             "batch_size": batch_size, "max_length": max_length, "rounds": rounds, "lr": lr,
+             "mean_example_tokens": sum(len(e.input_ids) for e in train) / len(train),
+             "threads": torch.get_num_threads()}
     for r in range(rounds):
         for mode in MODES:
             runs[mode].append(run_mode(model, init, mode, train, held_out, batch_size,
@@ -102,12 +106,12 @@ def bench_packing(model_name: str = "embedded:smollm2", examples: int = 32, eval
             gc.collect()  # the Trainer holds reference cycles: free its model before the next round
             print(f"round {r + 1}/{rounds} trl      {runs['trl'][-1]['tokens_per_second']:7.1f} "
                   f"tokens/s  eval loss {runs['trl'][-1]['eval_loss']:.4f}", flush=True)
-    results = summarize(runs)
-    results["setup"] = {"model": model_name, "train_examples": len(train),
-                        "eval_examples": len(held_out), "batch_size": batch_size,
-                        "max_length": max_length, "rounds": rounds, "lr": lr,
-                        "mean_example_tokens": sum(len(e.input_ids) for e in train) / len(train),
-                        "threads": torch.get_num_threads()}
+        results = _write(runs, setup, out)  # after every round: a later crash loses nothing
+    return results
+
+
+def _write(runs: dict[str, list[dict]], setup: dict, out: Path | None) -> dict:
+    results = summarize(runs) | {"setup": setup}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,34 @@
+"""The packing benchmark's parts on a tiny model: every mode trains from the same start,
+none and online end identical, and the summary's ratios are computed from the runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+
+from leantune.adapters import build_adapter
+from leantune.bench.packing import MODES, format_table, run_mode, summarize
+from leantune.config import AdapterConfig
+from leantune.data.encode import IGNORE, Encoded
+
+
+def test_modes_share_a_start_and_online_matches_padding(llama_dir):
+    g = torch.Generator().manual_seed(0)
+    data = [Encoded(ids := torch.randint(5, 200, (n,), generator=g).tolist(), [IGNORE] + ids[1:])
+            for n in [7, 30, 12, 25, 9, 40, 16, 5, 33, 21, 8, 14]]
+    model = build_adapter(AdapterConfig(r=4, dropout=0.0)).apply(
+        AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32))
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    acc = Accelerator(cpu=True)
+    runs = {m: [run_mode(model, init, m, data[:8], data[8:], 4, 64, 0, 1e-2, acc)]
+            for m in MODES}
+    assert runs["online"][0]["eval_loss"] == pytest.approx(runs["none"][0]["eval_loss"], abs=1e-5)
+    assert runs["online"][0]["padding_fraction"] < runs["none"][0]["padding_fraction"]
+    assert runs["offline"][0]["optimizer_steps"] < runs["none"][0]["optimizer_steps"]
+    med = summarize(runs)["median"]
+    assert med["none"]["speedup_vs_none"] == 1.0
+    assert med["online"]["speedup_vs_none"] == pytest.approx(
+        runs["online"][0]["tokens_per_second"] / runs["none"][0]["tokens_per_second"])
+    assert "| online |" in format_table({"median": med})

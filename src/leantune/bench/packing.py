@@ -103,7 +103,7 @@ def bench_packing(model_name: str = "embedded:smollm2", examples: int = 32, eval
 
             runs["trl"].append(run_trl(source, tokenizer, train, held_out, batch_size,
                                        max_length, lr, acc))
-            gc.collect()  # the Trainer holds reference cycles: free its model before the next round
+            gc.collect()  # free the trainer's model copy before the next phase
             print(f"round {r + 1}/{rounds} trl      {runs['trl'][-1]['tokens_per_second']:7.1f} "
                   f"tokens/s  eval loss {runs['trl'][-1]['eval_loss']:.4f}", flush=True)
         results = _write(runs, setup, out)  # after every round: a later crash loses nothing

@@ -18,7 +18,8 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from leantune.bench.common import PeakRSS
-from leantune.data.batching import Batcher
+from leantune.data.batching import pack_batch
+from leantune.data.collate import collate_packed
 from leantune.data.encode import Encoded
 from leantune.evaluate import evaluate
 
@@ -51,9 +52,9 @@ def run_trl(source: str, tokenizer, train: list[Encoded], held_out: list[Encoded
         positions = real  # padding-free: one flattened row per batch, no pad tokens
         peft_model = trainer.model
     # The same packed, exact eval as leantune's modes, on TRL's trained adapter.
-    batcher = Batcher([], "online", max_length, tokenizer.pad_token_id, [])
-    eval_loss = evaluate(peft_model, held_out, 8, lambda b: batcher.collate_examples(b, "online"),
-                         acc)["loss"]
+    pad_id = tokenizer.pad_token_id
+    eval_loss = evaluate(peft_model, held_out, 8, lambda b: collate_packed(
+        b, pack_batch([len(e.input_ids) for e in b], max_length), pad_id), acc)["loss"]
     targets = real - len(train)  # every token but each example's first is a target
     return {"mode": "trl", "seconds": seconds, "tokens_per_second": real / seconds,
             "target_tokens_per_second": targets / seconds,

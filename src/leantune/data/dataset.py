@@ -114,14 +114,12 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
         order = order[: cfg.max_examples]
     if cfg.eval_path is not None:
         eval_ex, _ = load_examples(cfg.eval_path, cfg, has_template, DataStats())
-        n_eval = 0
+        eval_ex, n_eval = eval_ex[: cfg.eval_examples], 0  # a None cap keeps them all
     else:
         n_eval = round(len(order) * cfg.eval_fraction)
         if cfg.eval_examples is not None:
             n_eval = min(n_eval, cfg.eval_examples)
         eval_ex = [examples[i] for i in order[:n_eval]]
-    if cfg.eval_path is not None and cfg.eval_examples is not None:
-        eval_ex = eval_ex[: cfg.eval_examples]
     train_ex = [examples[i] for i in order[n_eval:]]
     train, _ = encode_all(train_ex, tokenizer, cfg, stats)
     eval_enc, eval_src = encode_all(eval_ex, tokenizer, cfg, stats)

@@ -40,9 +40,23 @@ def _batches(batcher: Batcher, batch_size: int, seed: int) -> list[list[int]]:
     return [units[i : i + batch_size] for i in range(0, len(units), batch_size)]
 
 
+def split_rows(batch: dict[str, torch.Tensor], micro_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """Cut a collated batch [R, T] into micro-batches of whole rows, each of at most
+    ``micro_tokens`` positions (at least one row). The step's loss is normalized over all of
+    them together, so this changes memory, not the update."""
+    per = max(1, micro_tokens // batch["input_ids"].shape[1])
+    rows = batch["input_ids"].shape[0]
+    return [{k: v[i : i + per] if v.dim() else v for k, v in batch.items()}
+            for i in range(0, rows, per)]
+
+
 def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[Encoded],
-             batch_size: int, max_length: int, pad_id: int, lr: float, acc: Accelerator) -> dict:
-    """Train ``model`` from ``init`` over ``train`` with one packing mode; time it."""
+             batch_size: int, max_length: int, pad_id: int, lr: float, acc: Accelerator,
+             micro_tokens: int = 4096) -> dict:
+    """Train ``model`` from ``init`` over ``train`` with one packing mode; time it.
+
+    Each optimizer step covers ``batch_size`` units (examples, or rows for ``offline``),
+    run as micro-batches of at most ``micro_tokens`` positions to bound memory."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -55,7 +69,8 @@ def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[
         for unit_ids in _batches(batcher, batch_size, seed=0):
             tick = time.perf_counter()
             batch = batcher.collate(unit_ids)
-            result = train_step(model, optimizer, [batch], acc, max_grad_norm=1.0)
+            result = train_step(model, optimizer, split_rows(batch, micro_tokens), acc,
+                                max_grad_norm=1.0)
             seconds += time.perf_counter() - tick
             real += int(batch["token_mask"].sum())
             positions += batch["input_ids"].numel()
@@ -70,8 +85,8 @@ def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[
 
 
 def bench_packing(model_name: str = "embedded:smollm2", examples: int = 32, eval_examples: int = 16,
-                  batch_size: int = 8, max_length: int = 1024, rounds: int = 2, lr: float = 2e-4,
-                  trl: bool = True, out: Path | None = None) -> dict:
+                  batch_size: int = 8, max_length: int = 1024, rounds: int = 1, lr: float = 2e-4,
+                  trl: bool = True, out: Path | None = None, micro_tokens: int = 4096) -> dict:
     """Run every mode ``rounds`` times, alternately; return (and write) the results."""
     torch.manual_seed(0)
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -86,15 +101,17 @@ def bench_packing(model_name: str = "embedded:smollm2", examples: int = 32, eval
     runs: dict[str, list[dict]] = {m: [] for m in (*MODES, "trl") if m != "trl" or trl}
     for mode in MODES:  # warm-up: first-touch allocations and kernel choices, untimed
         run_mode(model, init, mode, train[:batch_size], held_out[:2], batch_size, max_length,
-                 tokenizer.pad_token_id, lr, acc)
+                 tokenizer.pad_token_id, lr, acc, micro_tokens)
     setup = {"model": model_name, "train_examples": len(train), "eval_examples": len(held_out),
              "batch_size": batch_size, "max_length": max_length, "rounds": rounds, "lr": lr,
+             "micro_tokens": micro_tokens,
              "mean_example_tokens": sum(len(e.input_ids) for e in train) / len(train),
              "threads": torch.get_num_threads()}
     for r in range(rounds):
         for mode in MODES:
             runs[mode].append(run_mode(model, init, mode, train, held_out, batch_size,
-                                       max_length, tokenizer.pad_token_id, lr, acc))
+                                       max_length, tokenizer.pad_token_id, lr, acc,
+                                       micro_tokens))
             gc.collect()
             print(f"round {r + 1}/{rounds} {mode:8s} {runs[mode][-1]['tokens_per_second']:7.1f} "
                   f"tokens/s  eval loss {runs[mode][-1]['eval_loss']:.4f}", flush=True)
@@ -102,7 +119,7 @@ def bench_packing(model_name: str = "embedded:smollm2", examples: int = 32, eval
             from leantune.bench.trl_baseline import run_trl
 
             runs["trl"].append(run_trl(source, tokenizer, train, held_out, batch_size,
-                                       max_length, lr, acc))
+                                       max_length, lr, acc, micro_tokens))
             gc.collect()  # free the trainer's model copy before the next phase
             print(f"round {r + 1}/{rounds} trl      {runs['trl'][-1]['tokens_per_second']:7.1f} "
                   f"tokens/s  eval loss {runs['trl'][-1]['eval_loss']:.4f}", flush=True)

@@ -25,16 +25,22 @@ from leantune.evaluate import evaluate
 
 
 def run_trl(source: str, tokenizer, train: list[Encoded], held_out: list[Encoded],
-            batch_size: int, max_length: int, lr: float, acc: Accelerator) -> dict:
+            batch_size: int, max_length: int, lr: float, acc: Accelerator,
+            micro_tokens: int = 4096) -> dict:
+    """Train TRL's packed LoRA SFT; ``batch_size`` rows per optimizer step, as gradient
+    accumulation over micro-batches of ``micro_tokens // max_length`` rows (leantune's
+    offline mode splits its steps the same way)."""
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
                                                  attn_implementation="sdpa")
+    per_device = max(1, min(batch_size, micro_tokens // max_length))
     dataset = Dataset.from_list([{"input_ids": e.input_ids} for e in train])
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
-            output_dir=tmp, per_device_train_batch_size=batch_size, num_train_epochs=1,
+            output_dir=tmp, per_device_train_batch_size=per_device, num_train_epochs=1,
+            gradient_accumulation_steps=max(1, batch_size // per_device),
             learning_rate=lr, lr_scheduler_type="constant", packing=True,
             packing_strategy="bfd", max_length=max_length, report_to=[], save_strategy="no",
             logging_steps=1, use_cpu=not torch.cuda.is_available(), bf16=False,

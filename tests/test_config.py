@@ -134,6 +134,11 @@ def test_malformed_files_and_sections(tmp_path):
     ("eval.every=0", "eval.every"),
     ("checkpoint.keep_last_n=0", "checkpoint.keep_last_n"),
     ("train.epochs=0", "train.epochs"),
+    ("fast_forward.interval=0", "fast_forward.interval"),
+    ("fast_forward.eval_examples=0", "fast_forward.eval_examples"),
+    ("fast_forward.max_steps_per_stage=0", "fast_forward.max_steps_per_stage"),
+    ("fast_forward.burn_in=-1", "fast_forward.burn_in"),
+    ("fast_forward.min_improvement=-0.1", "fast_forward.min_improvement"),
 ])
 def test_range_checks(override, key):
     assert load_error([override]).startswith(f"{key}:")

@@ -2,6 +2,7 @@
 
     leantune train [CONFIG.yaml] [section.key=value ...] [--resume]
     leantune generate RUN_DIR_or_MODEL (--prompt TEXT | --prompts FILE.jsonl)
+    leantune bench (packing | fast-forward) [options]
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench_packing(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     from leantune.bench.packing import bench_packing, format_table
 
@@ -104,13 +105,67 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("TRL is not installed: comparing leantune's modes only (pip install trl)")
             trl = False
     results = bench_packing(args.model, args.examples, args.eval_examples, args.batch_size,
-                            args.max_length, args.rounds, trl=trl, out=Path(args.out))
+                            args.max_length, args.rounds, trl=trl, out=Path(args.out),
+                            micro_tokens=args.micro_tokens)
     print(format_table(results))
     if "best_vs_trl" in results["median"]:
         best = results["median"]["best_vs_trl"]
         print(f"best leantune mode ({best['mode']}) vs TRL: {best['ratio']:.2f}x tokens/s")
     print(f"results: {args.out}")
     return 0
+
+
+def cmd_bench_fast_forward(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.bench.fast_forward import bench_fast_forward, format_summary
+
+    try:
+        import matplotlib  # noqa: F401
+        plot = Path(args.plot)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'leantune[plot]')")
+        plot = None
+    results = bench_fast_forward(args.model, args.steps, args.batch_size, args.max_length,
+                                 args.lr, args.r, args.alpha, args.ff_examples,
+                                 args.test_examples, args.interval, args.test_every,
+                                 args.method, out=Path(args.out), plot=plot)
+    print(format_summary(results))
+    print(f"results: {args.out}" + (f", plot: {plot}" if plot else ""))
+    return 0
+
+
+def add_bench_parsers(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (baseline and ours in one process)")
+    which = bench.add_subparsers(dest="which", required=True)
+    pk = which.add_parser("packing", help="padding vs online/offline packing vs TRL")
+    pk.add_argument("--model", default="embedded:smollm2")
+    pk.add_argument("--examples", type=int, default=32, help="training examples per mode")
+    pk.add_argument("--eval-examples", type=int, default=16)
+    pk.add_argument("--batch-size", type=int, default=8)
+    pk.add_argument("--max-length", type=int, default=1024)
+    pk.add_argument("--rounds", type=int, default=1, help="alternating repeats (medians)")
+    pk.add_argument("--micro-tokens", type=int, default=4096,
+                    help="positions per micro-batch; larger steps accumulate gradients")
+    pk.add_argument("--no-trl", dest="trl", action="store_false",
+                    help="skip TRL's SFTTrainer even when installed")
+    pk.add_argument("--out", default="benchmarks/results/packing.json")
+    pk.set_defaults(func=cmd_bench_packing)
+    ff = which.add_parser("fast-forward", help="plain LoRA vs LoRA + Fast Forward to equal loss")
+    ff.add_argument("--model", default="embedded:smollm2")
+    ff.add_argument("--steps", type=int, default=40, help="the plain run's optimizer steps")
+    ff.add_argument("--batch-size", type=int, default=8)
+    ff.add_argument("--max-length", type=int, default=128)
+    ff.add_argument("--lr", type=float, default=1e-4)
+    ff.add_argument("--method", choices=["lora", "dora", "full"], default="lora")
+    ff.add_argument("--r", type=int, default=16)
+    ff.add_argument("--alpha", type=float, default=32.0)
+    ff.add_argument("--ff-examples", type=int, default=32)
+    ff.add_argument("--test-examples", type=int, default=32)
+    ff.add_argument("--interval", type=int, default=6)
+    ff.add_argument("--test-every", type=int, default=4, help="plain run's test-loss points")
+    ff.add_argument("--out", default="benchmarks/results/fast_forward.json")
+    ff.add_argument("--plot", default="benchmarks/results/fast_forward.png")
+    ff.set_defaults(func=cmd_bench_fast_forward)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,18 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=cmd_generate)
-    bench = sub.add_parser("bench", help="benchmarks (baseline and ours alternately, one process)")
-    bench.add_argument("which", choices=["packing"])
-    bench.add_argument("--model", default="embedded:smollm2")
-    bench.add_argument("--examples", type=int, default=32, help="training examples per mode")
-    bench.add_argument("--eval-examples", type=int, default=16)
-    bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--max-length", type=int, default=1024)
-    bench.add_argument("--rounds", type=int, default=1, help="alternating repeats (medians)")
-    bench.add_argument("--no-trl", dest="trl", action="store_false",
-                       help="skip TRL's SFTTrainer even when installed")
-    bench.add_argument("--out", default="benchmarks/results/packing.json")
-    bench.set_defaults(func=cmd_bench)
+    add_bench_parsers(sub)
     return parser
 
 

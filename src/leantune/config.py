@@ -108,6 +108,7 @@ class AdapterConfig:
         "all-linear", "Module names to adapt, or `all-linear` (every linear layer but the head)."
     )
     use_rslora: bool = opt(False, "rsLoRA scaling alpha / sqrt(r).")
+    use_dora: bool = opt(False, "DoRA: a trained magnitude per output channel on top of LoRA.")
 
 
 @dataclass
@@ -152,6 +153,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class FastForwardConfig:
+    enabled: bool = opt(
+        False, "Fast Forward (arXiv 2409.04206): every `interval` optimizer steps, repeat the last "
+        "update while the loss on a tiny held-out FF set keeps falling.")
+    burn_in: int = opt(0, "Optimizer steps before the first interval starts counting.")
+    interval: int = opt(6, "Optimizer steps between FF stages (paper: 6).")
+    eval_examples: int = opt(
+        32, "FF-set size (paper: 32), held out of the training rows, disjoint from train and eval.")
+    max_steps_per_stage: int = opt(100, "Safety bound on the FF steps one stage may accept.")
+    min_improvement: float = opt(
+        0.0, "A step is kept only if it lowers the FF-set loss by more than this.")
+
+
+@dataclass
 class LoggingConfig:
     level: Literal["debug", "info", "warning"] = opt("info", "Console log level.")
 
@@ -165,6 +180,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fast_forward: FastForwardConfig = field(default_factory=FastForwardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,6 +286,9 @@ def _validate(cfg: Config) -> None:
         "adapter.r": cfg.adapter.r,
         "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
         "train.log_every": cfg.train.log_every,
+        "fast_forward.interval": cfg.fast_forward.interval,
+        "fast_forward.eval_examples": cfg.fast_forward.eval_examples,
+        "fast_forward.max_steps_per_stage": cfg.fast_forward.max_steps_per_stage,
     }
     for key, value in positive.items():
         if value < 1:
@@ -292,6 +311,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    for key, value in {"fast_forward.burn_in": cfg.fast_forward.burn_in,
+                       "fast_forward.min_improvement": cfg.fast_forward.min_improvement}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if cfg.train.epochs <= 0 and cfg.train.max_steps is None:

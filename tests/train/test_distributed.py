@@ -1,5 +1,6 @@
 """Two processes (torchrun + Accelerate, gloo on CPU) with per-process batch b train
-exactly like one process with batch 2b: same loss curve, same tokens, same eval."""
+exactly like one process with batch 2b: same loss curve, same tokens, same eval, and
+the same Fast Forward decisions (the FF-set loss is reduced over processes)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def test_two_processes_match_one_with_twice_the_batch(llama_dir, tmp_path):
         + "\n" for i in range(40)))
     common = [f"model.name_or_path={llama_dir}", f"data.path={data}", "train.max_steps=4",
               "optim.lr=1e-2", "train.progress=false", "adapter.dropout=0.0",
-              "data.eval_fraction=0.2", "train.grad_accum=2"]
+              "data.eval_fraction=0.2", "train.grad_accum=2", "fast_forward.enabled=true",
+              "fast_forward.interval=2", "fast_forward.eval_examples=4",
+              # A margin keeps float rounding of the reduction from deciding a flat step.
+              "fast_forward.min_improvement=1e-3"]
     leantune = [sys.executable, "-m", "leantune", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -48,4 +52,6 @@ def test_two_processes_match_one_with_twice_the_batch(llama_dir, tmp_path):
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert s2["eval_loss"]["after"] == pytest.approx(s1["eval_loss"]["after"], abs=1e-5)
     assert s2["train_tokens"] == s1["train_tokens"]
+    assert s2["ff_stages"] == s1["ff_stages"] == 2
+    assert s2["ff_accepted_per_stage"] == s1["ff_accepted_per_stage"]
     assert two.stdout.count("run directory:") == 1  # only rank 0 prints and writes

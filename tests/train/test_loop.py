@@ -123,16 +123,19 @@ def adapter_weights(run_dir) -> dict[str, torch.Tensor]:
 
 def comparable(records: list[dict]) -> list[dict]:
     """Metrics without wall-clock figures."""
-    timing = {"tokens_per_second", "elapsed_seconds"}
+    timing = {"tokens_per_second", "elapsed_seconds", "ff_seconds"}
     return [{k: v for k, v in r.items() if k not in timing} for r in records]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(llama_dir, chat_data, tmp_path_factory):
-    """6 steps (2 micro-batches each, LoRA dropout 0.1, cosine), checkpoint every 3."""
+    """6 steps (2 micro-batches each, LoRA dropout 0.1, cosine), checkpoint every 3, and a
+    Fast Forward stage every 2 steps (so one lands on each side of the crash)."""
     out = tmp_path_factory.mktemp("straight") / "run"
     overrides = ["train.max_steps=6", "train.grad_accum=2", "checkpoint.every=3",
-                 "adapter.dropout=0.1", "optim.lr=1e-2", "eval.every=2"]
+                 "adapter.dropout=0.1", "optim.lr=1e-2", "eval.every=2",
+                 "fast_forward.enabled=true", "fast_forward.interval=2",
+                 "fast_forward.eval_examples=4"]
     return overrides, out, loop.train(config(llama_dir, chat_data, out, *overrides))
 
 
@@ -154,7 +157,8 @@ def test_resume_after_a_crash_is_bit_identical(uninterrupted, llama_dir, chat_da
     # The resumed run's log and figures read as the one uninterrupted run.
     assert comparable(read_metrics(out)) == comparable(read_metrics(straight_dir))
     for key in ("optimizer_steps", "train_tokens", "train_flops", "eval_flops", "eval_loss",
-                "eval_history", "final_train_loss", "padding_fraction"):
+                "eval_history", "final_train_loss", "padding_fraction", "ff_stages",
+                "ff_accepted_per_stage", "ff_flops"):
         assert resumed[key] == straight[key], key
 
 

@@ -26,6 +26,7 @@ class LoRA:
         return LoraConfig(
             r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules, use_rslora=self.cfg.use_rslora,
+            use_dora=self.cfg.use_dora,
             task_type="CAUSAL_LM",
         )
 

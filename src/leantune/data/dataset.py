@@ -21,7 +21,8 @@ class DataStats:
     """What happened to the rows of ``data.path``.
 
     Every row read lands in exactly one of ``bad_rows_skipped``, ``dropped_too_long``,
-    ``dropped_no_target``, ``train_examples`` and ``eval_examples`` (unless ``max_examples``
+    ``dropped_no_target``, ``train_examples``, ``eval_examples`` and ``ff_examples``
+    (the Fast Forward set) (unless ``max_examples``
     left it out or the eval rows come from ``eval_path``); ``truncated`` counts kept
     examples that were cut.
     """
@@ -33,6 +34,7 @@ class DataStats:
     dropped_no_target: int = 0
     train_examples: int = 0
     eval_examples: int = 0
+    ff_examples: int = 0
     bad_row_samples: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -41,13 +43,15 @@ class DataStats:
 
 @dataclass
 class Splits:
-    """Encoded train / eval sets and the Examples they came from (for prompts)."""
+    """Encoded train / eval sets, the Examples eval came from (for prompts), and the Fast
+    Forward set (held out of the training rows; empty unless asked for)."""
 
     train: list[Encoded]
     eval: list[Encoded]
     eval_examples: list[Example]
     stats: DataStats
     format: str
+    ff: list[Encoded] = field(default_factory=list)
 
 
 def load_examples(path: str, cfg: DataConfig, has_chat_template: bool, stats: DataStats
@@ -98,8 +102,11 @@ def encode_all(examples: list[Example], tokenizer, cfg: DataConfig, stats: DataS
     return kept, sources
 
 
-def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
+def build_splits(cfg: DataConfig, tokenizer, seed: int, ff_examples: int = 0) -> Splits:
     """Load, subsample, split (seeded) and encode the data of ``cfg``.
+
+    The shuffled rows go: eval (unless ``eval_path``), then ``ff_examples`` rows for the
+    Fast Forward set, then train; the three never share a row.
 
     Raises:
         DataError: a malformed row (unless ``skip_bad_rows``), or nothing left to train on.
@@ -120,8 +127,13 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
         if cfg.eval_examples is not None:
             n_eval = min(n_eval, cfg.eval_examples)
         eval_ex = [examples[i] for i in order[:n_eval]]
-    train_ex = [examples[i] for i in order[n_eval:]]
+    ff_ex = [examples[i] for i in order[n_eval : n_eval + ff_examples]]
+    train_ex = [examples[i] for i in order[n_eval + ff_examples :]]
     train, _ = encode_all(train_ex, tokenizer, cfg, stats)
+    ff, _ = encode_all(ff_ex, tokenizer, cfg, stats)
+    if ff_examples and not ff:
+        raise DataError(cfg.path, "file", None, "no usable row left for the Fast Forward set "
+                        "(fast_forward.eval_examples)")
     eval_enc, eval_src = encode_all(eval_ex, tokenizer, cfg, stats)
     if not train:
         raise DataError(cfg.path, "file", None, f"no training example left after encoding "
@@ -129,8 +141,9 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int) -> Splits:
                         f"{stats.dropped_no_target} with no target token inside it); raise "
                         "data.max_length or use data.truncation=right")
     stats.train_examples, stats.eval_examples = len(train), len(eval_enc)
+    stats.ff_examples = len(ff)
     log.info("data: %d rows (%s), %d train / %d eval examples, %d truncated, %d dropped, "
              "%d bad rows skipped", stats.rows_read, fmt, len(train), len(eval_enc),
              stats.truncated, stats.dropped_too_long + stats.dropped_no_target,
              stats.bad_rows_skipped)
-    return Splits(train, eval_enc, eval_src, stats, fmt)
+    return Splits(train, eval_enc, eval_src, stats, fmt, ff)

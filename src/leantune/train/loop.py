@@ -1,9 +1,10 @@
 """The training loop, on Accelerate: ``train(cfg)`` reads top to bottom and calls each
 stage by name.
 
-build_run -> (evaluate + sample replies before) -> repeat [train_step -> log_step ->
-maybe evaluate -> maybe save_checkpoint] until the step budget is spent -> finish
-(evaluate + replies after, final checkpoint, adapter, ``summary.json``).
+build_run -> (evaluate + sample replies before) -> repeat [train_step -> maybe a Fast
+Forward stage -> log_step -> maybe evaluate -> maybe save_checkpoint] until the step
+budget is spent -> finish (evaluate + replies after, final checkpoint, adapter,
+``summary.json``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from leantune.generate import generate
 from leantune.model import (load_model, load_tokenizer, packing_error, packing_tolerance,
                             resolve_local)
 from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from leantune.train.fast_forward import FastForward
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, peak_memory_bytes, write_json
 from leantune.train.run_dir import prepare_run_dir
@@ -61,6 +63,7 @@ class Run:
     metrics: MetricsLog
     resumed: bool
     started: float
+    ff: FastForward | None
 
 
 def build_run(cfg: Config) -> Run:
@@ -74,7 +77,9 @@ def build_run(cfg: Config) -> Run:
     with acc.main_process_first():  # one process dequantizes a GGUF, the others reuse it
         source = resolve_local(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
-    splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
+    ff_cfg = cfg.fast_forward
+    splits = build_splits(cfg.data, tokenizer, cfg.train.seed,
+                          ff_cfg.eval_examples if ff_cfg.enabled else 0)
     adapter = build_adapter(cfg.adapter)
     model = adapter.apply(load_model(cfg.model, source))
     params = count_parameters(model)
@@ -86,6 +91,7 @@ def build_run(cfg: Config) -> Run:
     packing = resolve_packing(cfg.data.packing, acc.unwrap_model(model))
     batcher = Batcher.build(splits.train, packing["used"], cfg.data.max_length,
                             tokenizer.pad_token_id, cfg.data.packing_strategy)
+    ff = build_fast_forward(cfg, model, splits, batcher, packing, flop_model, acc)
     steps = total_steps(cfg, len(epoch_plan(batcher.unit_lengths, cfg, acc.num_processes, 0)))
     warmup = warmup_steps(steps, cfg.optim.warmup_steps, cfg.optim.warmup_ratio)
     state, resume_from = TrainState(), latest_checkpoint(run_dir) if cfg.train.resume else None
@@ -100,7 +106,7 @@ def build_run(cfg: Config) -> Run:
               f"{len(splits.eval)} eval examples, {steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, splits, adapter, model, optimizer, flop_model,
                params, batcher, packing, steps, warmup, state, metrics, resume_from is not None,
-               started)
+               started, ff)
 
 
 def resolve_packing(requested: str, model: torch.nn.Module) -> dict:
@@ -119,6 +125,27 @@ def resolve_packing(requested: str, model: torch.nn.Module) -> dict:
         log.warning("this model/attention backend does not keep packed examples apart (relative "
                     "logit error %.2e); falling back to data.packing=none", error)
     return {"requested": requested, "used": used, "probe_error": error, "exact": exact}
+
+
+def build_fast_forward(cfg: Config, model: torch.nn.Module, splits: Splits, batcher: Batcher,
+                       packing: dict, flop_model: FlopModel, acc: Accelerator
+                       ) -> FastForward | None:
+    """The Fast Forward stage over every trainable tensor, judged on the FF set."""
+    if not cfg.fast_forward.enabled:
+        return None
+    mode = eval_mode(packing)
+
+    def ff_loss() -> float:
+        return evaluate(model, splits.ff, cfg.eval.batch_size,
+                        lambda b: batcher.collate_examples(b, mode), acc)["loss"]
+
+    return FastForward(cfg.fast_forward, [p for p in model.parameters() if p.requires_grad],
+                       ff_loss, sum(flop_model.forward(1, len(e.input_ids)) for e in splits.ff))
+
+
+def eval_mode(packing: dict) -> str:
+    """Held-out sets are packed whenever packing is exact here (same loss, less waste)."""
+    return "online" if packing["exact"] and packing["requested"] != "none" else "none"
 
 
 def train(cfg: Config) -> dict:
@@ -140,9 +167,12 @@ def train(cfg: Config) -> dict:
         tick = time.perf_counter()
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
         lr = set_lr(run)
+        if run.ff is not None:
+            run.ff.before_step(state.step + 1)
         result = train_step(run.model, run.optimizer, micro, acc, cfg.optim.max_grad_norm)
         check_finite(run, result)
         state.account(micro, result, run.flop_model, acc, time.perf_counter() - tick)
+        fast_forward(run)
         log_step(run, result, lr, bar)
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < run.steps:
             evaluate_and_log(run, "periodic")
@@ -169,17 +199,28 @@ def check_finite(run: Run, result: StepResult) -> None:
             f"the last good checkpoint is {latest_checkpoint(run.run_dir)}; lower optim.lr")
 
 
+def fast_forward(run: Run) -> None:
+    """Run the Fast Forward stage due after this step, if any, and log it."""
+    record = run.ff.after_step() if run.ff is not None else None
+    if record is not None:
+        run.state.account_ff(record)
+        run.metrics.write({"step": run.state.step, "tag": "fast_forward", **record})
+
+
 def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
     state = run.state
     bar.update(1)
+    ff = {"ff": f"{state.ff_steps_accepted}/{state.ff_stages}"} if run.ff is not None else {}
     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
                     tok_s=f"{state.tokens_per_second:.0f}", pad=f"{state.padding_fraction:.1%}",
-                    ex_row=f"{state.examples / max(state.rows, 1):.1f}")
+                    ex_row=f"{state.examples / max(state.rows, 1):.1f}", **ff)
     if state.step % run.cfg.train.log_every == 0 or state.step == run.steps:
         run.metrics.write({
             "step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
             "target_tokens": state.target_tokens, "tokens": state.real_tokens,
-            "train_flops": state.train_flops, "tokens_per_second": state.tokens_per_second,
+            "train_flops": state.train_flops, "ff_flops": state.ff_flops,
+            "ff_steps_accepted": state.ff_steps_accepted,
+            "tokens_per_second": state.tokens_per_second,
             "elapsed_seconds": time.time() - run.started})
 
 
@@ -187,8 +228,7 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
     """Held-out loss now, appended to the eval history and ``metrics.jsonl``."""
     if not run.splits.eval:
         return None
-    # Eval is packed whenever packing is exact here (same loss, less waste), else padded.
-    mode = "online" if run.packing["exact"] and run.packing["requested"] != "none" else "none"
+    mode = eval_mode(run.packing)
     result = evaluate(run.model, run.splits.eval, run.cfg.eval.batch_size,
                       lambda batch: run.batcher.collate_examples(batch, mode), run.acc)
     run.state.eval_flops += sum(run.flop_model.forward(1, len(e.input_ids))
@@ -256,9 +296,11 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "optimizer_steps": state.step,
         "train_flops": state.train_flops,
         "eval_flops": state.eval_flops,
-        "ff_flops": 0,  # the Fast Forward stage has not landed yet: no FF steps are taken
-        "ff_stages": 0,
-        "ff_steps_accepted": 0,
+        "ff_flops": state.ff_flops,
+        "ff_stages": state.ff_stages,
+        "ff_steps_accepted": state.ff_steps_accepted,
+        "ff_accepted_per_stage": state.ff_accepted_per_stage,
+        "ff_seconds": state.ff_seconds,
         "wall_seconds": time.time() - run.started,
         "train_seconds": state.train_seconds,
         "tokens_per_second": state.tokens_per_second,

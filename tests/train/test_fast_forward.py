@@ -1,0 +1,176 @@
+"""Fast Forward: the stage on a quadratic whose accepted step count is known in closed form,
+revert-on-worsening, its bounds and ledger, and the stage inside the training loop
+(frozen weights untouched, the same decisions with and without accumulation, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import leantune.train.loop as loop
+from leantune.config import FastForwardConfig, load_config
+from leantune.model import load_model
+from leantune.train.fast_forward import FastForward, run_stage, stage_due
+
+
+def quadratic(params: list[torch.Tensor], target: list[torch.Tensor]):
+    """loss = sum ||p - target||^2, evaluated at the current params."""
+    return lambda: float(sum(((p - t) ** 2).sum() for p, t in zip(params, target)))
+
+
+def toy(ratio: float, step: float = 0.125):
+    """Two tensors at 0, the minimum at ``ratio`` steps of ``delta`` along it. Along the line
+    the loss is |delta|^2 (ratio - k)^2 after k steps, which falls from k - 1 to k exactly
+    when k < ratio + 1/2: the stage should accept ceil(ratio + 1/2) - 1 steps."""
+    g = torch.Generator().manual_seed(0)
+    direction = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    params = [torch.zeros(3, 4), torch.zeros(5)]
+    delta = [step * d for d in direction]
+    target = [ratio * d for d in delta]
+    return params, delta, target
+
+
+@pytest.mark.parametrize("ratio, expected", [(7.3, 7), (2.6, 3), (0.4, 0), (11.0, 11)])
+def test_accepted_steps_match_the_closed_form(ratio, expected):
+    params, delta, target = toy(ratio)
+    assert expected == math.ceil(ratio + 0.5) - 1
+    stage = run_stage(params, delta, quadratic(params, target), max_steps=100)
+    assert stage.accepted == expected
+    assert stage.evaluations == expected + 2  # the start, the accepted, the rejected one
+    kept = stage.losses[: expected + 1]
+    assert all(a > b for a, b in zip(kept, kept[1:])) and stage.losses[-1] >= kept[-1]
+    for p, d in zip(params, delta):  # ends exactly at the best point seen
+        assert torch.equal(p, torch.zeros_like(d).add(d, alpha=expected))
+
+
+def test_a_first_step_that_worsens_is_reverted_exactly():
+    params, delta, _ = toy(5.0)
+    params = [p + torch.rand_like(p) for p in params]
+    start = [p.clone() for p in params]
+    target = [p - d for p, d in zip(params, delta)]  # delta points away from the minimum
+    stage = run_stage(params, delta, quadratic(params, target), max_steps=100)
+    assert stage.accepted == 0 and stage.evaluations == 2
+    assert stage.loss_after == stage.loss_before
+    assert all(torch.equal(p, s) for p, s in zip(params, start))
+
+
+def test_max_steps_bounds_a_stage():
+    params, delta, target = toy(50.0)
+    stage = run_stage(params, delta, quadratic(params, target), max_steps=5)
+    assert stage.accepted == 5 and stage.evaluations == 6
+    assert torch.equal(params[0], torch.zeros(3, 4).add(delta[0], alpha=5))
+
+
+def test_min_improvement_rejects_small_gains():
+    # The k-th step gains |delta|^2 (2 (ratio - k) + 1); demand a little more than the 5th's.
+    params, delta, target = toy(7.3)
+    norm2 = sum(float((d**2).sum()) for d in delta)
+    stage = run_stage(params, delta, quadratic(params, target), max_steps=100,
+                      min_improvement=norm2 * (2 * (7.3 - 5) + 1) * 1.01)
+    assert stage.accepted == 4
+    assert torch.equal(params[1], torch.zeros(5).add(delta[1], alpha=4))
+
+
+def test_stage_schedule():
+    assert [s for s in range(1, 20) if stage_due(s, 0, 6)] == [6, 12, 18]
+    assert [s for s in range(1, 20) if stage_due(s, 3, 6)] == [9, 15]
+    assert [s for s in range(1, 5) if stage_due(s, 0, 1)] == [1, 2, 3, 4]
+
+
+def test_fast_forward_uses_the_last_update_and_accounts_its_cost():
+    params, delta, target = toy(4.2)
+    ff = FastForward(FastForwardConfig(enabled=True, interval=2), params,
+                     quadratic(params, target), eval_flops=1000)
+    ff.before_step(1)
+    assert ff.after_step() is None  # no stage after step 1
+    ff.before_step(2)
+    for p, d in zip(params, delta):  # what an optimizer step would do
+        p.add_(d)
+    record = ff.after_step()
+    # Starting one step along, the minimum is 3.2 steps away: 3 accepted, 1 reverted.
+    assert record["ff_accepted"] == 3 and record["ff_evaluations"] == 5
+    numel = sum(p.numel() for p in params)
+    assert record["ff_flops"] == 5 * 1000 + 5 * numel  # 4 candidates written + 1 revert
+    assert record["ff_loss_after"] < record["ff_loss_before"]
+    assert torch.allclose(params[0], 4 * delta[0])
+
+
+# ---------------------------------------------------------------------------------------
+# In the training loop
+
+FF = ["fast_forward.enabled=true", "fast_forward.interval=3", "fast_forward.eval_examples=6",
+      "optim.schedule=constant", "optim.lr=3e-3", "data.packing=none", "adapter.dropout=0"]
+
+
+@pytest.fixture(scope="module")
+def sums(tmp_path_factory):
+    """48 distinct rows of "add a b" -> "The answer is a+b." as chat messages."""
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    with path.open("w") as f:
+        for i in range(48):
+            a, b = 7 * i % 50, i
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"add {a} {b}"},
+                {"role": "assistant", "content": f"The answer is {a + b}."}]}) + "\n")
+    return str(path)
+
+
+def config(model_dir, data, out, *overrides: str):
+    return load_config(None, [f"model.name_or_path={model_dir}", f"data.path={data}",
+                              "data.eval_fraction=0.25", f"train.output_dir={out}",
+                              "train.batch_size=4", "train.progress=false", *FF, *overrides])
+
+
+def train_keeping_the_run(cfg, monkeypatch) -> tuple[dict, loop.Run]:
+    built = []
+    real = loop.build_run
+    monkeypatch.setattr(loop, "build_run", lambda c: built.append(real(c)) or built[-1])
+    return loop.train(cfg), built[-1]
+
+
+def test_loop_ledger_and_frozen_weights(llama_dir, sums, tmp_path, monkeypatch):
+    cfg = config(llama_dir, sums, tmp_path / "run", "train.max_steps=9")
+    summary, run = train_keeping_the_run(cfg, monkeypatch)
+    assert [id(p) for p in run.ff.params] == [id(p) for p in run.model.parameters()
+                                               if p.requires_grad]
+    assert summary["ff_stages"] == 3 and len(summary["ff_accepted_per_stage"]) == 3
+    assert summary["ff_steps_accepted"] == sum(summary["ff_accepted_per_stage"]) > 0
+    assert summary["data"]["ff_examples"] == 6
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r.get("tag") == "fast_forward"]
+    assert [r["step"] for r in records] == [3, 6, 9]
+    assert summary["ff_flops"] == sum(r["ff_flops"] for r in records) > 0
+    assert all(r["ff_loss_after"] <= r["ff_loss_before"] for r in records)
+    # Only adapter tensors moved: the base weights inside the trained model are the base's.
+    base = load_model(cfg.model, llama_dir).state_dict()
+    for name, value in run.model.state_dict().items():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(value, base[key]), name
+
+
+def test_same_decisions_with_and_without_accumulation(llama_dir, sums, tmp_path):
+    # Accumulation changes the update only by float rounding (~1e-7); near the end of a
+    # stage the loss is flat along delta, so a margin keeps that rounding from deciding.
+    margin = "fast_forward.min_improvement=1e-3"
+    one = loop.train(config(llama_dir, sums, tmp_path / "a", "train.max_steps=6", margin))
+    acc = loop.train(config(llama_dir, sums, tmp_path / "b", "train.max_steps=6", margin,
+                            "train.batch_size=2", "train.grad_accum=2"))
+    assert one["ff_accepted_per_stage"] == acc["ff_accepted_per_stage"]
+    assert one["ff_steps_accepted"] > 0
+    assert one["eval_loss"]["after"] == pytest.approx(acc["eval_loss"]["after"], abs=1e-5)
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_ff_set_is_disjoint_from_train_and_eval(llama_dir, sums, tmp_path):
+    run = loop.build_run(config(llama_dir, sums, tmp_path / "run"))
+    ff, train, held = ({tuple(e.input_ids) for e in s}
+                       for s in (run.splits.ff, run.splits.train, run.splits.eval))
+    assert len(ff) == 6 and len(train) + len(held) + len(ff) == 48
+    assert not ff & train and not ff & held

@@ -132,11 +132,15 @@ def train_keeping_the_run(cfg, monkeypatch) -> tuple[dict, loop.Run]:
     return loop.train(cfg), built[-1]
 
 
-def test_loop_ledger_and_frozen_weights(llama_dir, sums, tmp_path, monkeypatch):
-    cfg = config(llama_dir, sums, tmp_path / "run", "train.max_steps=9")
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_loop_ledger_and_frozen_weights(adapter, llama_dir, sums, tmp_path, monkeypatch):
+    cfg = config(llama_dir, sums, tmp_path / "run", "train.max_steps=9",
+                 f"adapter.use_dora={adapter == 'dora'}")
     summary, run = train_keeping_the_run(cfg, monkeypatch)
     assert [id(p) for p in run.ff.params] == [id(p) for p in run.model.parameters()
                                                if p.requires_grad]
+    names = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in names) == (adapter == "dora")
     assert summary["ff_stages"] == 3 and len(summary["ff_accepted_per_stage"]) == 3
     assert summary["ff_steps_accepted"] == sum(summary["ff_accepted_per_stage"]) > 0
     assert summary["data"]["ff_examples"] == 6

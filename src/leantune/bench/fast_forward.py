@@ -107,10 +107,10 @@ def trainable_model(model_cfg: ModelConfig, source: str, method: str, r: int, al
     return build_adapter(cfg).apply(base)
 
 
-def bench_fast_forward(model_name: str = "embedded:smollm2", steps: int = 40,
-                       batch_size: int = 8, max_length: int = 128, lr: float = 1e-4,
-                       r: int = 16, alpha: float = 32.0, ff_examples: int = 32,
-                       test_examples: int = 32, interval: int = 6, test_every: int = 4,
+def bench_fast_forward(model_name: str = "embedded:smollm2", steps: int = 20,
+                       batch_size: int = 64, max_length: int = 64, lr: float = 1e-4,
+                       r: int = 16, alpha: float = 32.0, ff_examples: int = 8,
+                       test_examples: int = 32, interval: int = 3, test_every: int = 2,
                        method: str = "lora", out: Path | None = None,
                        plot: Path | None = None) -> dict:
     """Plain training for ``steps``, then training + FF until its test loss; see the

@@ -2,6 +2,7 @@
 
     leantune train [CONFIG.yaml] [section.key=value ...] [--resume]
     leantune generate RUN_DIR_or_MODEL (--prompt TEXT | --prompts FILE.jsonl)
+    leantune export RUN_DIR --out DIR
     leantune bench (packing | fast-forward) [options]
 """
 
@@ -16,11 +17,12 @@ from pathlib import Path
 
 from leantune.config import ConfigError, describe_options, load_config
 from leantune.data.sources import DataError
+from leantune.export import ExportError
 from leantune.model import ModelError
 from leantune.train.run_dir import RunDirError
 
 # Errors a user can fix from the message alone: printed as one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, RunDirError, FileNotFoundError,
+USER_ERRORS = (ConfigError, DataError, ModelError, RunDirError, ExportError, FileNotFoundError,
                FloatingPointError)
 
 
@@ -90,6 +92,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         for row, reply in zip(rows, replies):
             print(json.dumps({**row, "reply": reply}, ensure_ascii=False))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.export import export_run
+
+    result = export_run(Path(args.run_dir), Path(args.out))
+    print(f"merged model ({result['parameters']:,} parameters) written to {result['out']}")
     return 0
 
 
@@ -189,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=cmd_generate)
+    ex = sub.add_parser("export", help="merge a run's adapter into its base: a standalone model")
+    ex.add_argument("run_dir", help="a finished run directory")
+    ex.add_argument("--out", required=True, help="the model directory to write (new or empty)")
+    ex.set_defaults(func=cmd_export)
     add_bench_parsers(sub)
     return parser
 

@@ -148,7 +148,7 @@ def bench_fast_forward(model_name: str = "embedded:smollm2", steps: int = 20,
           f"{plain['seconds']:.0f} s", flush=True)
     ff_cfg = FastForwardConfig(enabled=True, interval=interval, eval_examples=ff_examples)
     ff = FastForward(ff_cfg, [p for p in model.parameters() if p.requires_grad], loss_on(ff_set),
-                     sum(flop_model.forward(1, len(e.input_ids)) for e in ff_set))
+                     flop_model.forward_each(len(e.input_ids) for e in ff_set))
     fast = train_run(model, init, batches, lr, flop_model, acc, loss_on(test), ff=ff,
                      target=plain["test_loss"], test_every=1, name="fast forward")
     print(f"fast forward: {fast['steps']} steps, {sum(fast['ff_accepted_per_stage'])} FF steps "

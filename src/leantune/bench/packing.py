@@ -63,10 +63,11 @@ def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[
                 p.copy_(init[name])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     batcher = Batcher.build(train, mode, max_length, pad_id, "bfd")
+    steps = _batches(batcher, batch_size, seed=0)
     seconds = real = targets = positions = rows = 0
     model.train()
     with PeakRSS() as memory:
-        for unit_ids in _batches(batcher, batch_size, seed=0):
+        for unit_ids in steps:
             tick = time.perf_counter()
             batch = batcher.collate(unit_ids)
             result = train_step(model, optimizer, split_rows(batch, micro_tokens), acc,
@@ -80,7 +81,7 @@ def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[
                          acc)["loss"]
     return {"mode": mode, "seconds": seconds, "tokens_per_second": real / seconds,
             "target_tokens_per_second": targets / seconds, "padding_fraction": 1 - real / positions,
-            "rows": rows, "optimizer_steps": len(_batches(batcher, batch_size, 0)),
+            "rows": rows, "optimizer_steps": len(steps),
             "peak_memory_delta_bytes": memory.delta, "eval_loss": eval_loss}
 
 

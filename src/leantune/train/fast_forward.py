@@ -44,6 +44,11 @@ class StageResult:
         return len(self.losses)
 
     @property
+    def writes(self) -> int:
+        """Candidates written, plus the revert when the stage ended on a rejected one."""
+        return self.evaluations - 1 + (self.accepted < self.evaluations - 1)
+
+    @property
     def loss_before(self) -> float:
         return self.losses[0]
 
@@ -125,13 +130,13 @@ class FastForward:
         if self._before is None:
             return None
         tick = time.perf_counter()
-        delta = [p.detach() - b for p, b in zip(self.params, self._before)]
-        self._before = None
+        delta, self._before = self._before, None
+        for d, p in zip(delta, self.params):  # d = theta_t - theta_{t-1}, in the kept buffer
+            d.neg_().add_(p.detach())
         stage = run_stage(self.params, delta, self.loss_fn, self.cfg.max_steps_per_stage,
                           self.cfg.min_improvement, self.on_accept)
         numel = sum(p.numel() for p in self.params)
-        writes = stage.evaluations - 1 + (stage.accepted < stage.evaluations - 1)
         return {"ff_accepted": stage.accepted, "ff_loss_before": stage.loss_before,
                 "ff_loss_after": stage.loss_after, "ff_evaluations": stage.evaluations,
-                "ff_flops": stage.evaluations * self.eval_flops + writes * numel,
+                "ff_flops": stage.evaluations * self.eval_flops + stage.writes * numel,
                 "ff_seconds": time.perf_counter() - tick}

@@ -20,6 +20,7 @@ costs ~2x, because the frozen weights' gradients are never formed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -49,6 +50,10 @@ class FlopModel:
     def forward(self, rows: int, length: int) -> int:
         weights = 2 * (self.frozen_matmul_params + self.trainable_matmul_params) * rows * length
         return weights + 2 * self.layers * self.attn_width * rows * length**2
+
+    def forward_each(self, lengths: Iterable[int]) -> int:
+        """Forward FLOPs of sequences of these lengths, one at a time (an eval set)."""
+        return sum(self.forward(1, n) for n in lengths)
 
     def train(self, rows: int, length: int) -> int:
         """Forward + backward FLOPs of one micro-batch."""

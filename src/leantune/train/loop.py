@@ -140,7 +140,7 @@ def build_fast_forward(cfg: Config, model: torch.nn.Module, splits: Splits, batc
                         lambda b: batcher.collate_examples(b, mode), acc)["loss"]
 
     return FastForward(cfg.fast_forward, [p for p in model.parameters() if p.requires_grad],
-                       ff_loss, sum(flop_model.forward(1, len(e.input_ids)) for e in splits.ff))
+                       ff_loss, flop_model.forward_each(len(e.input_ids) for e in splits.ff))
 
 
 def eval_mode(packing: dict) -> str:
@@ -231,8 +231,7 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
     mode = eval_mode(run.packing)
     result = evaluate(run.model, run.splits.eval, run.cfg.eval.batch_size,
                       lambda batch: run.batcher.collate_examples(batch, mode), run.acc)
-    run.state.eval_flops += sum(run.flop_model.forward(1, len(e.input_ids))
-                                for e in run.splits.eval)
+    run.state.eval_flops += run.flop_model.forward_each(len(e.input_ids) for e in run.splits.eval)
     record = {"step": run.state.step, "tag": tag, "eval_loss": result["loss"],
               "eval_perplexity": result["perplexity"]}
     run.state.eval_history.append(record)

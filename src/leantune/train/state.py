@@ -35,11 +35,17 @@ class TrainState:
     last_loss: float = math.nan
     eval_loss_before: float | None = None
     eval_history: list[dict] = field(default_factory=list)  # every eval record so far
-    ff_stages: int = 0
-    ff_steps_accepted: int = 0
-    ff_accepted_per_stage: list[int] = field(default_factory=list)
+    ff_accepted_per_stage: list[int] = field(default_factory=list)  # one entry per FF stage
     ff_flops: int = 0
     ff_seconds: float = 0.0
+
+    @property
+    def ff_stages(self) -> int:
+        return len(self.ff_accepted_per_stage)
+
+    @property
+    def ff_steps_accepted(self) -> int:
+        return sum(self.ff_accepted_per_stage)
 
     @property
     def padding_fraction(self) -> float:
@@ -70,8 +76,6 @@ class TrainState:
 
     def account_ff(self, record: dict) -> None:
         """Add one Fast Forward stage (a record of :meth:`FastForward.after_step`)."""
-        self.ff_stages += 1
-        self.ff_steps_accepted += record["ff_accepted"]
         self.ff_accepted_per_stage.append(record["ff_accepted"])
         self.ff_flops += record["ff_flops"]
         self.ff_seconds += record["ff_seconds"]

@@ -105,7 +105,7 @@ def test_bad_literal_names_key_and_allowed_values():
     ("data.path=123", "data.path", "expected a string"),
     ("optim.betas=0.9", "optim.betas", "expected a list"),
     ("optim.betas=[0.9, high]", "optim.betas[1]", "expected a number"),
-    ("train.max_steps=ten", "train.max_steps", "does not fit int | null"),
+    ("train.max_steps=ten", "train.max_steps", "expected an integer, got 'ten' (or null)"),
 ])
 def test_wrong_types_name_the_key(override, key, expected):
     msg = load_error([override])

@@ -100,7 +100,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from leantune.export import export_run
 
     result = export_run(Path(args.run_dir), Path(args.out))
-    print(f"merged model ({result['parameters']:,} parameters) written to {result['out']}")
+    if result["note"]:
+        print(f"note: {result['note']}")
+    print(f"merged model ({result['method']}, {result['parameters']:,} parameters) written "
+          f"to {result['out']}")
     return 0
 
 

@@ -8,8 +8,6 @@ Every field carries its help text in ``metadata["help"]`` so that ``leantune tra
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
+from leantune.configtools import ConfigError, build, opt, parse_override, type_name
 
-class ConfigError(ValueError):
-    """A config key is unknown or a value is not allowed; the message names both."""
-
-
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help string (mutable defaults via ``default_factory``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+__all__ = ["ConfigError", "Config", "load_config", "parse_override", "reference_yaml"]
 
 
 @dataclass
@@ -98,22 +89,44 @@ class DataConfig:
     system_prompt: str | None = opt(None, "System message prepended to chat-rendered rows.")
 
 
+METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "full")
+# The usual peak LR of each method (the papers' and PEFT's examples), used when optim.lr is
+# null: prompt embeddings and IA3 scales need far larger steps than LoRA, full
+# fine-tuning far smaller ones.
+METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "ia3": 3e-3, "prompt_tuning": 3e-2, "full": 2e-5}
+TARGET_PRESETS = ("auto", "all-linear", "attention", "mlp")
+
+
 @dataclass
 class AdapterConfig:
-    method: Literal["lora"] = opt("lora", "Adapter method.")
+    method: Literal["lora", "qlora", "ia3", "prompt_tuning", "full"] = opt(
+        "lora", "lora (DoRA with use_dora), qlora (LoRA on a 4-bit NF4 base, bitsandbytes), "
+        "ia3 (learned scales), prompt_tuning (virtual tokens), full (every weight trains).")
     r: int = opt(16, "LoRA rank.")
     alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = opt(0.05, "Dropout on the LoRA input.")
     target_modules: list[str] | str = opt(
-        "all-linear", "Module names to adapt, or `all-linear` (every linear layer but the head)."
-    )
+        "auto", "Modules to adapt (lora/qlora/ia3): a list of names, or a preset that works "
+        "across Llama/Qwen2/Mistral/GPT-2/Phi/Gemma: all-linear (every linear layer but the "
+        "head), attention, mlp, or auto (lora: all-linear; ia3: PEFT's per-architecture "
+        "keys, values and feed-forward).")
     use_rslora: bool = opt(False, "rsLoRA scaling alpha / sqrt(r).")
     use_dora: bool = opt(False, "DoRA: a trained magnitude per output channel on top of LoRA.")
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", "qlora: 4-bit data type of the frozen base.")
+    double_quant: bool = opt(True, "qlora: quantize the quantization constants too (~0.4 bit/param).")
+    num_virtual_tokens: int = opt(20, "prompt_tuning: trained embeddings prepended to every input.")
+    prompt_init: Literal["random", "text", "vocab"] = opt(
+        "random", "prompt_tuning: start from random vectors, the embeddings of prompt_init_text, "
+        "or embeddings of randomly sampled vocabulary tokens.")
+    prompt_init_text: str | None = opt(
+        None, "prompt_tuning with prompt_init=text: the text whose token embeddings start the prompt.")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(2e-4, "Peak learning rate of AdamW.")
+    lr: float | None = opt(
+        None, "Peak learning rate of AdamW; null: the method's usual one (lora/qlora 2e-4, "
+        "ia3 3e-3, prompt_tuning 3e-2, full 2e-5).")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay.")
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     eps: float = opt(1e-8, "AdamW epsilon.")
@@ -183,97 +196,15 @@ class Config:
     fast_forward: FastForwardConfig = field(default_factory=FastForwardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        if self.optim.lr is None:
+            self.optim.lr = METHOD_LR[self.adapter.method]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-# ---------------------------------------------------------------------------------------
-# Loading and validation
-
-
-def _check_value(key: str, value: Any, tp: Any) -> Any:
-    """Return ``value`` converted to type ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check_value(key, value, arg)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: {value!r} does not fit {_type_name(tp)}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
-        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported config type {tp} for {key}")
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    return "null" if tp is type(None) else tp.__name__
-
-
-def _unknown(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint} (valid: {', '.join(valid)})")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise _unknown(full, names)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{full}.")
-        else:
-            kwargs[key] = _check_value(full, value, tp)
-    return cls(**kwargs)
 
 
 def _validate(cfg: Config) -> None:
@@ -284,6 +215,7 @@ def _validate(cfg: Config) -> None:
         "train.grad_accum": cfg.train.grad_accum,
         "eval.batch_size": cfg.eval.batch_size,
         "adapter.r": cfg.adapter.r,
+        "adapter.num_virtual_tokens": cfg.adapter.num_virtual_tokens,
         "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
         "train.log_every": cfg.train.log_every,
         "fast_forward.interval": cfg.fast_forward.interval,
@@ -315,25 +247,25 @@ def _validate(cfg: Config) -> None:
                        "fast_forward.min_improvement": cfg.fast_forward.min_improvement}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    _validate_adapter(cfg.adapter)
+    if cfg.optim.lr is not None and cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0 (or null for the method's usual LR), got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if cfg.train.epochs <= 0 and cfg.train.max_steps is None:
         raise ConfigError("train.epochs: must be > 0 when train.max_steps is null")
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=1e-4"`` -> (["optim", "lr"], 1e-4); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
-    path = key.strip().split(".")
-    if len(path) != 2 or not all(path):
-        raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr=1e-4)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return path, value
+def _validate_adapter(a: AdapterConfig) -> None:
+    if isinstance(a.target_modules, str) and a.target_modules not in TARGET_PRESETS:
+        raise ConfigError(f"adapter.target_modules: {a.target_modules!r} is not a preset; choose "
+                          f"one of {list(TARGET_PRESETS)} or give a list of module names")
+    if isinstance(a.target_modules, list) and not a.target_modules:
+        raise ConfigError("adapter.target_modules: the list is empty")
+    if a.prompt_init == "text" and not a.prompt_init_text:
+        raise ConfigError("adapter.prompt_init_text: prompt_init=text needs a non-empty text")
+    if a.use_dora and a.method not in ("lora", "qlora"):
+        raise ConfigError(f"adapter.use_dora: DoRA is a LoRA variant; adapter.method is {a.method!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -356,7 +288,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(data[section], dict):
             raise ConfigError(f"{section}: expected a mapping, got {data[section]!r}")
         data[section][key] = value
-    cfg = _build(Config, data, "")
+    cfg = build(Config, data, "")
     _validate(cfg)
     return cfg
 
@@ -370,7 +302,7 @@ def describe_options() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  {section.name}.{f.name} ({_type_name(hints[f.name])}, "
+            lines.append(f"  {section.name}.{f.name} ({type_name(hints[f.name])}, "
                          f"default {default!r}): {f.metadata['help']}")
     return "\n".join(lines)
 
@@ -391,7 +323,7 @@ def reference_yaml() -> str:
         lines.append(f"{section.name}:")
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  # {f.metadata['help']}  [{_type_name(hints[f.name])}]")
+            lines.append(f"  # {f.metadata['help']}  [{type_name(hints[f.name])}]")
             dumped = yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000)
             lines.append(f"  {dumped.strip()[1:-1]}")
         lines.append("")

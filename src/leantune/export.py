@@ -2,8 +2,15 @@
 write a standalone Hugging Face model directory (config, safetensors weights, tokenizer
 with its chat template) that ``AutoModelForCausalLM.from_pretrained`` loads with no PEFT.
 
-For LoRA (and DoRA) merging folds ``(alpha / r) B A`` (and DoRA's magnitude) into the
-base weights, so the merged model's logits equal base + adapter up to float rounding.
+- LoRA/DoRA fold ``(alpha / r) B A`` (and DoRA's magnitude) into the base weights, IA3
+  multiplies its scales into them: logits equal base + adapter up to float rounding.
+- QLoRA: the 4-bit base is dequantized first and the adapter merged into that (merging
+  into 4-bit weights would requantize them and change outputs, peft#2321); the result
+  reproduces the trained 4-bit model + adapter, and the export says so.
+- Full fine-tuning: the trained model is written as is.
+- Prompt tuning has no weight to fold its virtual tokens into: the export refuses and
+  says how to use the adapter instead.
+
 The directory is written next to ``--out`` under a temporary name and renamed when
 complete, so an interrupted export never leaves a half-written model behind.
 """
@@ -21,40 +28,50 @@ class ExportError(ValueError):
 
 
 def export_run(run_dir: Path, out: Path) -> dict:
-    """Merge ``run_dir/adapter`` into the run's base model and save it to ``out``.
+    """Merge the run's adapter into its base model and save the result to ``out``.
 
     Returns:
-        ``{"out", "parameters"}`` of the written model.
+        ``{"out", "parameters", "method", "note"}``; ``note`` says how the merge differs
+        from a plain fold (QLoRA), else None.
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a finished run.
-        ExportError: ``out`` exists and is not empty, or the run has no mergeable adapter.
+        ExportError: ``out`` exists and is not empty, or the method cannot be merged.
     """
-    from peft import PeftModel  # the CLI imports this module for ExportError: keep it light
-
+    # The CLI imports this module for ExportError: keep the heavy imports here.
+    from leantune.adapters import NotMergeable, build_adapter
+    from leantune.config import load_config
     from leantune.serve import load_for_generation
 
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a leantune run directory (no config.yaml)")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose another --out")
-    model, tokenizer = load_for_generation(run_dir)
-    if not isinstance(model, PeftModel):
-        raise ExportError(f"{run_dir} holds no PEFT adapter to merge")
-    merged = model.merge_and_unload()
+    adapter = build_adapter(load_config(run_dir / "config.yaml").adapter)
+    model, tokenizer = load_for_generation(run_dir, for_merge=True)
+    try:
+        merged = adapter.merge(model)
+    except NotMergeable as e:
+        raise ExportError(str(e)) from None
     merged.config.use_cache = True  # training turned the KV cache off; generation wants it
+    _write_atomically(out, lambda d: (merged.save_pretrained(d, safe_serialization=True),
+                                      tokenizer.save_pretrained(d)))
+    return {"out": str(out), "parameters": sum(p.numel() for p in merged.parameters()),
+            "method": adapter.name, "note": adapter.merge_note}
+
+
+def _write_atomically(out: Path, write) -> None:
+    """Call ``write(tmp)`` on a fresh directory beside ``out``, then rename it to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model is an ordinary directory
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         if out.exists():
-            out.rmdir()  # empty, checked above
+            out.rmdir()  # empty, checked by the caller
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "parameters": sum(p.numel() for p in merged.parameters())}

@@ -102,13 +102,23 @@ def resolve_local(cfg: ModelConfig) -> str:
     return name
 
 
-def load_model(cfg: ModelConfig, source: str | None = None) -> PreTrainedModel:
+def load_model(cfg: ModelConfig, source: str | None = None, quantization=None,
+               device: torch.device | str | None = None) -> PreTrainedModel:
     """Load the causal LM described by ``cfg`` (weights via safetensors when available).
+
+    Args:
+        quantization: a ``BitsAndBytesConfig`` (QLoRA): the base is quantized as it loads,
+            straight onto ``device`` (default: this process's GPU, else the CPU).
 
     Raises:
         FileNotFoundError: a local directory without config or weights.
     """
     source = source or resolve_local(cfg)
+    extra = {}
+    if quantization is not None:
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        extra = {"quantization_config": quantization, "device_map": {"": str(device)}}
     local = Path(source)
     if local.is_dir() and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{local} has no config.json: not a Hugging Face model directory")
@@ -118,7 +128,7 @@ def load_model(cfg: ModelConfig, source: str | None = None) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, use_safetensors=None,
-        )
+            **extra)
     except OSError as e:
         raise FileNotFoundError(f"cannot load model weights from {source}: {e}") from None
     except ValueError as e:  # e.g. an architecture that has no causal-LM head

@@ -6,23 +6,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leantune.adapters import build_adapter
+from leantune.adapters import build_adapter, load_base
 from leantune.config import ConfigError, ModelConfig, load_config
 from leantune.generate import generate
 from leantune.model import load_model, load_tokenizer, resolve_local
 
 
-def load_for_generation(target: Path):
-    """``(model, tokenizer)`` from a run directory (its base model + ``adapter/``) or from
-    a model directory / hub id."""
+def load_for_generation(target: Path, for_merge: bool = False):
+    """``(model, tokenizer)`` from a run directory (its base model + ``adapter/``, or the
+    trained ``model/`` of full fine-tuning) or from a model directory / hub id.
+
+    ``for_merge`` loads the base as the adapter's merge needs it (QLoRA: dequantized).
+    """
     if (target / "config.yaml").is_file():
         cfg = load_config(target / "config.yaml")
-        if not (target / "adapter").is_dir():
-            raise FileNotFoundError(f"{target} has no adapter/ yet (the run has not finished); "
-                                    f"a checkpoint's adapter is under {target}/checkpoints/")
+        adapter = build_adapter(cfg.adapter)
+        saved = target / adapter.output_name
+        if not saved.is_dir():
+            raise FileNotFoundError(f"{target} has no {adapter.output_name}/ yet (the run has "
+                                    f"not finished); checkpoints are under {target}/checkpoints/")
         source = resolve_local(cfg.model)
-        model = build_adapter(cfg.adapter).load(load_model(cfg.model, source), target / "adapter")
-        return model, load_tokenizer(cfg.model, source)
+        base = load_base(cfg.model, adapter, source)
+        if for_merge:
+            base = adapter.merge_base(base)
+        return adapter.load(base, saved), load_tokenizer(cfg.model, source)
     cfg = ModelConfig(name_or_path=str(target))
     source = resolve_local(cfg)
     return load_model(cfg, source), load_tokenizer(cfg, source)

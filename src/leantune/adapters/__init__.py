@@ -1,12 +1,18 @@
-"""Adapter methods behind one protocol (:class:`~leantune.adapters.base.Adapter`)."""
+"""Adapter methods behind one interface (:class:`~leantune.adapters.base.Adapter`):
+LoRA/DoRA, QLoRA, IA3 and prompt tuning through HF PEFT, and full fine-tuning."""
 
 from __future__ import annotations
 
-from leantune.adapters.base import Adapter, count_parameters
-from leantune.adapters.lora import LoRA
-from leantune.config import AdapterConfig
+from leantune.adapters.base import Adapter, NotMergeable, count_parameters, memory_footprint
+from leantune.adapters.full import Full
+from leantune.adapters.ia3 import IA3
+from leantune.adapters.lora import LoRA, QLoRA
+from leantune.adapters.prompt_tuning import PromptTuning
+from leantune.config import AdapterConfig, ModelConfig
+from leantune.model import load_model, resolve_dtype
 
-METHODS = {"lora": LoRA}
+METHODS: dict[str, type[Adapter]] = {
+    "lora": LoRA, "qlora": QLoRA, "ia3": IA3, "prompt_tuning": PromptTuning, "full": Full}
 
 
 def build_adapter(cfg: AdapterConfig) -> Adapter:
@@ -14,4 +20,12 @@ def build_adapter(cfg: AdapterConfig) -> Adapter:
     return METHODS[cfg.method](cfg)
 
 
-__all__ = ["Adapter", "METHODS", "build_adapter", "count_parameters"]
+def load_base(model_cfg: ModelConfig, adapter: Adapter, source: str | None = None,
+              device=None):
+    """The base model loaded as ``adapter`` needs it (QLoRA: quantized to 4 bits)."""
+    return load_model(model_cfg, source, adapter.quantization(resolve_dtype(model_cfg.dtype)),
+                      device)
+
+
+__all__ = ["Adapter", "METHODS", "NotMergeable", "build_adapter", "count_parameters",
+           "load_base", "memory_footprint"]

@@ -1,49 +1,75 @@
-"""LoRA through HF PEFT: W x + (alpha / r) * B A x, with A [r, in] and B [out, r]
-(B starts at zero, so training starts from the base model). Saved in PEFT's own format:
-``adapter_config.json`` + ``adapter_model.safetensors``.
+"""LoRA (and DoRA, rsLoRA) through HF PEFT, and QLoRA: the same LoRA on a base stored in
+4-bit NF4 by bitsandbytes.
+
+LoRA: ``W x + s B A x`` with A [r, in], B [out, r] (B starts at zero, so training starts
+from the base model) and ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). DoRA adds a
+trained magnitude per output channel: ``m * (W + s B A) / ||W + s B A||_col``.
+
+QLoRA (Dettmers et al. 2023): the frozen base weights are NF4 with double quantization
+(the per-block scales are quantized too); matmuls dequantize block by block to the
+compute dtype, and only the LoRA matrices (full precision) train.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from peft.utils import load_peft_weights
+import torch
+from peft import LoraConfig, prepare_model_for_kbit_training
 from torch import nn
 
-from leantune.config import AdapterConfig
+from leantune.adapters.peft_adapter import PeftAdapter
+from leantune.adapters.targets import preset_targets
 
 
-@dataclass
-class LoRA:
-    """LoRA adapter built from ``adapter.*`` config fields."""
+def lora_targets(model: nn.Module, spec: list[str] | str) -> list[str] | str:
+    """PEFT ``target_modules`` for ``adapter.target_modules`` (auto = all-linear)."""
+    if isinstance(spec, list):
+        return spec
+    if spec in ("auto", "all-linear"):
+        return "all-linear"  # PEFT's own: every linear layer except the output head
+    return preset_targets(model, spec)
 
-    cfg: AdapterConfig
-    name: str = "lora"
 
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
-            target_modules=self.cfg.target_modules, use_rslora=self.cfg.use_rslora,
-            use_dora=self.cfg.use_dora,
-            task_type="CAUSAL_LM",
-        )
+class LoRA(PeftAdapter):
+    name = "lora"
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        return get_peft_model(model, self.peft_config())
+    def peft_config(self, model: nn.Module) -> LoraConfig:
+        c = self.cfg
+        return LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                          target_modules=lora_targets(model, c.target_modules),
+                          use_rslora=c.use_rslora, use_dora=c.use_dora, task_type="CAUSAL_LM")
 
-    def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
 
-    def load(self, base: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
-        return PeftModel.from_pretrained(base, directory, is_trainable=trainable)
+class QLoRA(LoRA):
+    name = "qlora"
+    merge_note = (
+        "QLoRA: the 4-bit base was dequantized to full precision and the adapter merged into "
+        "that, so the exported model reproduces the trained 4-bit base + adapter. It is not "
+        "the original full-precision base + adapter (the adapter learned to correct the "
+        "4-bit weights), and merging into the 4-bit weights themselves would requantize and "
+        "change outputs (peft#2321).")
 
-    def load_weights(self, model: nn.Module, directory: Path) -> None:
-        result = set_peft_model_state_dict(model, load_peft_weights(str(directory)))
-        # missing_keys lists every base weight too; only LoRA matrices left out matter (they
-        # would silently keep their fresh init).
-        missing = [k for k in result.missing_keys if ".lora_" in k]
-        if result.unexpected_keys or missing:
-            raise ValueError(f"{directory}: adapter weights do not fit this model "
-                             f"(unexpected: {result.unexpected_keys[:3]}, missing: {missing[:3]})")
+    def quantization(self, compute_dtype: torch.dtype):
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401  (transformers' own message is less direct)
+        except ImportError:
+            raise ImportError("adapter.method=qlora needs bitsandbytes (>= 0.46 for CPU): "
+                              "pip install 'leantune[qlora]'") from None
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=self.cfg.quant_type,
+            bnb_4bit_use_double_quant=self.cfg.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype)
+
+    def prepare_base(self, model: nn.Module) -> nn.Module:
+        # Casts the remaining (non-4-bit) weights such as norms to fp32 for stable training
+        # and makes the input embeddings' output require grad, so gradient checkpointing
+        # has a path back to the adapters.
+        checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def merge_base(self, base: nn.Module) -> nn.Module:
+        if getattr(base, "is_loaded_in_4bit", False):
+            base = base.dequantize()  # transformers: every Linear4bit -> nn.Linear
+        return base

@@ -1,6 +1,7 @@
 """Checkpoints that are either complete or absent.
 
-``checkpoints/step-N/`` holds ``adapter/`` (the adapter's own format), ``optimizer.pt``
+``checkpoints/step-N/`` holds ``adapter/`` (the adapter's own format; ``model/`` for full
+fine-tuning), ``optimizer.pt``
 (tensors only, read back with ``weights_only=True``), ``rng.pt`` and ``trainer_state.json``
 (step, data position, counters). Everything is written into ``.tmp-step-N`` first and
 renamed into place, so a crash mid-write leaves the previous checkpoint as the latest.
@@ -49,7 +50,7 @@ def save_checkpoint(run_dir: Path, step: int, adapter: Adapter, model: torch.nn.
     tmp = root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    adapter.save(model, tmp / "adapter")
+    adapter.save(model, tmp / adapter.output_name)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     full_state = {**state, "step": step, "host_rng": _host_rngs()}
@@ -89,7 +90,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, adapter: Adapter, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore adapter weights, optimizer state and RNG; return the trainer state."""
-    adapter.load_weights(model, path / "adapter")
+    adapter.load_weights(model, path / adapter.output_name)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -15,7 +15,9 @@ of CPU eager/sdpa compute it; for a packed row a varlen kernel (flash-attention)
 the sum of the examples' squares, so there this term is an upper bound.
 
 Full fine-tuning thus costs the usual ~3x a forward; a frozen base with a small adapter
-costs ~2x, because the frozen weights' gradients are never formed.
+costs ~2x, because the frozen weights' gradients are never formed. A 4-bit weight counts
+by its true element count (its matmul runs in the compute dtype after dequantizing).
+Prompt tuning's ``n`` virtual tokens make every row ``T + n`` positions long.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from leantune.adapters.base import logical_numel
+
 
 @dataclass(frozen=True)
 class FlopModel:
@@ -33,21 +37,24 @@ class FlopModel:
     trainable_matmul_params: int
     layers: int
     attn_width: int
+    virtual_tokens: int = 0
 
     @classmethod
-    def of(cls, model: nn.Module) -> FlopModel:
+    def of(cls, model: nn.Module, virtual_tokens: int = 0) -> FlopModel:
         frozen = trainable = 0
         for module in model.modules():
             if isinstance(module, (nn.Linear, Conv1D)):  # Conv1D: GPT-2's linear layer
-                n = module.weight.numel()
+                n = logical_numel(module.weight)
                 if module.weight.requires_grad:
                     trainable += n
                 else:
                     frozen += n
         config = model.config
-        return cls(frozen, trainable, config.num_hidden_layers, config.hidden_size)
+        return cls(frozen, trainable, config.num_hidden_layers, config.hidden_size,
+                   virtual_tokens)
 
     def forward(self, rows: int, length: int) -> int:
+        length += self.virtual_tokens
         weights = 2 * (self.frozen_matmul_params + self.trainable_matmul_params) * rows * length
         return weights + 2 * self.layers * self.attn_width * rows * length**2
 
@@ -58,6 +65,7 @@ class FlopModel:
     def train(self, rows: int, length: int) -> int:
         """Forward + backward FLOPs of one micro-batch."""
         params = self.frozen_matmul_params + self.trainable_matmul_params
-        backward = (2 * params + 2 * self.trainable_matmul_params) * rows * length
-        backward += 4 * self.layers * self.attn_width * rows * length**2
+        n = length + self.virtual_tokens
+        backward = (2 * params + 2 * self.trainable_matmul_params) * rows * n
+        backward += 4 * self.layers * self.attn_width * rows * n**2
         return self.forward(rows, length) + backward

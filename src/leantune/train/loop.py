@@ -20,14 +20,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from leantune.adapters import Adapter, build_adapter, count_parameters
+from leantune.adapters import (Adapter, build_adapter, count_parameters, load_base,
+                               memory_footprint)
 from leantune.config import Config
 from leantune.data.batching import Batcher
 from leantune.data.dataset import Splits, build_splits
 from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
 from leantune.generate import generate
-from leantune.model import (load_model, load_tokenizer, packing_error, packing_tolerance,
+from leantune.model import (load_tokenizer, packing_error, packing_tolerance, resolve_dtype,
                             resolve_local)
 from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leantune.train.fast_forward import FastForward
@@ -55,6 +56,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     flop_model: FlopModel
     params: tuple[int, int]  # (trainable, total)
+    base_memory: dict         # bytes of the base's weights: loaded / full precision
     batcher: Batcher
     packing: dict             # requested / used mode and the probe's error
     steps: int
@@ -81,14 +83,16 @@ def build_run(cfg: Config) -> Run:
     splits = build_splits(cfg.data, tokenizer, cfg.train.seed,
                           ff_cfg.eval_examples if ff_cfg.enabled else 0)
     adapter = build_adapter(cfg.adapter)
-    model = adapter.apply(load_model(cfg.model, source))
+    base = load_base(cfg.model, adapter, source, acc.device)
+    base_memory = memory_footprint(base, resolve_dtype(cfg.model.dtype))
+    model = adapter.apply(adapter.prepare_base(base))
     params = count_parameters(model)
-    flop_model = FlopModel.of(model)
+    flop_model = FlopModel.of(model, adapter.virtual_tokens)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    packing = resolve_packing(cfg.data.packing, acc.unwrap_model(model))
+    packing = resolve_packing(cfg.data.packing, acc.unwrap_model(model), adapter)
     batcher = Batcher.build(splits.train, packing["used"], cfg.data.max_length,
                             tokenizer.pad_token_id, cfg.data.packing_strategy)
     ff = build_fast_forward(cfg, model, splits, batcher, packing, flop_model, acc)
@@ -105,16 +109,22 @@ def build_run(cfg: Config) -> Run:
               f"parameters ({100 * params[0] / params[1]:.3f} %), {len(splits.train)} train / "
               f"{len(splits.eval)} eval examples, {steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, splits, adapter, model, optimizer, flop_model,
-               params, batcher, packing, steps, warmup, state, metrics, resume_from is not None,
+               params, base_memory, batcher, packing, steps, warmup, state, metrics, resume_from is not None,
                started, ff)
 
 
-def resolve_packing(requested: str, model: torch.nn.Module) -> dict:
+def resolve_packing(requested: str, model: torch.nn.Module, adapter: Adapter | None = None
+                    ) -> dict:
     """The packing mode to use: the requested one when this model and backend keep packed
     examples apart (probed, see :func:`~leantune.model.packing_error`), else padding,
     with a warning. Never contaminates silently."""
     if requested == "none":
         return {"requested": "none", "used": "none", "probe_error": None, "exact": False}
+    if adapter is not None and not adapter.packs:
+        log.warning("adapter.method=%s adds tokens to each row, not to each example: packed "
+                    "rows would share them; using data.packing=none", adapter.name)
+        return {"requested": requested, "used": "none", "probe_error": None, "exact": False,
+                "reason": f"adapter.method={adapter.name} does not pack"}
     error = packing_error(model)
     exact = error <= packing_tolerance(model)
     used = requested
@@ -277,8 +287,9 @@ def finish(run: Run, prompts, replies_before: list[str]) -> dict:
         checkpoint(run)
     summary = build_summary(run, after, prompts, replies_before, replies_after)
     if run.acc.is_main_process:
-        run.adapter.save(run.acc.unwrap_model(run.model), run.run_dir / "adapter")
-        run.tokenizer.save_pretrained(run.run_dir / "adapter")
+        out = run.run_dir / run.adapter.output_name
+        run.adapter.save(run.acc.unwrap_model(run.model), out)
+        run.tokenizer.save_pretrained(out)
         write_json(run.run_dir / "summary.json", summary)
     run.acc.wait_for_everyone()
     return summary
@@ -306,6 +317,7 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "peak_memory_bytes": peak_memory_bytes(),
         "trainable_params": trainable,
         "total_params": total,
+        "base_memory_bytes": run.base_memory,
         "eval_loss": {"before": state.eval_loss_before, "after": after and after["loss"]},
         "eval_history": state.eval_history,
         "final_train_loss": state.last_loss,

@@ -30,9 +30,13 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens and their count.
 
-    Shapes: logits [B, T, V]; position t predicts labels[t + 1]; -100 is ignored.
+    Shapes: logits [B, T, V]; position t predicts labels[t + 1]; -100 is ignored. A
+    model that prepends ``n`` virtual tokens (prompt tuning) returns [B, n + T, V]; the
+    last T are the ones aligned with the labels.
     """
     logits = model(**model_inputs(batch)).logits
+    if logits.shape[1] != batch["labels"].shape[1]:
+        logits = logits[:, -batch["labels"].shape[1]:]
     # Shift the labels rather than the logits: slicing [B, T, V] logits would copy them.
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),

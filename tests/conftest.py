@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny BPE tokenizer with a ChatML template and tiny random causal
-LMs (Llama, Qwen2, GPT-2) built from configs — nothing is downloaded."""
+LMs (Llama, Qwen2, GPT-2, Mistral, Phi, Gemma) built from configs — nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from transformers import GPT2Config, LlamaConfig, Qwen2Config
+from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, PhiConfig,
+                          Qwen2Config)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -55,6 +56,17 @@ def tiny_config(arch: str, vocab_size: int):
                            max_position_embeddings=256, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "mistral":
+        return MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                             max_position_embeddings=256, **common)
+    if arch == "phi":  # attention output is `dense`, MLP is fc1/fc2
+        return PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256, **common)
+    if arch == "gemma":
+        return GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           max_position_embeddings=256, **common)
     raise ValueError(arch)
 
 

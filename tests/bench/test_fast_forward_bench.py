@@ -27,6 +27,7 @@ def test_ff_run_stops_at_the_plain_runs_loss_and_accounts_both(llama_dir, tmp_pa
         ids = list(range(start, start + n))
         data.append(Encoded(ids, [IGNORE] + ids[1:]))
     train, ff_set, test = data[:40], data[40:48], data[48:]
+    torch.manual_seed(0)  # LoRA's A init draws from the global RNG: keep other tests out of it
     model = build_adapter(AdapterConfig(r=4, dropout=0.0)).apply(
         AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32))
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -38,7 +39,7 @@ def test_ff_run_stops_at_the_plain_runs_loss_and_accounts_both(llama_dir, tmp_pa
         return lambda: evaluate(model, examples, 8,
                                 lambda b: batcher.collate_examples(b, "online"), acc)["loss"]
 
-    plain = train_run(model, init, batches, 3e-3, flop_model, acc, loss_on(test), test_every=5)
+    plain = train_run(model, init, batches, 1e-3, flop_model, acc, loss_on(test), test_every=5)
     assert plain["steps"] == 10 and not plain["reached"] and plain["ff_flops"] == 0
     assert [c["step"] for c in plain["curve"]] == [0, 5, 10]
     assert plain["test_loss"] < plain["curve"][0]["test_loss"]
@@ -46,12 +47,12 @@ def test_ff_run_stops_at_the_plain_runs_loss_and_accounts_both(llama_dir, tmp_pa
     ff = FastForward(FastForwardConfig(enabled=True, interval=2),
                      [p for p in model.parameters() if p.requires_grad], loss_on(ff_set),
                      flop_model.forward_each(len(e.input_ids) for e in ff_set))
-    fast = train_run(model, init, batches, 3e-3, flop_model, acc, loss_on(test), ff=ff,
+    fast = train_run(model, init, batches, 1e-3, flop_model, acc, loss_on(test), ff=ff,
                      target=plain["test_loss"])
     assert fast["curve"][0]["test_loss"] == plain["curve"][0]["test_loss"]  # same start
     assert fast["total_flops"] == fast["train_flops"] + fast["ff_flops"]
     assert fast["ff_flops"] > 0 and fast["ff_seconds"] <= fast["seconds"]
-    # Seeded: on this pattern FF gets there in fewer optimizer steps (8 of 10 when written).
+    # Seeded: on this pattern FF gets there in fewer optimizer steps (4 of 10; 4-6 over seeds 0-5).
     assert fast["reached"] and fast["test_loss"] <= plain["test_loss"]
     assert fast["steps"] < plain["steps"] and sum(fast["ff_accepted_per_stage"]) > 0
     results = {"setup": {"model": "tiny"}, "plain": plain, "fast_forward": fast,

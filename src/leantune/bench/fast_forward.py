@@ -98,13 +98,9 @@ def train_run(model, init: dict, batches: list[dict], lr: float, flop_model: Flo
 
 def trainable_model(model_cfg: ModelConfig, source: str, method: str, r: int, alpha: float):
     """The base with LoRA or DoRA (all linear layers), or all of it trainable (``full``)."""
-    base = load_model(model_cfg, source)
-    if method == "full":
-        for p in base.parameters():
-            p.requires_grad_(True)
-        return base
-    cfg = AdapterConfig(r=r, alpha=alpha, dropout=0.0, use_dora=method == "dora")
-    return build_adapter(cfg).apply(base)
+    cfg = AdapterConfig(method="full" if method == "full" else "lora", r=r, alpha=alpha,
+                        dropout=0.0, use_dora=method == "dora")
+    return build_adapter(cfg).apply(load_model(model_cfg, source))
 
 
 def bench_fast_forward(model_name: str = "embedded:smollm2", steps: int = 20,

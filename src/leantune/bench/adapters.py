@@ -1,0 +1,123 @@
+"""``leantune bench adapters``: every adapter method on the same task and token budget.
+
+Each method trains with ``leantune train`` on the same config (the embedded default:
+SmolLM2-135M-Instruct on ShareGPT), differing only in ``adapter.method`` (and, for DoRA,
+``adapter.use_dora``), each at its method's default LR (``optim.lr: null``). Same data,
+same seed, same batches and steps, so every method sees the same target tokens.
+
+Each run is its own process, so its ``peak_memory_bytes`` (peak resident set, or peak
+CUDA memory) is that method's alone: within one process freed memory is reused and the
+high-water mark only grows. With ``rounds > 1`` the order reverses every other round, so
+a slow spell on the machine does not always land on the same method; medians reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+VARIANTS = {"lora": ["adapter.method=lora"],
+            "dora": ["adapter.method=lora", "adapter.use_dora=true"],
+            "qlora": ["adapter.method=qlora"],
+            "ia3": ["adapter.method=ia3"],
+            "prompt_tuning": ["adapter.method=prompt_tuning"],
+            "full": ["adapter.method=full"]}
+KEPT = ("trainable_params", "total_params", "tokens_per_second", "peak_memory_bytes",
+        "base_memory_bytes", "train_seconds", "train_flops", "optimizer_steps",
+        "train_tokens", "padding_fraction", "packing", "optim_lr")
+
+
+def task_overrides(model: str, data: str, examples: int, eval_examples: int, batch_size: int,
+                   max_length: int, steps: int) -> list[str]:
+    """The shared task: everything but the method."""
+    return [f"model.name_or_path={model}", f"data.path={data}", f"data.max_length={max_length}",
+            f"data.max_examples={examples}", f"data.eval_examples={eval_examples}",
+            "data.skip_bad_rows=true", f"train.batch_size={batch_size}",
+            f"train.max_steps={steps}", "train.progress=false", "optim.lr=null",
+            "optim.schedule=cosine", "eval.generate=0", "checkpoint.every=null"]
+
+
+def run_method(variant: str, task: list[str], work: Path) -> dict:
+    """Train one variant in a fresh process; its summary figures (and its LR)."""
+    out = work / variant
+    cmd = [sys.executable, "-m", "leantune", "train", *task, *VARIANTS[variant],
+           f"train.output_dir={out}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    from leantune.config import load_config
+
+    summary["optim_lr"] = load_config(out / "config.yaml").optim.lr
+    return {k: summary[k] for k in KEPT} | {
+        "eval_loss_before": summary["eval_loss"]["before"],
+        "eval_loss_after": summary["eval_loss"]["after"]}
+
+
+def bench_adapters(model: str = "embedded:smollm2", data: str = "embedded:sharegpt",
+                   methods: list[str] = tuple(VARIANTS), examples: int = 200,
+                   eval_examples: int = 32, batch_size: int = 8, max_length: int = 128,
+                   steps: int = 12, rounds: int = 1, out: Path | None = None) -> dict:
+    """Run every method ``rounds`` times (alternating order) and summarize.
+
+    Returns:
+        ``{"setup", "runs": {method: [per-round figures]}, "median": {method: figures}}``;
+        written to ``out`` as JSON after every run (a crash keeps what finished).
+    """
+    unknown = [m for m in methods if m not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(VARIANTS)}")
+    task = task_overrides(model, data, examples, eval_examples, batch_size, max_length, steps)
+    results = {"setup": {"model": model, "data": data, "examples": examples,
+                         "eval_examples": eval_examples, "batch_size": batch_size,
+                         "max_length": max_length, "steps": steps, "rounds": rounds},
+               "runs": {m: [] for m in methods}, "median": {}}
+    with tempfile.TemporaryDirectory(prefix="leantune-bench-adapters-") as tmp:
+        for r in range(rounds):
+            order = list(methods) if r % 2 == 0 else list(reversed(methods))
+            for method in order:
+                results["runs"][method].append(run_method(method, task, Path(tmp) / f"r{r}"))
+                results["median"] = summarize(results["runs"])
+                if out is not None:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Per method: the first run's fixed figures with medians of the measured ones, and
+    tokens/s relative to LoRA and to full fine-tuning where those ran."""
+    med = {}
+    for method, rs in runs.items():
+        if not rs:
+            continue
+        med[method] = dict(rs[0]) | {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("tokens_per_second", "peak_memory_bytes", "train_seconds")}
+    for ref in ("lora", "full"):
+        if ref in med:
+            for m in med.values():
+                m[f"speed_vs_{ref}"] = m["tokens_per_second"] / med[ref]["tokens_per_second"]
+    return med
+
+
+def format_table(results: dict) -> str:
+    """The side-by-side Markdown table of BENCHMARKS.md."""
+    rows = ["| method | LR | trainable params | % of total | tokens/s | × full FT | "
+            "peak memory | base weights | eval loss before → after |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for method, m in results["median"].items():
+        share = 100 * m["trainable_params"] / m["total_params"]
+        vs_full = f"{m['speed_vs_full']:.2f}" if "speed_vs_full" in m else "–"
+        rows.append(
+            f"| {method} | {m['optim_lr']:g} | {m['trainable_params']:,} | {share:.3f}% | "
+            f"{m['tokens_per_second']:.1f} | {vs_full} | "
+            f"{m['peak_memory_bytes'] / 2**30:.2f} GiB | "
+            f"{m['base_memory_bytes']['loaded'] / 2**20:.0f} MiB | "
+            f"{m['eval_loss_before']:.4f} → {m['eval_loss_after']:.4f} |")
+    return "\n".join(rows)

@@ -57,6 +57,8 @@ def test_loss_falls_and_summary_is_complete(tiny_model_dir, chat_data, tmp_path)
     summary = loop.train(cfg)
 
     assert SUMMARY_KEYS <= summary.keys()
+    memory = summary["train_memory_bytes"]
+    assert 0 < memory["at_start"] <= memory["peak"] <= summary["peak_memory_bytes"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text()).keys() == summary.keys()
     before, after = summary["eval_loss"]["before"], summary["eval_loss"]["after"]
     # A random tiny model starts near ln(vocab) = 5.7; 30 steps take ~0.6 off (seeded).

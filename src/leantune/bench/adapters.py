@@ -5,9 +5,11 @@ SmolLM2-135M-Instruct on ShareGPT), differing only in ``adapter.method`` (and, f
 ``adapter.use_dora``), each at its method's default LR (``optim.lr: null``). Same data,
 same seed, same batches and steps, so every method sees the same target tokens.
 
-Each run is its own process, so its ``peak_memory_bytes`` (peak resident set, or peak
-CUDA memory) is that method's alone: within one process freed memory is reused and the
-high-water mark only grows. With ``rounds > 1`` the order reverses every other round, so
+Each run is its own process, so its memory figures are that method's alone: within one
+process freed memory is reused and the high-water mark only grows. The table reports the
+peak during training (resident set on CPU, allocated on CUDA) and how much of it training
+added on top of the loaded model and data (gradients, optimizer state, activations);
+the process-wide peak also counts reading the data set. With ``rounds > 1`` the order reverses every other round, so
 a slow spell on the machine does not always land on the same method; medians reported.
 """
 
@@ -28,7 +30,7 @@ VARIANTS = {"lora": ["adapter.method=lora"],
             "prompt_tuning": ["adapter.method=prompt_tuning"],
             "full": ["adapter.method=full"]}
 KEPT = ("trainable_params", "total_params", "tokens_per_second", "peak_memory_bytes",
-        "base_memory_bytes", "train_seconds", "train_flops", "optimizer_steps",
+        "train_memory_bytes", "base_memory_bytes", "train_seconds", "train_flops", "optimizer_steps",
         "train_tokens", "padding_fraction", "packing", "optim_lr")
 
 
@@ -98,7 +100,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             continue
         med[method] = dict(rs[0]) | {
             k: statistics.median(r[k] for r in rs)
-            for k in ("tokens_per_second", "peak_memory_bytes", "train_seconds")}
+            for k in ("tokens_per_second", "peak_memory_bytes", "train_seconds")} | {
+            "train_memory_bytes": {k: statistics.median(r["train_memory_bytes"][k] for r in rs)
+                                   for k in ("at_start", "peak")}}
     for ref in ("lora", "full"):
         if ref in med:
             for m in med.values():
@@ -109,15 +113,17 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 def format_table(results: dict) -> str:
     """The side-by-side Markdown table of BENCHMARKS.md."""
     rows = ["| method | LR | trainable params | % of total | tokens/s | × full FT | "
-            "peak memory | base weights | eval loss before → after |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "peak in training | added by training | base weights | eval loss before → after |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in results["median"].items():
         share = 100 * m["trainable_params"] / m["total_params"]
         vs_full = f"{m['speed_vs_full']:.2f}" if "speed_vs_full" in m else "–"
         rows.append(
             f"| {method} | {m['optim_lr']:g} | {m['trainable_params']:,} | {share:.3f}% | "
             f"{m['tokens_per_second']:.1f} | {vs_full} | "
-            f"{m['peak_memory_bytes'] / 2**30:.2f} GiB | "
+            f"{m['train_memory_bytes']['peak'] / 2**30:.2f} GiB | "
+            f"{(m['train_memory_bytes']['peak'] - m['train_memory_bytes']['at_start']) / 2**30:.2f}"
+            " GiB | "
             f"{m['base_memory_bytes']['loaded'] / 2**20:.0f} MiB | "
             f"{m['eval_loss_before']:.4f} → {m['eval_loss_after']:.4f} |")
     return "\n".join(rows)

@@ -1,19 +1,12 @@
-"""Shared pieces of the benchmarks: the real length mix they run on, and a per-phase
-peak-memory meter (the process-wide peak RSS only ever grows, so it cannot tell two
-phases of one process apart)."""
+"""Shared pieces of the benchmarks: the real length mix they run on."""
 
 from __future__ import annotations
 
-import os
 import random
-import threading
-import time
 
 from leantune.data.encode import Encoded, encode
 from leantune.data.formats import Example, SHAREGPT_ROLES
 from leantune.embedded import sharegpt_rows
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def sharegpt_exchanges(tokenizer, n: int, max_length: int, seed: int = 0,
@@ -43,36 +36,3 @@ def sharegpt_exchanges(tokenizer, n: int, max_length: int, seed: int = 0,
         if len(out) == n:
             break
     return out
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.peak, self.base = interval, 0, 0
-        self._stop = threading.Event()
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = _rss()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def delta(self) -> int:
-        return self.peak - self.base

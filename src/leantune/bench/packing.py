@@ -22,12 +22,13 @@ import torch
 from accelerate import Accelerator
 
 from leantune.adapters import build_adapter
-from leantune.bench.common import PeakRSS, sharegpt_exchanges
+from leantune.bench.common import sharegpt_exchanges
 from leantune.config import AdapterConfig, ModelConfig
 from leantune.data.batching import Batcher
 from leantune.data.encode import Encoded
 from leantune.evaluate import evaluate
 from leantune.model import load_model, load_tokenizer, resolve_local
+from leantune.train.metrics import PeakMemory
 from leantune.train.step import train_step
 
 MODES = ("none", "online", "offline")
@@ -66,7 +67,7 @@ def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[
     steps = _batches(batcher, batch_size, seed=0)
     seconds = real = targets = positions = rows = 0
     model.train()
-    with PeakRSS() as memory:
+    with PeakMemory() as memory:
         for unit_ids in steps:
             tick = time.perf_counter()
             batch = batcher.collate(unit_ids)

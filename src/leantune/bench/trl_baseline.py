@@ -17,11 +17,11 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from leantune.bench.common import PeakRSS
 from leantune.data.batching import pack_batch
 from leantune.data.collate import collate_packed
 from leantune.data.encode import Encoded
 from leantune.evaluate import evaluate
+from leantune.train.metrics import PeakMemory
 
 
 def run_trl(source: str, tokenizer, train: list[Encoded], held_out: list[Encoded],
@@ -50,7 +50,7 @@ def run_trl(source: str, tokenizer, train: list[Encoded], held_out: list[Encoded
                           task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=peft)
-        with PeakRSS() as memory:
+        with PeakMemory() as memory:
             out = trainer.train()
         seconds = out.metrics["train_runtime"]
         rows = trainer.train_dataset

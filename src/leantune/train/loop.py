@@ -33,7 +33,7 @@ from leantune.model import (load_tokenizer, packing_error, packing_tolerance, re
 from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from leantune.train.fast_forward import FastForward
 from leantune.train.flops import FlopModel
-from leantune.train.metrics import MetricsLog, peak_memory_bytes, write_json
+from leantune.train.metrics import MetricsLog, PeakMemory, peak_memory_bytes, write_json
 from leantune.train.run_dir import prepare_run_dir
 from leantune.train.schedule import lr_multiplier, warmup_steps
 from leantune.train.state import TrainState, epoch_plan, micro_batches, total_steps
@@ -66,6 +66,7 @@ class Run:
     resumed: bool
     started: float
     ff: FastForward | None
+    train_memory: PeakMemory | None = None
 
 
 def build_run(cfg: Config) -> Run:
@@ -173,6 +174,16 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=run.steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not (cfg.train.progress and acc.is_main_process))
     run.model.train()
+    run.train_memory = PeakMemory()
+    with run.train_memory:
+        train_steps(run, batches, bar)
+    bar.close()
+    return finish(run, prompts, replies_before)
+
+
+def train_steps(run: Run, batches, bar: tqdm) -> None:
+    """Optimizer steps (each maybe followed by FF, eval, checkpoint) until the budget."""
+    state, acc, cfg = run.state, run.acc, run.cfg
     while state.step < run.steps:
         tick = time.perf_counter()
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
@@ -188,8 +199,6 @@ def train(cfg: Config) -> dict:
             evaluate_and_log(run, "periodic")
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
             checkpoint(run)
-    bar.close()
-    return finish(run, prompts, replies_before)
 
 
 def set_lr(run: Run) -> float:
@@ -298,7 +307,7 @@ def finish(run: Run, prompts, replies_before: list[str]) -> dict:
 def build_summary(run: Run, after: dict | None, prompts, replies_before: list[str],
                   replies_after: list[str]) -> dict:
     """The figures DESIGN.md lists for ``summary.json``, and a little more."""
-    state, (trainable, total) = run.state, run.params
+    state, (trainable, total), mem = run.state, run.params, run.train_memory
     return {
         "method": run.cfg.adapter.method,
         "model": run.cfg.model.name_or_path,
@@ -315,6 +324,10 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "train_seconds": state.train_seconds,
         "tokens_per_second": state.tokens_per_second,
         "peak_memory_bytes": peak_memory_bytes(),
+        # Memory at the first step and the peak during training (CUDA allocated, else
+        # resident): their difference is what training itself added (activations,
+        # gradients, optimizer state), apart from loading model and data.
+        "train_memory_bytes": {"at_start": mem.base, "peak": mem.peak} if mem else None,
         "trainable_params": trainable,
         "total_params": total,
         "base_memory_bytes": run.base_memory,

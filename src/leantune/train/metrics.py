@@ -8,6 +8,8 @@ import json
 import math
 import os
 import resource
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,55 @@ def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakMemory:
+    """Memory at entry and its peak until exit: CUDA allocated bytes on GPU, else the
+    resident set sampled every ``interval`` seconds by a thread.
+
+    A phase's own cost is ``peak - base``: the process-wide high-water mark
+    (``peak_memory_bytes``) only grows, so it cannot tell a phase from what ran before it.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self.base = interval, 0, 0
+        self.cuda = torch.cuda.is_available()
+        self._stop = threading.Event()
+
+    def _now(self) -> int:
+        return int(torch.cuda.memory_allocated()) if self.cuda else resident_bytes()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self.base = self.peak = self._now()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.peak = max(self.peak, int(torch.cuda.max_memory_allocated()))
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, resident_bytes())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base

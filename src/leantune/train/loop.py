@@ -323,7 +323,9 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "wall_seconds": time.time() - run.started,
         "train_seconds": state.train_seconds,
         "tokens_per_second": state.tokens_per_second,
-        "peak_memory_bytes": peak_memory_bytes(),
+        # Two meters (rusage and sampled /proc) differ by a few pages: report the larger.
+        "peak_memory_bytes": max(peak_memory_bytes(), mem.peak, mem.prior_peak) if mem
+        else peak_memory_bytes(),
         # Memory at the first step and the peak during training (CUDA allocated, else
         # resident): their difference is what training itself added (activations,
         # gradients, optimizer state), apart from loading model and data.

@@ -77,7 +77,7 @@ class PeakMemory:
     """
 
     def __init__(self, interval: float = 0.02):
-        self.interval, self.peak, self.base = interval, 0, 0
+        self.interval, self.peak, self.base, self.prior_peak = interval, 0, 0, 0
         self.cuda = torch.cuda.is_available()
         self._stop = threading.Event()
 
@@ -91,7 +91,8 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         self.base = self.peak = self._now()
-        if self.cuda:
+        if self.cuda:  # keep the earlier high-water mark for the whole-run figure
+            self.prior_peak = int(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
         else:
             self._thread = threading.Thread(target=self._watch, daemon=True)

@@ -64,12 +64,9 @@ class QLoRA(LoRA):
         # Casts the remaining (non-4-bit) weights such as norms to fp32 for stable training
         # and makes the input embeddings' output require grad, so gradient checkpointing
         # has a path back to the adapters.
-        checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
         return prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing,
+            model, use_gradient_checkpointing=model.is_gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def merge_base(self, base: nn.Module) -> nn.Module:
-        if getattr(base, "is_loaded_in_4bit", False):
-            base = base.dequantize()  # transformers: every Linear4bit -> nn.Linear
-        return base
+        return base.dequantize()  # transformers: every Linear4bit -> nn.Linear, same values

@@ -12,6 +12,7 @@ another in the MLP.
 from __future__ import annotations
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 ATTENTION_BLOCKS = ("self_attn", "attn", "attention", "self_attention")
@@ -21,7 +22,7 @@ MLP_BLOCKS = ("mlp", "feed_forward", "ffn")
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every matmul layer (``nn.Linear``, incl. 4-bit ones, or GPT-2's ``Conv1D``) but the
     output head, by qualified name."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     return {name: m for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, Conv1D)) and m is not head}
 

@@ -150,12 +150,15 @@ def cmd_bench_fast_forward(args: argparse.Namespace) -> int:
 
 def cmd_bench_adapters(args: argparse.Namespace) -> int:
     _setup_logging("warning")
-    from leantune.bench.adapters import bench_adapters, format_table
+    from leantune.bench.adapters import bench_adapters, format_table, params_ratio
 
     results = bench_adapters(args.model, args.data, args.methods.split(","), args.examples,
                              args.eval_examples, args.batch_size, args.max_length, args.steps,
                              args.rounds, out=Path(args.out))
     print(format_table(results))
+    if args.which == "reft" and {"lora_r8", "loreft"} <= results["median"].keys():
+        ratio = params_ratio(results, "lora_r8", "loreft")
+        print(f"LoReFT trains {ratio:.1f}x fewer parameters than LoRA r=8")
     print(f"results: {args.out}")
     return 0
 
@@ -193,19 +196,26 @@ def add_bench_parsers(sub) -> None:
     ff.add_argument("--out", default="benchmarks/results/fast_forward.json")
     ff.add_argument("--plot", default="benchmarks/results/fast_forward.png")
     ff.set_defaults(func=cmd_bench_fast_forward)
-    ad = which.add_parser("adapters", help="every adapter method on one task and token budget")
-    ad.add_argument("--model", default="embedded:smollm2")
-    ad.add_argument("--data", default="embedded:sharegpt")
-    ad.add_argument("--methods", default="lora,dora,qlora,ia3,prompt_tuning,full",
-                    help="comma-separated; each trains in its own process")
-    ad.add_argument("--examples", type=int, default=200, help="rows read (before the eval split)")
-    ad.add_argument("--eval-examples", type=int, default=32)
-    ad.add_argument("--batch-size", type=int, default=8)
-    ad.add_argument("--max-length", type=int, default=128)
-    ad.add_argument("--steps", type=int, default=12, help="optimizer steps (same for every method)")
-    ad.add_argument("--rounds", type=int, default=1, help="repeats, order reversed every other")
-    ad.add_argument("--out", default="benchmarks/results/adapters.json")
-    ad.set_defaults(func=cmd_bench_adapters)
+    for name, methods, helptext in (
+            ("adapters", "lora,dora,qlora,ia3,prompt_tuning,full",
+             "every adapter method on one task and token budget"),
+            ("reft", "lora_r8,loreft,direft", "LoReFT/DiReFT vs LoRA r=8 (the paper's claim)")):
+        ad = which.add_parser(name, help=helptext)
+        ad.add_argument("--model", default="embedded:smollm2")
+        ad.add_argument("--data", default="embedded:sharegpt")
+        ad.add_argument("--methods", default=methods,
+                        help="comma-separated; each trains in its own process")
+        ad.add_argument("--examples", type=int, default=200,
+                        help="rows read (before the eval split)")
+        ad.add_argument("--eval-examples", type=int, default=32)
+        ad.add_argument("--batch-size", type=int, default=8)
+        ad.add_argument("--max-length", type=int, default=128)
+        ad.add_argument("--steps", type=int, default=12,
+                        help="optimizer steps (same for every method)")
+        ad.add_argument("--rounds", type=int, default=1,
+                        help="repeats, order reversed every other")
+        ad.add_argument("--out", default=f"benchmarks/results/{name}.json")
+        ad.set_defaults(func=cmd_bench_adapters)
 
 
 def build_parser() -> argparse.ArgumentParser:

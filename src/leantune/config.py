@@ -89,22 +89,24 @@ class DataConfig:
     system_prompt: str | None = opt(None, "System message prepended to chat-rendered rows.")
 
 
-METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "full")
+METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "full", "loreft", "direft")
 # The usual peak LR of each method (the papers' and PEFT's examples), used when optim.lr is
 # null: prompt embeddings and IA3 scales need far larger steps than LoRA, full
 # fine-tuning far smaller ones.
-METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "ia3": 3e-3, "prompt_tuning": 3e-2, "full": 2e-5}
+METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "ia3": 3e-3, "prompt_tuning": 3e-2, "full": 2e-5,
+             "loreft": 9e-4, "direft": 9e-4}
 TARGET_PRESETS = ("auto", "all-linear", "attention", "mlp")
 
 
 @dataclass
 class AdapterConfig:
-    method: Literal["lora", "qlora", "ia3", "prompt_tuning", "full"] = opt(
+    method: Literal["lora", "qlora", "ia3", "prompt_tuning", "full", "loreft", "direft"] = opt(
         "lora", "lora (DoRA with use_dora), qlora (LoRA on a 4-bit NF4 base, bitsandbytes), "
-        "ia3 (learned scales), prompt_tuning (virtual tokens), full (every weight trains).")
-    r: int = opt(16, "LoRA rank.")
+        "ia3 (learned scales), prompt_tuning (virtual tokens), full (every weight trains), "
+        "loreft / direft (edits of hidden states at prompt positions, arXiv 2404.03592).")
+    r: int = opt(16, "LoRA rank; also the ReFT rank (paper: 4-8).")
     alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    dropout: float = opt(0.05, "Dropout on the LoRA input (ReFT: on the edit).")
     target_modules: list[str] | str = opt(
         "auto", "Modules to adapt (lora/qlora/ia3): a list of names, or a preset that works "
         "across Llama/Qwen2/Mistral/GPT-2/Phi/Gemma: all-linear (every linear layer but the "
@@ -120,6 +122,12 @@ class AdapterConfig:
         "or embeddings of randomly sampled vocabulary tokens.")
     prompt_init_text: str | None = opt(
         None, "prompt_tuning with prompt_init=text: the text whose token embeddings start the prompt.")
+    layers: list[int] | str = opt("all", "loreft/direft: decoder layers to edit (indices), or all.")
+    positions: str = opt(
+        "f7+l7", "loreft/direft: prompt positions edited, the first p and last s tokens "
+        "(f{p}+l{s}, f{p} or l{s}); a shorter prompt is split between them.")
+    tied: bool = opt(True, "loreft/direft: one intervention per layer for prefix and suffix "
+                     "positions (false: one each).")
 
 
 @dataclass
@@ -264,6 +272,14 @@ def _validate_adapter(a: AdapterConfig) -> None:
         raise ConfigError("adapter.target_modules: the list is empty")
     if a.prompt_init == "text" and not a.prompt_init_text:
         raise ConfigError("adapter.prompt_init_text: prompt_init=text needs a non-empty text")
+    if isinstance(a.layers, str) and a.layers != "all":
+        raise ConfigError(f"adapter.layers: {a.layers!r}; give a list of layer indices or 'all'")
+    if isinstance(a.layers, list) and (not a.layers or min(a.layers) < 0):
+        raise ConfigError(f"adapter.layers: {a.layers}; need at least one index, all >= 0")
+    parts = a.positions.split("+")
+    if not all(len(p) > 1 and p[0] in "fl" and p[1:].isdigit() for p in parts) or len(
+            {p[0] for p in parts}) != len(parts):
+        raise ConfigError(f"adapter.positions: {a.positions!r} is not like 'f7+l7', 'f5' or 'l3'")
     if a.use_dora and a.method not in ("lora", "qlora"):
         raise ConfigError(f"adapter.use_dora: DoRA is a LoRA variant; adapter.method is {a.method!r}")
 

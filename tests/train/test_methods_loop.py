@@ -17,7 +17,8 @@ from leantune.cli import main
 from leantune.config import METHOD_LR, load_config
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-METHODS = ["lora", "qlora", "ia3", "prompt_tuning", "full"]
+METHODS = ["lora", "qlora", "ia3", "prompt_tuning", "full", "loreft"]
+MADE_OF = {"full": "config.json", "loreft": "reft_config.json"}  # else PEFT's adapter_config
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_each_method_trains_from_the_cli(method, config_file, tmp_path, capsys):
     assert packing["used"] == ("none" if method == "prompt_tuning" else "online")
 
     saved = run / ("model" if method == "full" else "adapter")
-    assert (saved / ("config.json" if method == "full" else "adapter_config.json")).is_file()
+    assert (saved / MADE_OF.get(method, "adapter_config.json")).is_file()
     assert not (run / ("adapter" if method == "full" else "model")).exists()
 
     capsys.readouterr()
@@ -74,8 +75,8 @@ def test_each_method_trains_from_the_cli(method, config_file, tmp_path, capsys):
 
     code = main(["export", str(run), "--out", str(tmp_path / "merged")])
     out, err = capsys.readouterr()
-    if method == "prompt_tuning":
-        assert code == 2 and "cannot be merged" in err and "virtual-token" in err
+    if method in ("prompt_tuning", "loreft"):
+        assert code == 2 and f"adapter.method={method} cannot be merged" in err
         assert not (tmp_path / "merged").exists()
     else:
         assert code == 0 and (tmp_path / "merged" / "config.json").is_file()
@@ -89,10 +90,12 @@ class Crash(RuntimeError):
 def saved_tensors(run_dir, method: str) -> dict[str, torch.Tensor]:
     if method == "full":
         return load_file(run_dir / "model" / "model.safetensors")
+    if method == "loreft":
+        return load_file(run_dir / "adapter" / "reft_model.safetensors")
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["ia3", "prompt_tuning", "full"])
+@pytest.mark.parametrize("method", ["ia3", "prompt_tuning", "full", "loreft"])
 def test_resume_is_bit_identical_for_every_checkpoint_format(method, config_file, tmp_path,
                                                              monkeypatch):
     overrides = [f"adapter.method={method}", "train.max_steps=4", "checkpoint.every=2",

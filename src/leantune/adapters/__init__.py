@@ -1,5 +1,6 @@
 """Adapter methods behind one interface (:class:`~leantune.adapters.base.Adapter`):
-LoRA/DoRA, QLoRA, IA3 and prompt tuning through HF PEFT, and full fine-tuning."""
+LoRA/DoRA, QLoRA, IA3 and prompt tuning through HF PEFT, full fine-tuning, and
+LoReFT/DiReFT (ours, on forward hooks)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from leantune.adapters.full import Full
 from leantune.adapters.ia3 import IA3
 from leantune.adapters.lora import LoRA, QLoRA
 from leantune.adapters.prompt_tuning import PromptTuning
+from leantune.adapters.reft import Reft
 from leantune.config import AdapterConfig, ModelConfig
 from leantune.model import load_model, resolve_dtype
 
 METHODS: dict[str, type[Adapter]] = {
-    "lora": LoRA, "qlora": QLoRA, "ia3": IA3, "prompt_tuning": PromptTuning, "full": Full}
+    "lora": LoRA, "qlora": QLoRA, "ia3": IA3, "prompt_tuning": PromptTuning, "full": Full,
+    "loreft": Reft, "direft": Reft}
 
 
 def build_adapter(cfg: AdapterConfig) -> Adapter:

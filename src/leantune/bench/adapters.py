@@ -23,12 +23,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 VARIANTS = {"lora": ["adapter.method=lora"],
             "dora": ["adapter.method=lora", "adapter.use_dora=true"],
             "qlora": ["adapter.method=qlora"],
             "ia3": ["adapter.method=ia3"],
             "prompt_tuning": ["adapter.method=prompt_tuning"],
-            "full": ["adapter.method=full"]}
+            "full": ["adapter.method=full"],
+            # `leantune bench reft`: the paper's comparison (LoRA r8 vs ReFT r4, f7+l7,
+            # every layer, tied: its instruction-tuning rank with its commonsense layout).
+            "lora_r8": ["adapter.method=lora", "adapter.r=8"],
+            "loreft": ["adapter.method=loreft", "adapter.r=4"],
+            "direft": ["adapter.method=direft", "adapter.r=4"]}
+DEFAULT_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning", "full")
 KEPT = ("trainable_params", "total_params", "tokens_per_second", "peak_memory_bytes",
         "train_memory_bytes", "base_memory_bytes", "train_seconds", "train_flops", "optimizer_steps",
         "train_tokens", "padding_fraction", "packing", "optim_lr")
@@ -53,16 +61,16 @@ def run_method(variant: str, task: list[str], work: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    from leantune.config import load_config
-
-    summary["optim_lr"] = load_config(out / "config.yaml").optim.lr
+    # Plain YAML, not load_config: this process's config schema may be older than the
+    # child's (an edited checkout), and only one value is needed.
+    summary["optim_lr"] = yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"]
     return {k: summary[k] for k in KEPT} | {
         "eval_loss_before": summary["eval_loss"]["before"],
         "eval_loss_after": summary["eval_loss"]["after"]}
 
 
 def bench_adapters(model: str = "embedded:smollm2", data: str = "embedded:sharegpt",
-                   methods: list[str] = tuple(VARIANTS), examples: int = 200,
+                   methods: list[str] = DEFAULT_METHODS, examples: int = 200,
                    eval_examples: int = 32, batch_size: int = 8, max_length: int = 128,
                    steps: int = 12, rounds: int = 1, out: Path | None = None) -> dict:
     """Run every method ``rounds`` times (alternating order) and summarize.
@@ -103,11 +111,17 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             for k in ("tokens_per_second", "peak_memory_bytes", "train_seconds")} | {
             "train_memory_bytes": {k: statistics.median(r["train_memory_bytes"][k] for r in rs)
                                    for k in ("at_start", "peak")}}
-    for ref in ("lora", "full"):
+    for ref in ("lora", "full", "lora_r8"):
         if ref in med:
             for m in med.values():
                 m[f"speed_vs_{ref}"] = m["tokens_per_second"] / med[ref]["tokens_per_second"]
     return med
+
+
+def params_ratio(results: dict, reference: str, method: str) -> float:
+    """How many times fewer trainable parameters ``method`` has than ``reference``."""
+    med = results["median"]
+    return med[reference]["trainable_params"] / med[method]["trainable_params"]
 
 
 def format_table(results: dict) -> str:

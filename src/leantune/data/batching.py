@@ -117,15 +117,16 @@ class Batcher:
     max_length: int
     pad_id: int
     units: list[list[int]]
+    intervene: tuple[int, int] | None = None  # ReFT's (prefix, suffix) prompt positions
 
     @classmethod
     def build(cls, examples: list[Encoded], mode: str, max_length: int, pad_id: int,
-              strategy: str = "bfd") -> Batcher:
+              strategy: str = "bfd", intervene: tuple[int, int] | None = None) -> Batcher:
         if mode == "offline":
             units = pack([len(e.input_ids) for e in examples], max_length, strategy)
         else:
             units = [[i] for i in range(len(examples))]
-        return cls(examples, mode, max_length, pad_id, units)
+        return cls(examples, mode, max_length, pad_id, units, intervene)
 
     @property
     def unit_lengths(self) -> list[int]:
@@ -140,13 +141,14 @@ class Batcher:
             for u in picked:
                 bins.append(list(range(k, k + len(u))))
                 k += len(u)
-            return collate_packed(flat, bins, self.pad_id)
+            return collate_packed(flat, bins, self.pad_id, intervene=self.intervene)
         return self.collate_examples([self.examples[self.units[u][0]] for u in unit_ids],
                                      self.mode)
 
     def collate_examples(self, examples: list[Encoded], mode: str) -> dict[str, torch.Tensor]:
         """Lay out ``examples`` as one micro-batch: padded, or packed per ``mode``."""
         if mode == "none":
-            return collate_padded(examples, self.pad_id)
+            return collate_padded(examples, self.pad_id, self.intervene)
         bins = pack_batch([len(e.input_ids) for e in examples], self.max_length)
-        return collate_packed(examples, bins, self.pad_id, restart_positions=mode != "naive")
+        return collate_packed(examples, bins, self.pad_id, restart_positions=mode != "naive",
+                              intervene=self.intervene)

@@ -95,7 +95,7 @@ def build_run(cfg: Config) -> Run:
     model, optimizer = acc.prepare(model, optimizer)
     packing = resolve_packing(cfg.data.packing, acc.unwrap_model(model), adapter)
     batcher = Batcher.build(splits.train, packing["used"], cfg.data.max_length,
-                            tokenizer.pad_token_id, cfg.data.packing_strategy)
+                            tokenizer.pad_token_id, cfg.data.packing_strategy, adapter.positions)
     ff = build_fast_forward(cfg, model, splits, batcher, packing, flop_model, acc)
     steps = total_steps(cfg, len(epoch_plan(batcher.unit_lengths, cfg, acc.num_processes, 0)))
     warmup = warmup_steps(steps, cfg.optim.warmup_steps, cfg.optim.warmup_ratio)

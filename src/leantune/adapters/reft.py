@@ -1,0 +1,259 @@
+"""LoReFT and DiReFT (Wu et al. 2024, arXiv 2404.03592): edit hidden states, not weights.
+
+At chosen decoder layers, the layer's output ``h`` [d] at chosen prompt positions (the
+first ``p`` and last ``s`` prompt tokens, ``f{p}+l{s}``) is replaced by
+
+- LoReFT: ``Φ(h) = h + Rᵀ(W h + b − R h)``, R [r, d] with orthonormal rows, W [r, d], b [r]
+- DiReFT: ``Φ(h) = h + W₂ᵀ(W₁ h + b)``, W₁, W₂ [r, d], b [r], no orthogonality
+
+(dropout on the edit ``Φ(h) − h``). 2rd + r parameters per intervention; tied: one per
+layer for prefix and suffix positions, untied: one each. R stays orthonormal because it
+is a ``torch.nn.utils.parametrizations.orthogonal`` of an unconstrained matrix: the
+optimizer and Fast Forward both step in that matrix's space, so no re-orthonormalization
+is ever needed.
+
+Native, on plain forward hooks: the collator says where to edit (``intervention_mask``
+[B, T]: 0, PREFIX or SUFFIX per position, every packed example with its own), the
+model's forward takes it and the hooks read it. Generation edits the prompt's positions
+in the prefill pass only, never generated tokens. Saved as ``reft_config.json`` +
+``reft_model.safetensors`` together, so a directory loads on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+from leantune.adapters.base import Adapter, NotMergeable
+from leantune.config import AdapterConfig
+from leantune.data.collate import PREFIX, SUFFIX, intervention_kinds
+
+CONFIG_FILE, WEIGHTS_FILE = "reft_config.json", "reft_model.safetensors"
+
+
+def parse_positions(text: str) -> tuple[int, int]:
+    """``"f7+l7"`` -> (7, 7); ``"f5"`` -> (5, 0); ``"l3"`` -> (0, 3)."""
+    prefix = suffix = 0
+    for part in text.split("+"):
+        if len(part) < 2 or part[0] not in "fl" or not part[1:].isdigit():
+            raise ValueError(f"adapter.positions: {text!r} is not like 'f7+l7', 'f5' or 'l3'")
+        if part[0] == "f":
+            prefix = int(part[1:])
+        else:
+            suffix = int(part[1:])
+    return prefix, suffix
+
+
+@dataclass
+class ReftSpec:
+    """Everything needed to rebuild the interventions (saved with the weights)."""
+
+    method: str          # loreft | direft
+    hidden_size: int
+    rank: int
+    layers: list[int]
+    positions: str       # f{p}+l{s}
+    tied: bool
+    dropout: float
+
+    @property
+    def kinds(self) -> list[str]:
+        return ["both"] if self.tied else ["prefix", "suffix"]
+
+
+class _Matrix(nn.Module):
+    """Holds one [r, d] weight, so a parametrization can be registered on it."""
+
+    def __init__(self, rank: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rank, dim))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's init
+
+
+class LoReFT(nn.Module):
+    """``Φ(h) = h + Rᵀ(W h + b − R h)`` for ``h`` [N, d]; R's rows are orthonormal."""
+
+    def __init__(self, dim: int, rank: int, dropout: float):
+        super().__init__()
+        # Cayley map: under Adam, torch's default for a wide matrix (Householder) collapsed
+        # R to zeros after one step in our tests; Cayley and matrix_exp stay orthonormal.
+        self.rotation = orthogonal(_Matrix(rank, dim), orthogonal_map="cayley")
+        self.source = _Matrix(rank, dim)
+        self.bias = nn.Parameter(torch.zeros(rank))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        r = self.rotation.weight
+        return h + self.dropout((h @ self.source.weight.T + self.bias - h @ r.T) @ r)
+
+
+class DiReFT(nn.Module):
+    """``Φ(h) = h + W₂ᵀ(W₁ h + b)`` for ``h`` [N, d]."""
+
+    def __init__(self, dim: int, rank: int, dropout: float):
+        super().__init__()
+        self.source, self.up = _Matrix(rank, dim), _Matrix(rank, dim)
+        self.bias = nn.Parameter(torch.zeros(rank))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.dropout((h @ self.source.weight.T + self.bias) @ self.up.weight)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (``model.layers``, GPT-2's ``transformer.h``)."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(model).__name__}: no list of {n} decoder layers to intervene on")
+
+
+class ReftModel(nn.Module):
+    """A frozen causal LM with interventions hooked onto the outputs of ``spec.layers``.
+
+    ``forward(..., intervention_mask=[B, T])`` edits the marked positions; without a
+    mask the base model runs untouched. ``generate`` marks the prompt's own positions.
+    """
+
+    def __init__(self, base: nn.Module, spec: ReftSpec):
+        super().__init__()
+        self.base, self.spec = base, spec
+        for p in base.parameters():
+            p.requires_grad_(False)
+        cls = LoReFT if spec.method == "loreft" else DiReFT
+        self.interventions = nn.ModuleDict({
+            f"layer{i}_{kind}": cls(spec.hidden_size, spec.rank, spec.dropout)
+            for i in spec.layers for kind in spec.kinds})
+        self._mask: torch.Tensor | None = None
+        self._prefill_only = False
+        layers = decoder_layers(base)
+        for i in spec.layers:
+            layers[i].register_forward_hook(self._hook(i))
+        base.register_forward_hook(self._after_base)
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def _hook(self, layer: int):
+        def edit(module, args, output):
+            if self._mask is None:
+                return output
+            h = output[0] if isinstance(output, tuple) else output
+            h = self._intervene(layer, h, self._mask)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return edit
+
+    def _after_base(self, module, args, output):
+        if self._prefill_only:  # generation: the prompt's pass is done, leave new tokens alone
+            self._mask = None
+
+    def _intervene(self, layer: int, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``h`` [B, T, d] with the positions marked in ``mask`` [B, T] edited."""
+        if mask.shape != h.shape[:2]:
+            raise ValueError(f"intervention_mask {tuple(mask.shape)} does not match the "
+                             f"hidden states {tuple(h.shape[:2])}")
+        flat, marks = h.reshape(-1, h.shape[-1]), mask.reshape(-1)
+        for kind, which in ((PREFIX, "prefix"), (SUFFIX, "suffix")):
+            idx = (marks == kind).nonzero().squeeze(1)
+            if idx.numel():
+                module = self.interventions[f"layer{layer}_{'both' if self.spec.tied else which}"]
+                edited = module(flat[idx].to(module.bias.dtype)).to(flat.dtype)
+                flat = flat.index_copy(0, idx, edited)  # out of place: autograd sees it
+        return flat.view_as(h)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                intervention_mask=None, **kwargs):
+        self._mask, self._prefill_only = intervention_mask, False
+        try:
+            return self.base(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, **kwargs)
+        finally:
+            self._mask = None
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs):
+        """The base model's ``generate`` with the prompt's first/last positions edited in
+        the prefill pass. Prompts may be left- or right-padded: positions follow
+        ``attention_mask``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._mask, self._prefill_only = prompt_mask(attention_mask, self.spec.positions), True
+        try:
+            return self.base.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                      **kwargs)
+        finally:
+            self._mask, self._prefill_only = None, False
+
+
+def prompt_mask(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:
+    """``intervention_mask`` [B, T] for prompts marked by ``attention_mask`` (any padding)."""
+    prefix, suffix = parse_positions(positions)
+    mask = torch.zeros_like(attention_mask, dtype=torch.long)
+    for row, real in enumerate(attention_mask.bool()):
+        where = real.nonzero().squeeze(1)
+        mask[row, where] = torch.tensor(intervention_kinds(len(where), prefix, suffix),
+                                        dtype=torch.long, device=mask.device)
+    return mask
+
+
+class Reft(Adapter):
+    """``adapter.method: loreft | direft`` behind the common adapter interface."""
+
+    merge_note = None
+
+    def __init__(self, cfg: AdapterConfig):
+        super().__init__(cfg)
+        self.name = cfg.method
+
+    @property
+    def positions(self) -> tuple[int, int]:
+        return parse_positions(self.cfg.positions)
+
+    def spec(self, model: nn.Module) -> ReftSpec:
+        n = model.config.num_hidden_layers
+        layers = list(range(n)) if self.cfg.layers == "all" else list(self.cfg.layers)
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"adapter.layers: {bad} out of range for a {n}-layer model")
+        return ReftSpec(self.cfg.method, model.config.hidden_size, self.cfg.r, layers,
+                        self.cfg.positions, self.cfg.tied, self.cfg.dropout)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return ReftModel(model, self.spec(model))
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        config = asdict(model.spec) | {"base_model_name_or_path": model.config.name_or_path}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().contiguous() for k, v in model.interventions.state_dict().items()}
+        save_file(state, directory / WEIGHTS_FILE)
+
+    def load(self, base: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        config.pop("base_model_name_or_path", None)
+        model = ReftModel(base, ReftSpec(**config))
+        self.load_weights(model, directory)
+        for p in model.interventions.parameters():
+            p.requires_grad_(trainable)
+        return model
+
+    def load_weights(self, model: nn.Module, directory: Path) -> None:
+        """Raises: ValueError when the saved tensors are not exactly this model's."""
+        try:
+            model.interventions.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        except RuntimeError as e:
+            raise ValueError(f"{directory}: ReFT weights do not fit this model: {e}") from None
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        raise NotMergeable(
+            f"adapter.method={self.name} cannot be merged: ReFT edits hidden states at chosen "
+            "prompt positions, which no change of weights reproduces. Use the run's adapter/ "
+            "with `leantune generate RUN_DIR` instead.")

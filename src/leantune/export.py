@@ -8,8 +8,8 @@ with its chat template) that ``AutoModelForCausalLM.from_pretrained`` loads with
   into 4-bit weights would requantize them and change outputs, peft#2321); the result
   reproduces the trained 4-bit model + adapter, and the export says so.
 - Full fine-tuning: the trained model is written as is.
-- Prompt tuning has no weight to fold its virtual tokens into: the export refuses and
-  says how to use the adapter instead.
+- Prompt tuning has no weight to fold its virtual tokens into, and ReFT's edits depend
+  on the position: the export refuses and says how to use the adapter instead.
 
 The directory is written next to ``--out`` under a temporary name and renamed when
 complete, so an interrupted export never leaves a half-written model behind.

@@ -197,3 +197,26 @@ def test_generated_tokens_are_never_edited(arch_dirs):
             torch.ones_like(longer), "f1+l2")).logits[:, -1]
     torch.testing.assert_close(gen.scores[1], want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(gen.scores[1], wrong, atol=1e-4)
+
+
+def test_untied_layers_get_one_intervention_per_position_group_that_exists(arch_dirs):
+    _, both = reft(arch_dirs["llama"], layers=[0], tied=False)
+    _, suffix_only = reft(arch_dirs["llama"], layers=[0], tied=False, positions="l3")
+    assert sorted(both.interventions) == ["layer0_prefix", "layer0_suffix"]
+    assert sorted(suffix_only.interventions) == ["layer0_suffix"]
+
+
+def test_gradient_checkpointing_recomputes_the_same_edits(arch_dirs):
+    """Checkpointing re-runs each layer (and so the hooks) during backward."""
+    batch = collate_padded(examples(3), 0, (2, 2))
+    grads = []
+    for checkpointing in (False, True):
+        _, model = reft(arch_dirs["llama"], positions="f2+l2")
+        if checkpointing:
+            model.base.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        total, n = loss_sum(model, batch)
+        (total / n).backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

@@ -123,3 +123,23 @@ def test_resume_is_bit_identical_for_every_checkpoint_format(method, config_file
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_fast_forward_steps_reft_in_its_parametrization_and_keeps_r_orthonormal(
+        config_file, llama_dir, tmp_path):
+    from leantune.adapters import build_adapter, load_base
+    from leantune.config import ModelConfig
+
+    run = tmp_path / "run"
+    cfg = load_config(config_file, [
+        "adapter.method=loreft", "optim.schedule=constant", "optim.lr=3e-3",
+        "fast_forward.enabled=true", "fast_forward.interval=2", "fast_forward.eval_examples=4",
+        "train.max_steps=6", f"train.output_dir={run}", "eval.before=false"])
+    summary = loop.train(cfg)
+    assert summary["ff_stages"] == 3 and summary["ff_steps_accepted"] > 0
+    adapter = build_adapter(cfg.adapter)
+    model = adapter.load(load_base(ModelConfig(name_or_path=llama_dir, dtype="float32"), adapter),
+                         run / "adapter")
+    for intervention in model.interventions.values():
+        r = intervention.rotation.weight
+        torch.testing.assert_close(r @ r.T, torch.eye(r.shape[0]), atol=1e-5, rtol=0)

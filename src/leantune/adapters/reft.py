@@ -64,7 +64,12 @@ class ReftSpec:
 
     @property
     def kinds(self) -> list[str]:
-        return ["both"] if self.tied else ["prefix", "suffix"]
+        """Interventions per layer: one shared, or one per position group that exists
+        (an unused one would never train, and DDP rejects unused parameters)."""
+        if self.tied:
+            return ["both"]
+        prefix, suffix = parse_positions(self.positions)
+        return [k for k, n in (("prefix", prefix), ("suffix", suffix)) if n > 0]
 
 
 class _Matrix(nn.Module):
@@ -132,10 +137,11 @@ class ReftModel(nn.Module):
             f"layer{i}_{kind}": cls(spec.hidden_size, spec.rank, spec.dropout)
             for i in spec.layers for kind in spec.kinds})
         self._mask: torch.Tensor | None = None
-        self._prefill_only = False
+        self._prefill_only = self._via_forward = False
         layers = decoder_layers(base)
         for i in spec.layers:
             layers[i].register_forward_hook(self._hook(i))
+        base.register_forward_pre_hook(self._before_base)
         base.register_forward_hook(self._after_base)
 
     @property
@@ -150,6 +156,13 @@ class ReftModel(nn.Module):
             h = self._intervene(layer, h, self._mask)
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return edit
+
+    def _before_base(self, module, args):
+        # The base called directly (not through forward/generate) runs unedited; a mask
+        # left from an earlier forward is for gradient checkpointing's re-runs only.
+        if not (self._via_forward or self._prefill_only):
+            self._mask = None
+        self._via_forward = False
 
     def _after_base(self, module, args, output):
         if self._prefill_only:  # generation: the prompt's pass is done, leave new tokens alone
@@ -171,12 +184,11 @@ class ReftModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 intervention_mask=None, **kwargs):
-        self._mask, self._prefill_only = intervention_mask, False
-        try:
-            return self.base(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, **kwargs)
-        finally:
-            self._mask = None
+        # The mask stays set after the forward: gradient checkpointing re-runs the layers
+        # (and so the hooks) during backward, which must edit the same positions again.
+        self._mask, self._prefill_only, self._via_forward = intervention_mask, False, True
+        return self.base(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **kwargs):
@@ -206,8 +218,6 @@ def prompt_mask(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:
 
 class Reft(Adapter):
     """``adapter.method: loreft | direft`` behind the common adapter interface."""
-
-    merge_note = None
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__(cfg)

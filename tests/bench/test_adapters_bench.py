@@ -42,8 +42,24 @@ def test_methods_share_the_token_budget_and_report_their_own_figures(llama_dir, 
         assert m["eval_loss_after"] > 0
     table = format_table(results)
     assert table.count("\n") == 4 and "| prompt_tuning | 0.03 |" in table
+    assert all(m["seed"] == 42 for rs in results["runs"].values() for m in rs)
 
 
 def test_unknown_methods_are_named():
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['lorax'\]"):
         bench_adapters(methods=["lorax"])
+
+
+def test_rounds_are_summarized_by_medians_with_the_eval_loss_spread():
+    from leantune.bench.adapters import summarize
+
+    def run(tps, loss, seed):
+        return {"tokens_per_second": tps, "peak_memory_bytes": 10, "train_seconds": 100 / tps,
+                "train_memory_bytes": {"at_start": 4, "peak": 8}, "eval_loss_before": 2.0,
+                "eval_loss_after": loss, "trainable_params": 5, "seed": seed}
+
+    med = summarize({"lora": [run(10, 1.5, 42), run(30, 1.7, 43), run(20, 1.6, 44)],
+                     "full": [run(5, 1.4, 42)]})
+    assert med["lora"]["tokens_per_second"] == 20 and med["lora"]["eval_loss_after"] == 1.6
+    assert med["lora"]["eval_loss_after_range"] == [1.5, 1.7]
+    assert med["lora"]["speed_vs_full"] == 4.0 and med["full"]["speed_vs_lora"] == 0.25

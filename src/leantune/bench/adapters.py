@@ -3,7 +3,9 @@
 Each method trains with ``leantune train`` on the same config (the embedded default:
 SmolLM2-135M-Instruct on ShareGPT), differing only in ``adapter.method`` (and, for DoRA,
 ``adapter.use_dora``), each at its method's default LR (``optim.lr: null``). Same data,
-same seed, same batches and steps, so every method sees the same target tokens.
+same batches and steps, so every method sees the same target tokens. Round ``k`` uses
+seed ``42 + k`` for every method, so the rounds' spread of the eval loss shows the
+noise that a difference between methods has to beat.
 
 Each run is its own process, so its memory figures are that method's alone: within one
 process freed memory is reused and the high-water mark only grows. The table reports the
@@ -52,11 +54,11 @@ def task_overrides(model: str, data: str, examples: int, eval_examples: int, bat
             "optim.schedule=cosine", "eval.generate=0", "checkpoint.every=null"]
 
 
-def run_method(variant: str, task: list[str], work: Path) -> dict:
-    """Train one variant in a fresh process; its summary figures (and its LR)."""
+def run_method(variant: str, task: list[str], work: Path, seed: int = 42) -> dict:
+    """Train one variant in a fresh process; its summary figures (and its LR, seed)."""
     out = work / variant
     cmd = [sys.executable, "-m", "leantune", "train", *task, *VARIANTS[variant],
-           f"train.output_dir={out}"]
+           f"train.output_dir={out}", f"train.seed={seed}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -65,7 +67,7 @@ def run_method(variant: str, task: list[str], work: Path) -> dict:
     # child's (an edited checkout), and only one value is needed.
     summary["optim_lr"] = yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"]
     return {k: summary[k] for k in KEPT} | {
-        "eval_loss_before": summary["eval_loss"]["before"],
+        "seed": seed, "eval_loss_before": summary["eval_loss"]["before"],
         "eval_loss_after": summary["eval_loss"]["after"]}
 
 
@@ -91,7 +93,10 @@ def bench_adapters(model: str = "embedded:smollm2", data: str = "embedded:shareg
         for r in range(rounds):
             order = list(methods) if r % 2 == 0 else list(reversed(methods))
             for method in order:
-                results["runs"][method].append(run_method(method, task, Path(tmp) / f"r{r}"))
+                # Each round its own seed (data order, split, init): the spread of the eval
+                # loss over rounds is the noise a difference between methods must beat.
+                results["runs"][method].append(
+                    run_method(method, task, Path(tmp) / f"r{r}", seed=42 + r))
                 results["median"] = summarize(results["runs"])
                 if out is not None:
                     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,11 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             k: statistics.median(r[k] for r in rs)
             for k in ("tokens_per_second", "peak_memory_bytes", "train_seconds")} | {
             "train_memory_bytes": {k: statistics.median(r["train_memory_bytes"][k] for r in rs)
-                                   for k in ("at_start", "peak")}}
+                                   for k in ("at_start", "peak")},
+            "eval_loss_before": statistics.median(r["eval_loss_before"] for r in rs),
+            "eval_loss_after": statistics.median(r["eval_loss_after"] for r in rs),
+            "eval_loss_after_range": [min(r["eval_loss_after"] for r in rs),
+                                      max(r["eval_loss_after"] for r in rs)]}
     for ref in ("lora", "full", "lora_r8"):
         if ref in med:
             for m in med.values():
@@ -122,6 +131,11 @@ def params_ratio(results: dict, reference: str, method: str) -> float:
     """How many times fewer trainable parameters ``method`` has than ``reference``."""
     med = results["median"]
     return med[reference]["trainable_params"] / med[method]["trainable_params"]
+
+
+def _spread(m: dict) -> str:
+    low, high = m["eval_loss_after_range"]
+    return f" ({low:.4f}–{high:.4f})" if high > low else ""
 
 
 def format_table(results: dict) -> str:
@@ -139,5 +153,5 @@ def format_table(results: dict) -> str:
             f"{(m['train_memory_bytes']['peak'] - m['train_memory_bytes']['at_start']) / 2**30:.2f}"
             " GiB | "
             f"{m['base_memory_bytes']['loaded'] / 2**20:.0f} MiB | "
-            f"{m['eval_loss_before']:.4f} → {m['eval_loss_after']:.4f} |")
+            f"{m['eval_loss_before']:.4f} → {m['eval_loss_after']:.4f}{_spread(m)} |")
     return "\n".join(rows)

@@ -26,11 +26,18 @@ def arch_dirs(tmp_path_factory):
     return {a: save_tiny_model(tmp_path_factory.mktemp(a), a) for a in ARCHS}
 
 
-def reft(model_dir: str, method: str = "loreft", **kw):
+def reft(model_dir: str, method: str = "loreft", perturb: bool = True, **kw):
+    """A ReFT model on a tiny base; ``perturb`` moves the interventions off their identity
+    start, as training would, so that they change what they touch."""
     torch.manual_seed(0)
     adapter = build_adapter(AdapterConfig(method=method, r=4, dropout=0.0, **kw))
     base = load_base(ModelConfig(name_or_path=model_dir, dtype="float32"), adapter)
-    return adapter, adapter.apply(base)
+    model = adapter.apply(base)
+    if perturb:
+        with torch.no_grad():
+            for p in model.interventions.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    return adapter, model
 
 
 def examples(n: int = 4) -> list[Encoded]:
@@ -45,11 +52,26 @@ def examples(n: int = 4) -> list[Encoded]:
 
 
 @pytest.mark.parametrize("cls", [LoReFT, DiReFT])
+def test_interventions_start_as_the_identity(cls, arch_dirs):
+    h = torch.randn(7, 16)
+    torch.testing.assert_close(cls(16, 4, dropout=0.0)(h), h, atol=1e-6, rtol=0)
+    _, model = reft(arch_dirs["llama"], "loreft" if cls is LoReFT else "direft", perturb=False)
+    batch = collate_padded(examples(2), 0, (7, 7))
+    with torch.no_grad():
+        edited = model(**{k: batch[k] for k in ("input_ids", "attention_mask",
+                                                 "intervention_mask")}).logits
+        plain = model.base(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(edited, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [LoReFT, DiReFT])
 def test_interventions_equal_their_formulas(cls):
     torch.manual_seed(0)
     module = cls(16, 4, dropout=0.0)
     with torch.no_grad():
-        module.bias.normal_()
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
     h = torch.randn(7, 16)
     w, b = module.source.weight, module.bias
     if cls is LoReFT:

@@ -134,6 +134,9 @@ def test_bench_subcommands_parse_their_own_options():
     args = build_parser().parse_args(["bench", "packing", "--micro-tokens", "2048", "--no-trl"])
     assert args.func is cmd_bench_packing and (args.micro_tokens, args.trl) == (2048, False)
     args = build_parser().parse_args(["bench", "adapters", "--methods", "lora,full"])
-    assert args.func is cmd_bench_adapters and args.methods == "lora,full"
+    assert args.func is cmd_bench_adapters and args.methods == "lora,full" and args.set == []
+    args = build_parser().parse_args(["bench", "reft", "--set", "optim.lr=4e-3"])
+    assert args.methods == "lora_r8,loreft,direft" and args.set == ["optim.lr=4e-3"]
+    assert args.out == "benchmarks/results/reft.json"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "packing", "--steps", "3"])

@@ -154,7 +154,7 @@ def cmd_bench_adapters(args: argparse.Namespace) -> int:
 
     results = bench_adapters(args.model, args.data, args.methods.split(","), args.examples,
                              args.eval_examples, args.batch_size, args.max_length, args.steps,
-                             args.rounds, out=Path(args.out))
+                             args.rounds, out=Path(args.out), overrides=args.set)
     print(format_table(results))
     if args.which == "reft" and {"lora_r8", "loreft"} <= results["median"].keys():
         ratio = params_ratio(results, "lora_r8", "loreft")
@@ -215,6 +215,8 @@ def add_bench_parsers(sub) -> None:
         ad.add_argument("--rounds", type=int, default=1,
                         help="repeats, order reversed every other")
         ad.add_argument("--out", default=f"benchmarks/results/{name}.json")
+        ad.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for every method's run (repeatable)")
         ad.set_defaults(func=cmd_bench_adapters)
 
 

@@ -74,8 +74,11 @@ def run_method(variant: str, task: list[str], work: Path, seed: int = 42) -> dic
 def bench_adapters(model: str = "embedded:smollm2", data: str = "embedded:sharegpt",
                    methods: list[str] = DEFAULT_METHODS, examples: int = 200,
                    eval_examples: int = 32, batch_size: int = 8, max_length: int = 128,
-                   steps: int = 12, rounds: int = 1, out: Path | None = None) -> dict:
+                   steps: int = 12, rounds: int = 1, out: Path | None = None,
+                   overrides: list[str] = ()) -> dict:
     """Run every method ``rounds`` times (alternating order) and summarize.
+
+    ``overrides`` (``section.key=value``) apply to every method's run, after the task's.
 
     Returns:
         ``{"setup", "runs": {method: [per-round figures]}, "median": {method: figures}}``;
@@ -85,9 +88,11 @@ def bench_adapters(model: str = "embedded:smollm2", data: str = "embedded:shareg
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(VARIANTS)}")
     task = task_overrides(model, data, examples, eval_examples, batch_size, max_length, steps)
+    task += list(overrides)  # e.g. optim.lr=4e-3: applied to every method, after the task
     results = {"setup": {"model": model, "data": data, "examples": examples,
                          "eval_examples": eval_examples, "batch_size": batch_size,
-                         "max_length": max_length, "steps": steps, "rounds": rounds},
+                         "max_length": max_length, "steps": steps, "rounds": rounds,
+                         "overrides": list(overrides)},
                "runs": {m: [] for m in methods}, "median": {}}
     with tempfile.TemporaryDirectory(prefix="leantune-bench-adapters-") as tmp:
         for r in range(rounds):

@@ -20,7 +20,7 @@ by its true element count (its matmul runs in the compute dtype after dequantizi
 Prompt tuning's ``n`` virtual tokens make every row ``T + n`` positions long.
 Not counted: element-wise work (norms, activations, IA3's scales), DoRA's per-step
 weight norms, and ReFT's edits (about ``6 r d`` per edited position plus a ``d x d``
-Cayley solve per LoReFT intervention per forward: ~4 % of a forward of 8 x 128 tokens
+Cayley solve and product per LoReFT intervention per forward: ~10 % of a forward of 8 x 128 tokens
 on the embedded default).
 """
 

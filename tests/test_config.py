@@ -87,7 +87,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
 def test_bad_literal_names_key_and_allowed_values():
     msg = load_error(["optim.schedule=cosinus"])
     assert "optim.schedule" in msg and "'cosinus'" in msg
-    assert "['constant', 'linear', 'cosine']" in msg
+    assert "['constant', 'linear', 'cosine', 'wsd', 'infinite']" in msg
     msg = load_error(["data.format=csv"])
     assert "data.format" in msg
     assert all(repr(f) in msg for f in ("auto", "text", "prompt_completion", "instruction",
@@ -139,9 +139,22 @@ def test_malformed_files_and_sections(tmp_path):
     ("fast_forward.max_steps_per_stage=0", "fast_forward.max_steps_per_stage"),
     ("fast_forward.burn_in=-1", "fast_forward.burn_in"),
     ("fast_forward.min_improvement=-0.1", "fast_forward.min_improvement"),
+    ("optim.decay_ratio=1.5", "optim.decay_ratio"),
+    ("optim.const_lr_ratio=-0.1", "optim.const_lr_ratio"),
+    ("adapter.positions=f7+x3", "adapter.positions"),
+    ("adapter.layers=[]", "adapter.layers"),
+    ("adapter.target_modules=attn", "adapter.target_modules"),
+    ("adapter.use_dora=true adapter.method=ia3", "adapter.use_dora"),
+    ("adapter.prompt_init=text", "adapter.prompt_init_text"),
 ])
 def test_range_checks(override, key):
-    assert load_error([override]).startswith(f"{key}:")
+    assert load_error(override.split(" ")).startswith(f"{key}:")
+
+
+def test_infinite_schedule_phases_must_fit_in_the_run():
+    msg = load_error(["optim.schedule=infinite", "optim.warmup_ratio=0.2",
+                      "optim.cooldown_ratio=0.7", "optim.decay_ratio=0.2"])
+    assert msg.startswith("optim.cooldown_ratio:") and "must not exceed 1" in msg
 
 
 def test_range_edges_that_are_allowed():

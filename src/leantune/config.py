@@ -139,10 +139,19 @@ class OptimConfig:
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     eps: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float | None = opt(1.0, "Clip the global gradient norm (null: no clipping).")
-    schedule: Literal["constant", "linear", "cosine"] = opt("cosine", "LR decay after warmup.")
+    schedule: Literal["constant", "linear", "cosine", "wsd", "infinite"] = opt(
+        "cosine", "LR after warmup: constant, linear or cosine decay to min_lr_ratio; wsd "
+        "(stable, then decay over the last decay_ratio of steps); infinite (cosine cooldown "
+        "to const_lr_ratio, constant, then anneal over the last decay_ratio).")
     warmup_steps: int = opt(0, "Linear warmup optimizer steps (wins over warmup_ratio if > 0).")
     warmup_ratio: float = opt(0.0, "Warmup as a fraction of all optimizer steps.")
     min_lr_ratio: float = opt(0.0, "Floor of the decay as a fraction of the peak LR.")
+    decay_ratio: float = opt(0.1, "wsd / infinite: fraction of all steps in the final decay.")
+    decay_shape: Literal["linear", "cosine", "sqrt"] = opt(
+        "linear", "wsd / infinite: shape of the final decay.")
+    const_lr_ratio: float = opt(0.5, "infinite: the constant phase's LR as a fraction of the peak.")
+    cooldown_ratio: float = opt(
+        0.3, "infinite: fraction of all steps in the cosine cooldown from the peak.")
 
 
 @dataclass
@@ -249,8 +258,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    for key in ("min_lr_ratio", "decay_ratio", "const_lr_ratio", "cooldown_ratio"):
+        value = getattr(cfg.optim, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"optim.{key}: must be in [0, 1], got {value}")
+    o = cfg.optim
+    if o.schedule == "infinite" and o.warmup_ratio + o.cooldown_ratio + o.decay_ratio > 1.0:
+        raise ConfigError("optim.cooldown_ratio: warmup_ratio + cooldown_ratio + decay_ratio "
+                          f"must not exceed 1 for schedule=infinite, got {o.warmup_ratio} + "
+                          f"{o.cooldown_ratio} + {o.decay_ratio}")
     for key, value in {"fast_forward.burn_in": cfg.fast_forward.burn_in,
                        "fast_forward.min_improvement": cfg.fast_forward.min_improvement}.items():
         if value < 0:

@@ -198,3 +198,18 @@ def test_existing_run_without_resume_is_refused(uninterrupted, llama_dir, chat_d
     with pytest.raises(RunDirError, match="train.resume=true"):
         loop.train(config(llama_dir, chat_data, straight_dir, *overrides))
     assert (straight_dir / "metrics.jsonl").read_text() == log  # nothing touched
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "infinite"])
+def test_logged_lr_follows_the_configured_schedule(schedule, llama_dir, chat_data, tmp_path):
+    from leantune.train.schedule import lr_multiplier
+
+    overrides = ["train.max_steps=10", "optim.lr=1e-3", f"optim.schedule={schedule}",
+                 "optim.warmup_steps=2", "optim.decay_ratio=0.3", "optim.cooldown_ratio=0.3",
+                 "optim.const_lr_ratio=0.5", "optim.min_lr_ratio=0.1", "eval.before=false"]
+    loop.train(config(llama_dir, chat_data, tmp_path / "run", *overrides))
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
+    want = [1e-3 * lr_multiplier(s, 10, 2, schedule, 0.1, 0.3, "linear", 0.5, 0.3)
+            for s in range(10)]
+    assert lrs == pytest.approx(want)
+    assert len(set(round(x, 9) for x in lrs)) >= 4  # warmup, plateau/cooldown and decay seen

@@ -59,7 +59,7 @@ def test_schedule_is_monotone_after_warmup():
 
 
 def test_unknown_schedule_names_the_choices():
-    with pytest.raises(ValueError, match="constant, linear or cosine"):
+    with pytest.raises(ValueError, match="constant, linear, cosine, wsd or infinite"):
         lr_multiplier(5, 10, 0, "exponential")
 
 
@@ -68,3 +68,30 @@ def test_warmup_steps_prefers_explicit_steps():
     assert warmup_steps(1000, 0, 0.03) == 30
     assert warmup_steps(10, 0, 0.34) == 3
     assert warmup_steps(1000, 0, 0.0) == 0
+
+
+@pytest.mark.parametrize("shape, quarter", [("linear", 0.75), ("cosine", (1 + math.cos(
+    math.pi / 4)) / 2), ("sqrt", 0.5)])
+def test_wsd_holds_the_peak_then_decays_over_the_last_steps(shape, quarter):
+    # N = 100, W = 10, decay_ratio 0.2: stable on steps 10..79, decay over 80..100.
+    m, kw = 0.1, {"decay_ratio": 0.2, "decay_shape": shape}
+    assert lr_multiplier(9, 100, 10, "wsd", m, **kw) == 1.0  # last warmup step
+    assert lr_multiplier(10, 100, 10, "wsd", m, **kw) == 1.0
+    assert lr_multiplier(79, 100, 10, "wsd", m, **kw) == 1.0
+    assert lr_multiplier(80, 100, 10, "wsd", m, **kw) == pytest.approx(1.0)
+    # A quarter of the way (step 85): linear 3/4, sqrt 1 - 1/2, cosine (1 + cos(pi/4)) / 2.
+    assert lr_multiplier(85, 100, 10, "wsd", m, **kw) == pytest.approx(m + (1 - m) * quarter)
+    assert lr_multiplier(100, 100, 10, "wsd", m, **kw) == pytest.approx(m)
+
+
+def test_infinite_cools_down_holds_then_anneals():
+    # N = 200, W = 10, cooldown 0.25 (50 steps: 10..60), constant c = 0.4 until step 180,
+    # then a linear anneal over the last 20 steps to m = 0.05.
+    kw = {"decay_ratio": 0.1, "const_lr_ratio": 0.4, "cooldown_ratio": 0.25}
+    f = lambda s: lr_multiplier(s, 200, 10, "infinite", 0.05, **kw)  # noqa: E731
+    assert f(0) == pytest.approx(0.1) and f(10) == pytest.approx(1.0)
+    assert f(35) == pytest.approx(0.4 + 0.6 * 0.5)  # halfway through the cosine cooldown
+    assert f(60) == pytest.approx(0.4) and f(120) == pytest.approx(0.4)
+    assert f(179) == pytest.approx(0.4)
+    assert f(190) == pytest.approx(0.05 + 0.35 * 0.5)  # halfway through the anneal
+    assert f(200) == pytest.approx(0.05)

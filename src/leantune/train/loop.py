@@ -204,7 +204,8 @@ def train_steps(run: Run, batches, bar: tqdm) -> None:
 def set_lr(run: Run) -> float:
     """Set and return the LR of the coming step: ``optim.lr * lr_multiplier(step)``."""
     o = run.cfg.optim
-    lr = o.lr * lr_multiplier(run.state.step, run.steps, run.warmup, o.schedule, o.min_lr_ratio)
+    lr = o.lr * lr_multiplier(run.state.step, run.steps, run.warmup, o.schedule, o.min_lr_ratio,
+                              o.decay_ratio, o.decay_shape, o.const_lr_ratio, o.cooldown_ratio)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     return lr

@@ -280,6 +280,21 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.epochs: must be > 0 when train.max_steps is null")
 
 
+def parse_positions(text: str) -> tuple[int, int]:
+    """ReFT's ``adapter.positions``: ``"f7+l7"`` -> (7, 7); ``"f5"`` -> (5, 0); ``"l3"`` ->
+    (0, 3).
+
+    Raises:
+        ConfigError: anything else (a repeated part included).
+    """
+    parts = text.split("+")
+    if not all(len(p) > 1 and p[0] in "fl" and p[1:].isdigit() for p in parts) or len(
+            {p[0] for p in parts}) != len(parts):
+        raise ConfigError(f"adapter.positions: {text!r} is not like 'f7+l7', 'f5' or 'l3'")
+    counts = {p[0]: int(p[1:]) for p in parts}
+    return counts.get("f", 0), counts.get("l", 0)
+
+
 def _validate_adapter(a: AdapterConfig) -> None:
     if isinstance(a.target_modules, str) and a.target_modules not in TARGET_PRESETS:
         raise ConfigError(f"adapter.target_modules: {a.target_modules!r} is not a preset; choose "
@@ -292,10 +307,7 @@ def _validate_adapter(a: AdapterConfig) -> None:
         raise ConfigError(f"adapter.layers: {a.layers!r}; give a list of layer indices or 'all'")
     if isinstance(a.layers, list) and (not a.layers or min(a.layers) < 0):
         raise ConfigError(f"adapter.layers: {a.layers}; need at least one index, all >= 0")
-    parts = a.positions.split("+")
-    if not all(len(p) > 1 and p[0] in "fl" and p[1:].isdigit() for p in parts) or len(
-            {p[0] for p in parts}) != len(parts):
-        raise ConfigError(f"adapter.positions: {a.positions!r} is not like 'f7+l7', 'f5' or 'l3'")
+    parse_positions(a.positions)
     if a.use_dora and a.method not in ("lora", "qlora"):
         raise ConfigError(f"adapter.use_dora: DoRA is a LoRA variant; adapter.method is {a.method!r}")
 

@@ -85,18 +85,17 @@ def logical_numel(p: torch.Tensor) -> int:
     return state.shape.numel() if state is not None else p.numel()
 
 
+def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters, a tied weight once."""
+    return list({id(p): p for p in model.parameters()}.values())
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts; tied weights are counted once and 4-bit
     weights by their true element count."""
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = logical_numel(p)
-        total += n
-        trainable += n if p.requires_grad else 0
-    return trainable, total
+    params = unique_parameters(model)
+    total = sum(logical_numel(p) for p in params)
+    return sum(logical_numel(p) for p in params if p.requires_grad), total
 
 
 def memory_footprint(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
@@ -106,17 +105,17 @@ def memory_footprint(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
     element, plus its quantization constants); ``full_precision`` is every parameter at
     ``dtype``'s width plus the same buffers. They differ only for a quantized base.
     """
-    params = {id(p): p for p in model.parameters()}.values()
+    params = unique_parameters(model)
     buffers = sum(b.nbytes for b in model.buffers())
-    loaded = sum(p.nbytes for p in params) + buffers + _quant_constants(model)
+    loaded = sum(p.nbytes for p in params) + buffers + _quant_constants(params)
     full = sum(logical_numel(p) for p in params) * dtype.itemsize + buffers
     return {"loaded": loaded, "full_precision": full}
 
 
-def _quant_constants(model: nn.Module) -> int:
+def _quant_constants(params: list[nn.Parameter]) -> int:
     """Bytes of bitsandbytes' per-block scales (and, with double quantization, theirs)."""
     total = 0
-    for p in {id(p): p for p in model.parameters()}.values():
+    for p in params:
         state = getattr(p, "quant_state", None)
         while state is not None:
             total += state.absmax.nbytes

@@ -34,23 +34,10 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from leantune.adapters.base import Adapter, NotMergeable
-from leantune.config import AdapterConfig
+from leantune.config import AdapterConfig, parse_positions
 from leantune.data.collate import PREFIX, SUFFIX, intervention_kinds
 
 CONFIG_FILE, WEIGHTS_FILE = "reft_config.json", "reft_model.safetensors"
-
-
-def parse_positions(text: str) -> tuple[int, int]:
-    """``"f7+l7"`` -> (7, 7); ``"f5"`` -> (5, 0); ``"l3"`` -> (0, 3)."""
-    prefix = suffix = 0
-    for part in text.split("+"):
-        if len(part) < 2 or part[0] not in "fl" or not part[1:].isdigit():
-            raise ValueError(f"adapter.positions: {text!r} is not like 'f7+l7', 'f5' or 'l3'")
-        if part[0] == "f":
-            prefix = int(part[1:])
-        else:
-            suffix = int(part[1:])
-    return prefix, suffix
 
 
 @dataclass
@@ -143,6 +130,7 @@ class ReftModel(nn.Module):
             f"layer{i}_{kind}": cls(spec.hidden_size, spec.rank, spec.dropout)
             for i in spec.layers for kind in spec.kinds})
         self._mask: torch.Tensor | None = None
+        self._where: dict[int, torch.Tensor] = {}  # PREFIX/SUFFIX -> flat positions in _mask
         self._prefill_only = self._via_forward = False
         layers = decoder_layers(base)
         for i in spec.layers:
@@ -159,7 +147,7 @@ class ReftModel(nn.Module):
             if self._mask is None:
                 return output
             h = output[0] if isinstance(output, tuple) else output
-            h = self._intervene(layer, h, self._mask)
+            h = self._intervene(layer, h)
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return edit
 
@@ -167,32 +155,42 @@ class ReftModel(nn.Module):
         # The base called directly (not through forward/generate) runs unedited; a mask
         # left from an earlier forward is for gradient checkpointing's re-runs only.
         if not (self._via_forward or self._prefill_only):
-            self._mask = None
+            self._set_mask(None)
         self._via_forward = False
 
     def _after_base(self, module, args, output):
         if self._prefill_only:  # generation: the prompt's pass is done, leave new tokens alone
-            self._mask = None
+            self._set_mask(None)
 
-    def _intervene(self, layer: int, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``h`` [B, T, d] with the positions marked in ``mask`` [B, T] edited."""
-        if mask.shape != h.shape[:2]:
-            raise ValueError(f"intervention_mask {tuple(mask.shape)} does not match the "
-                             f"hidden states {tuple(h.shape[:2])}")
-        flat, marks = h.reshape(-1, h.shape[-1]), mask.reshape(-1)
-        for kind, which in ((PREFIX, "prefix"), (SUFFIX, "suffix")):
-            idx = (marks == kind).nonzero().squeeze(1)
+    def _set_mask(self, mask: torch.Tensor | None) -> None:
+        """Where to edit, found once per forward rather than once per hooked layer."""
+        self._mask, self._where = mask, {}
+        if mask is None:
+            return
+        for kind in (PREFIX, SUFFIX):
+            idx = (mask.reshape(-1) == kind).nonzero().squeeze(1)
             if idx.numel():
-                module = self.interventions[f"layer{layer}_{'both' if self.spec.tied else which}"]
-                edited = module(flat[idx].to(module.bias.dtype)).to(flat.dtype)
-                flat = flat.index_copy(0, idx, edited)  # out of place: autograd sees it
+                self._where[kind] = idx
+
+    def _intervene(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """``h`` [B, T, d] with the positions marked in the current mask [B, T] edited."""
+        if self._mask.shape != h.shape[:2]:
+            raise ValueError(f"intervention_mask {tuple(self._mask.shape)} does not match the "
+                             f"hidden states {tuple(h.shape[:2])}")
+        flat = h.reshape(-1, h.shape[-1])
+        for kind, idx in self._where.items():
+            which = "both" if self.spec.tied else ("prefix" if kind == PREFIX else "suffix")
+            module = self.interventions[f"layer{layer}_{which}"]
+            edited = module(flat[idx].to(module.bias.dtype)).to(flat.dtype)
+            flat = flat.index_copy(0, idx, edited)  # out of place: autograd sees it
         return flat.view_as(h)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 intervention_mask=None, **kwargs):
         # The mask stays set after the forward: gradient checkpointing re-runs the layers
         # (and so the hooks) during backward, which must edit the same positions again.
-        self._mask, self._prefill_only, self._via_forward = intervention_mask, False, True
+        self._set_mask(intervention_mask)
+        self._prefill_only, self._via_forward = False, True
         return self.base(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, **kwargs)
 
@@ -203,12 +201,14 @@ class ReftModel(nn.Module):
         ``attention_mask``."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self._mask, self._prefill_only = prompt_mask(attention_mask, self.spec.positions), True
+        self._set_mask(prompt_mask(attention_mask, self.spec.positions))
+        self._prefill_only = True
         try:
             return self.base.generate(input_ids=input_ids, attention_mask=attention_mask,
                                       **kwargs)
         finally:
-            self._mask, self._prefill_only = None, False
+            self._set_mask(None)
+            self._prefill_only = False
 
 
 def prompt_mask(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:

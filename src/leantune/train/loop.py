@@ -110,8 +110,8 @@ def build_run(cfg: Config) -> Run:
               f"parameters ({100 * params[0] / params[1]:.3f} %), {len(splits.train)} train / "
               f"{len(splits.eval)} eval examples, {steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, splits, adapter, model, optimizer, flop_model,
-               params, base_memory, batcher, packing, steps, warmup, state, metrics, resume_from is not None,
-               started, ff)
+               params, base_memory, batcher, packing, steps, warmup, state, metrics,
+               resume_from is not None, started, ff)
 
 
 def resolve_packing(requested: str, model: torch.nn.Module, adapter: Adapter | None = None

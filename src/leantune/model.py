@@ -136,9 +136,25 @@ def load_model(cfg: ModelConfig, source: str | None = None, quantization=None,
     # Training and eval never use a KV cache: with one, transformers silently stops
     # honouring packed position_ids (see DESIGN.md).
     model.config.use_cache = False
+    if quantization is not None:
+        keep_4bit_compute(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def keep_4bit_compute(model: torch.nn.Module) -> None:
+    """Keep 4-bit layers on the path they train on.
+
+    On CPUs with AVX512-bf16, bitsandbytes (0.50) repacks a 4-bit weight for a bf16 kernel
+    on its first no-grad forward: eval would then compute in bf16 (not what training
+    used), and a layer narrower than its 64-wide block fails outright.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 @torch.no_grad()

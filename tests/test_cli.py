@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from leantune.cli import main
 from leantune.config import Config, load_config
+from leantune.configtools import option_lines
 
 STEP_FILES = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
               "optimizer.pt", "rng.pt", "trainer_state.json"]
@@ -120,9 +121,11 @@ def test_train_help_lists_every_option(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(section.default_factory):
-            assert f"{section.name}.{f.name} (" in text, f"{section.name}.{f.name}"
+    keys = [key for section in dataclasses.fields(Config)
+            for key, *_ in option_lines(section.default_factory, f"{section.name}.")]
+    assert "data.replay.ratio" in keys  # nested sections are walked
+    for key in keys:
+        assert f"{key} (" in text, key
 
 
 def test_bench_subcommands_parse_their_own_options():

@@ -31,13 +31,13 @@ def test_no_file_no_overrides_gives_the_defaults():
 
 
 def test_yaml_then_overrides(tmp_path):
-    path = write_yaml(tmp_path, {"optim": {"lr": 0.001, "schedule": "linear"},
+    path = write_yaml(tmp_path, {"optim": {"lr": 0.001}, "schedule": {"kind": "linear"},
                                  "train": {"batch_size": 4, "seed": 7}})
     cfg = load_config(path, ["optim.lr=1e-4", "train.batch_size=2", "optim.betas=[0.8, 0.95]",
                              "optim.max_grad_norm=null", "adapter.target_modules=[q_proj, v_proj]",
                              "data.eval_examples=", "eval.every=10"])
     assert cfg.optim.lr == 1e-4 and type(cfg.optim.lr) is float
-    assert cfg.optim.schedule == "linear" and cfg.train.seed == 7  # file values not overridden
+    assert cfg.schedule.kind == "linear" and cfg.train.seed == 7  # file values not overridden
     assert cfg.train.batch_size == 2  # the override wins over the file
     assert cfg.optim.betas == [0.8, 0.95]
     assert cfg.optim.max_grad_norm is None
@@ -60,7 +60,7 @@ def test_parse_override():
     assert parse_override(" data.path = a=b.jsonl") == (["data", "path"], "a=b.jsonl")
     assert parse_override("optim.betas=[0.9, 0.99]") == (["optim", "betas"], [0.9, 0.99])
     assert parse_override("train.max_steps=null") == (["train", "max_steps"], None)
-    for bad in ("optim.lr", "lr=1", "optim.lr.x=1", ".lr=1"):
+    for bad in ("optim.lr", "lr=1", ".lr=1", "optim..lr=1"):
         with pytest.raises(ConfigError, match="section.key"):
             parse_override(bad)
 
@@ -85,8 +85,8 @@ def test_unknown_key_in_yaml_file(tmp_path):
 
 
 def test_bad_literal_names_key_and_allowed_values():
-    msg = load_error(["optim.schedule=cosinus"])
-    assert "optim.schedule" in msg and "'cosinus'" in msg
+    msg = load_error(["schedule.kind=cosinus"])
+    assert "schedule.kind" in msg and "'cosinus'" in msg
     assert "['constant', 'linear', 'cosine', 'wsd', 'infinite']" in msg
     msg = load_error(["data.format=csv"])
     assert "data.format" in msg
@@ -127,8 +127,8 @@ def test_malformed_files_and_sections(tmp_path):
     ("data.eval_fraction=-0.1", "data.eval_fraction"),
     ("data.max_examples=0", "data.max_examples"),
     ("data.eval_examples=-1", "data.eval_examples"),
-    ("optim.warmup_ratio=1", "optim.warmup_ratio"),
-    ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio"),
+    ("schedule.warmup_ratio=1", "schedule.warmup_ratio"),
+    ("schedule.min_lr_ratio=1.5", "schedule.min_lr_ratio"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("train.max_steps=0", "train.max_steps"),
     ("eval.every=0", "eval.every"),
@@ -139,8 +139,8 @@ def test_malformed_files_and_sections(tmp_path):
     ("fast_forward.max_steps_per_stage=0", "fast_forward.max_steps_per_stage"),
     ("fast_forward.burn_in=-1", "fast_forward.burn_in"),
     ("fast_forward.min_improvement=-0.1", "fast_forward.min_improvement"),
-    ("optim.decay_ratio=1.5", "optim.decay_ratio"),
-    ("optim.const_lr_ratio=-0.1", "optim.const_lr_ratio"),
+    ("schedule.decay_ratio=1.5", "schedule.decay_ratio"),
+    ("schedule.const_lr_ratio=-0.1", "schedule.const_lr_ratio"),
     ("adapter.positions=f7+x3", "adapter.positions"),
     ("adapter.layers=[]", "adapter.layers"),
     ("adapter.target_modules=attn", "adapter.target_modules"),
@@ -152,14 +152,14 @@ def test_range_checks(override, key):
 
 
 def test_infinite_schedule_phases_must_fit_in_the_run():
-    msg = load_error(["optim.schedule=infinite", "optim.warmup_ratio=0.2",
-                      "optim.cooldown_ratio=0.7", "optim.decay_ratio=0.2"])
-    assert msg.startswith("optim.cooldown_ratio:") and "must not exceed 1" in msg
+    msg = load_error(["schedule.kind=infinite", "schedule.warmup_ratio=0.2",
+                      "schedule.cooldown_ratio=0.7", "schedule.decay_ratio=0.2"])
+    assert msg.startswith("schedule.cooldown_ratio:") and "must not exceed 1" in msg
 
 
 def test_range_edges_that_are_allowed():
     cfg = load_config(overrides=["data.eval_fraction=0", "data.eval_examples=0", "train.epochs=0",
-                                 "train.max_steps=5", "optim.min_lr_ratio=1"])
+                                 "train.max_steps=5", "schedule.min_lr_ratio=1"])
     assert (cfg.data.eval_fraction, cfg.data.eval_examples, cfg.train.max_steps) == (0.0, 0, 5)
 
 
@@ -185,15 +185,63 @@ def section_classes() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
+def fields_of(cls: type, prefix: str):
+    """``(dotted key, field)`` of every leaf field, nested sections walked."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from fields_of(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
 def test_describe_options_covers_every_field():
     text = describe_options()
     sections = section_classes()
-    assert len(sections) >= 8
+    assert len(sections) >= 9
     for name, cls in sections.items():
         assert dataclasses.is_dataclass(cls)
         assert f"{name}:" in text.splitlines()
-        for f in dataclasses.fields(cls):
-            line = next((ln for ln in text.splitlines()
-                         if ln.strip().startswith(f"{name}.{f.name} (")), None)
-            assert line is not None, f"{name}.{f.name} missing from describe_options()"
+        for key, f in fields_of(cls, f"{name}."):
+            line = next((ln for ln in text.splitlines() if ln.strip().startswith(f"{key} (")),
+                        None)
+            assert line is not None, f"{key} missing from describe_options()"
             assert f.metadata["help"] and line.endswith(f.metadata["help"])
+
+
+def test_nested_sections_and_mappings_from_yaml_and_overrides(tmp_path):
+    path = write_yaml(tmp_path, {"data": {"mode": "corpus", "replay": {"path": "old.jsonl"},
+                                          "eval_corpora": {"old": "old.jsonl"}}})
+    cfg = load_config(path, ["data.replay.ratio=0.25", "data.eval_corpora={a: a.txt}"])
+    assert cfg.data.replay.path == "old.jsonl" and cfg.data.replay.ratio == 0.25
+    assert cfg.data.eval_corpora == {"a": "a.txt"}  # the override replaces the mapping
+    assert load_config(overrides=["data.replay.ratio=0.1", "data.replay.path=x",
+                                  "data.mode=corpus"]).data.replay.ratio == 0.1
+    msg = load_error(["data.replay.ration=0.1"])
+    assert "'data.replay.ration'" in msg and "did you mean ratio" in msg
+    assert load_error(["data.eval_corpora=[a.txt]"]).startswith("data.eval_corpora: expected a "
+                                                                "mapping")
+    assert load_error(["data.eval_corpora={a: 3}"]).startswith("data.eval_corpora.a: expected "
+                                                               "a string")
+    assert load_error(["optim.lr.x=1"]).startswith("optim.lr: expected a number")
+
+
+@pytest.mark.parametrize("old, new", [("optim.schedule=wsd", "schedule.kind"),
+                                      ("optim.warmup_steps=3", "schedule.warmup_steps")])
+def test_moved_keys_name_their_new_place(old, new):
+    assert load_error([old]) == f"{old.split('=')[0]}: this option is now {new}"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["data.replay.path=old.jsonl"], "data.replay.path"),  # replay needs corpus mode
+    (["data.mode=corpus", "data.replay.ratio=0.25"], "data.replay.path"),
+    (["data.mode=corpus", "data.replay.path=x", "data.replay.ratio=1"], "data.replay.ratio"),
+    (["data.mode=corpus", "data.replay.path=x", "data.replay.final_ratio=-0.5"],
+     "data.replay.final_ratio"),
+    (["train.init_from=a", "schedule.anneal_from=b"], "train.init_from"),
+    (["data.mode=corpus", "data.packing=offline"], "data.packing"),
+    (["data.eval_tokens=0"], "data.eval_tokens"),
+    (["schedule.decay_steps=-1"], "schedule.decay_steps"),
+])
+def test_continual_pretraining_checks(overrides, key):
+    assert load_error(overrides).startswith(f"{key}:")

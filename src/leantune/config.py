@@ -15,9 +15,12 @@ from typing import Any, Literal
 
 import yaml
 
-from leantune.configtools import ConfigError, build, opt, parse_override, type_name
+from leantune.config_checks import parse_positions, validate
+from leantune.configtools import (ConfigError, build, opt, option_lines, parse_override, set_path,
+                                  type_name)
 
-__all__ = ["ConfigError", "Config", "load_config", "parse_override", "reference_yaml"]
+__all__ = ["ConfigError", "Config", "load_config", "parse_override", "parse_positions",
+           "reference_yaml"]
 
 
 @dataclass
@@ -45,7 +48,28 @@ class ModelConfig:
 
 
 @dataclass
+class ReplayConfig:
+    path: str | None = opt(
+        None, "data.mode=corpus: an earlier corpus (D0) mixed into every optimizer step while "
+        "training on data.path; its held-out text is evaluated at every eval.")
+    ratio: float = opt(
+        0.0, "Fraction of each optimizer step's windows taken from replay.path (arXiv "
+        "2403.08763: 0.05 for a weak shift, 0.25 for a strong one). Compute-equivalent: the "
+        "new corpus' share shrinks by as much, the steps stay the same.")
+    schedule: Literal["constant", "linear", "cosine"] = opt(
+        "constant", "How the fraction moves over the run: constant, or from ratio to "
+        "final_ratio linearly or along a half cosine.")
+    final_ratio: float | None = opt(
+        None, "The fraction at the last step for schedule=linear/cosine (null: ratio).")
+
+
+@dataclass
 class DataConfig:
+    mode: Literal["examples", "corpus"] = opt(
+        "examples", "examples: every row is one training example (fine-tuning; cut at "
+        "max_length). corpus: raw text documents (continual pre-training), tokenized once "
+        "into memory-mapped token shards (cached by content) and streamed as windows of "
+        "max_length tokens, position_ids restarting at every document.")
     path: str = opt(
         "embedded:sharegpt",
         "JSONL/JSON/CSV/parquet file, a `datasets` save_to_disk dir, a hub id (online), "
@@ -87,6 +111,23 @@ class DataConfig:
         None, "Tokens per micro-batch for batching=token_budget (padded: longest x count)."
     )
     system_prompt: str | None = opt(None, "System message prepended to chat-rendered rows.")
+    text_field: str = opt(
+        "text", "corpus: the field of a row that holds its document (chat rows without it "
+        "join the contents of their turns).")
+    glob: str = opt(
+        "**/*", "corpus: in a directory of text files (one document each), the files to "
+        "read, e.g. **/*.py; hidden paths are skipped.")
+    eval_tokens: int = opt(
+        16384, "corpus: held-out tokens per corpus, as whole documents (at most "
+        "eval_fraction and eval_examples of them).")
+    eval_corpora: dict[str, str] = opt(
+        {}, "Raw text evaluated at every eval beside the main held-out set, as name: path "
+        "(e.g. an earlier stage's corpus, to watch forgetting). Held out as a corpus is, so "
+        "a corpus trained on before gives the same held-out documents.")
+    cache_dir: str | None = opt(
+        None, "corpus: where token shards are cached (default ~/.cache/leantune/corpora, "
+        "or $LEANTUNE_CACHE/corpora).")
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
 METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "full", "loreft", "direft")
@@ -95,7 +136,6 @@ METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "full", "loreft", "direft")
 # fine-tuning far smaller ones.
 METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "ia3": 3e-3, "prompt_tuning": 3e-2, "full": 2e-5,
              "loreft": 9e-4, "direft": 9e-4}
-TARGET_PRESETS = ("auto", "all-linear", "attention", "mlp")
 
 
 @dataclass
@@ -139,19 +179,40 @@ class OptimConfig:
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     eps: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float | None = opt(1.0, "Clip the global gradient norm (null: no clipping).")
-    schedule: Literal["constant", "linear", "cosine", "wsd", "infinite"] = opt(
+    reset_on_new_data: bool = opt(
+        True, "Start AdamW's moments afresh when the data changes: a run started with "
+        "train.init_from, or resumed onto another corpus (arXiv 2403.08763 resets them "
+        "between datasets); false carries them over.")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["constant", "linear", "cosine", "wsd", "infinite"] = opt(
         "cosine", "LR after warmup: constant, linear or cosine decay to min_lr_ratio; wsd "
-        "(stable, then decay over the last decay_ratio of steps); infinite (cosine cooldown "
-        "to const_lr_ratio, constant, then anneal over the last decay_ratio).")
+        "(stable, then decay over the last decay steps); infinite (cosine cooldown to "
+        "const_lr_ratio, constant, then a final anneal over the last decay steps).")
     warmup_steps: int = opt(0, "Linear warmup optimizer steps (wins over warmup_ratio if > 0).")
     warmup_ratio: float = opt(0.0, "Warmup as a fraction of all optimizer steps.")
     min_lr_ratio: float = opt(0.0, "Floor of the decay as a fraction of the peak LR.")
-    decay_ratio: float = opt(0.1, "wsd / infinite: fraction of all steps in the final decay.")
+    decay_steps: int = opt(
+        0, "wsd / infinite / anneal_from: steps of the final decay (wins over decay_ratio "
+        "if > 0).")
+    decay_ratio: float = opt(
+        0.1, "wsd / infinite: the final decay as a fraction of all steps; anneal_from: of "
+        "the checkpoint's steps. 0 with infinite: no final anneal (keep the run extendable).")
     decay_shape: Literal["linear", "cosine", "sqrt"] = opt(
-        "linear", "wsd / infinite: shape of the final decay.")
+        "linear", "wsd / infinite / anneal_from: shape of the final decay.")
     const_lr_ratio: float = opt(0.5, "infinite: the constant phase's LR as a fraction of the peak.")
+    cooldown_steps: int = opt(
+        0, "infinite: steps of the cosine cooldown from the peak (wins over cooldown_ratio "
+        "if > 0). In steps, the phases do not move when a run is resumed with more steps.")
     cooldown_ratio: float = opt(
-        0.3, "infinite: fraction of all steps in the cosine cooldown from the peak.")
+        0.3, "infinite: the cooldown as a fraction of all steps.")
+    anneal_from: str | None = opt(
+        None, "Anneal a checkpoint (checkpoints/step-N, or a run dir: its last) into a "
+        "releasable model: weights, optimizer and data position are restored and the LR "
+        "decays from the checkpoint's to min_lr_ratio over decay_steps, in a new "
+        "train.output_dir (the run annealed from stays resumable).")
 
 
 @dataclass
@@ -164,6 +225,11 @@ class TrainConfig:
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (wins over epochs).")
     log_every: int = opt(1, "Write a metrics.jsonl line every N optimizer steps.")
     resume: bool = opt(False, "Continue from the last complete checkpoint in output_dir.")
+    init_from: str | None = opt(
+        None, "Start a new run from an earlier run's weights (its last checkpoint, or a "
+        "checkpoints/step-N dir): continual pre-training on new data, with the schedule "
+        "starting over (re-warm, re-decay) and the data from its beginning. The adapter "
+        "config must match that run's.")
     progress: bool = opt(True, "Show a progress bar.")
 
 
@@ -207,6 +273,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -224,92 +291,10 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _validate(cfg: Config) -> None:
-    """Cross-field and range checks that types alone cannot express."""
-    positive = {
-        "data.max_length": cfg.data.max_length,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "eval.batch_size": cfg.eval.batch_size,
-        "adapter.r": cfg.adapter.r,
-        "adapter.num_virtual_tokens": cfg.adapter.num_virtual_tokens,
-        "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
-        "train.log_every": cfg.train.log_every,
-        "fast_forward.interval": cfg.fast_forward.interval,
-        "fast_forward.eval_examples": cfg.fast_forward.eval_examples,
-        "fast_forward.max_steps_per_stage": cfg.fast_forward.max_steps_per_stage,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
-    for key, value in {"eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every,
-                       "train.max_steps": cfg.train.max_steps,
-                       "data.max_examples": cfg.data.max_examples}.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
-    # A negative cap would slice from the end in build_splits and move rows silently.
-    if cfg.data.eval_examples is not None and cfg.data.eval_examples < 0:
-        raise ConfigError(f"data.eval_examples: must be >= 0 or null, got {cfg.data.eval_examples}")
-    if cfg.data.batching == "token_budget":
-        if cfg.data.token_budget is None or cfg.data.token_budget < cfg.data.max_length:
-            raise ConfigError(f"data.token_budget: batching=token_budget needs a budget >= "
-                              f"data.max_length ({cfg.data.max_length}), got {cfg.data.token_budget}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
-        raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {cfg.optim.warmup_ratio}")
-    for key in ("min_lr_ratio", "decay_ratio", "const_lr_ratio", "cooldown_ratio"):
-        value = getattr(cfg.optim, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"optim.{key}: must be in [0, 1], got {value}")
-    o = cfg.optim
-    if o.schedule == "infinite" and o.warmup_ratio + o.cooldown_ratio + o.decay_ratio > 1.0:
-        raise ConfigError("optim.cooldown_ratio: warmup_ratio + cooldown_ratio + decay_ratio "
-                          f"must not exceed 1 for schedule=infinite, got {o.warmup_ratio} + "
-                          f"{o.cooldown_ratio} + {o.decay_ratio}")
-    for key, value in {"fast_forward.burn_in": cfg.fast_forward.burn_in,
-                       "fast_forward.min_improvement": cfg.fast_forward.min_improvement}.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
-    _validate_adapter(cfg.adapter)
-    if cfg.optim.lr is not None and cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr: must be > 0 (or null for the method's usual LR), got {cfg.optim.lr}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
-    if cfg.train.epochs <= 0 and cfg.train.max_steps is None:
-        raise ConfigError("train.epochs: must be > 0 when train.max_steps is null")
-
-
-def parse_positions(text: str) -> tuple[int, int]:
-    """ReFT's ``adapter.positions``: ``"f7+l7"`` -> (7, 7); ``"f5"`` -> (5, 0); ``"l3"`` ->
-    (0, 3).
-
-    Raises:
-        ConfigError: anything else (a repeated part included).
-    """
-    parts = text.split("+")
-    if not all(len(p) > 1 and p[0] in "fl" and p[1:].isdigit() for p in parts) or len(
-            {p[0] for p in parts}) != len(parts):
-        raise ConfigError(f"adapter.positions: {text!r} is not like 'f7+l7', 'f5' or 'l3'")
-    counts = {p[0]: int(p[1:]) for p in parts}
-    return counts.get("f", 0), counts.get("l", 0)
-
-
-def _validate_adapter(a: AdapterConfig) -> None:
-    if isinstance(a.target_modules, str) and a.target_modules not in TARGET_PRESETS:
-        raise ConfigError(f"adapter.target_modules: {a.target_modules!r} is not a preset; choose "
-                          f"one of {list(TARGET_PRESETS)} or give a list of module names")
-    if isinstance(a.target_modules, list) and not a.target_modules:
-        raise ConfigError("adapter.target_modules: the list is empty")
-    if a.prompt_init == "text" and not a.prompt_init_text:
-        raise ConfigError("adapter.prompt_init_text: prompt_init=text needs a non-empty text")
-    if isinstance(a.layers, str) and a.layers != "all":
-        raise ConfigError(f"adapter.layers: {a.layers!r}; give a list of layer indices or 'all'")
-    if isinstance(a.layers, list) and (not a.layers or min(a.layers) < 0):
-        raise ConfigError(f"adapter.layers: {a.layers}; need at least one index, all >= 0")
-    parse_positions(a.positions)
-    if a.use_dora and a.method not in ("lora", "qlora"):
-        raise ConfigError(f"adapter.use_dora: DoRA is a LoRA variant; adapter.method is {a.method!r}")
+# Keys that moved to another section: their old spelling gets a message naming the new one.
+MOVED = {f"optim.{k}": f"schedule.{k}" for k in (
+    "warmup_steps", "warmup_ratio", "min_lr_ratio", "decay_ratio", "decay_shape",
+    "const_lr_ratio", "cooldown_ratio")} | {"optim.schedule": "schedule.kind"}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -327,13 +312,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for text in overrides:
-        (section, key), value = parse_override(text)
-        data.setdefault(section, {})
-        if not isinstance(data[section], dict):
-            raise ConfigError(f"{section}: expected a mapping, got {data[section]!r}")
-        data[section][key] = value
+        set_path(data, *parse_override(text))
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(f"{old}: this option is now {new}")
     cfg = build(Config, data, "")
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -341,13 +326,10 @@ def describe_options() -> str:
     """Every option as ``section.key (type, default): help`` lines, for --help."""
     lines = []
     for section in dataclasses.fields(Config):
-        cls = section.default_factory
         lines.append(f"{section.name}:")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  {section.name}.{f.name} ({type_name(hints[f.name])}, "
-                         f"default {default!r}): {f.metadata['help']}")
+        lines += [f"  {key} ({tp}, default {default!r}): {help}"
+                  for key, default, tp, help in option_lines(section.default_factory,
+                                                             f"{section.name}.")]
     return "\n".join(lines)
 
 
@@ -362,13 +344,22 @@ def reference_yaml() -> str:
              "#   leantune train my.yaml optim.lr=1e-4 train.output_dir=runs/try2",
              "# (generated by leantune.config.reference_yaml; a test keeps it in sync)", ""]
     for section in dataclasses.fields(Config):
-        cls = section.default_factory
-        hints = typing.get_type_hints(cls)
         lines.append(f"{section.name}:")
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  # {f.metadata['help']}  [{type_name(hints[f.name])}]")
-            dumped = yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000)
-            lines.append(f"  {dumped.strip()[1:-1]}")
+        lines += _yaml_fields(section.default_factory, "  ")
         lines.append("")
     return "\n".join(lines)
+
+
+def _yaml_fields(cls: type, indent: str) -> list[str]:
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{indent}{f.name}:")
+            lines += _yaml_fields(hints[f.name], indent + "  ")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"{indent}# {f.metadata['help']}  [{type_name(hints[f.name])}]")
+        dumped = yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000)
+        lines.append(f"{indent}{dumped.strip()[1:-1]}")
+    return lines

@@ -51,6 +51,12 @@ def check_value(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: {value!r} does not fit {type_name(tp)}")
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of names to {type_name(item)}, "
+                              f"got {value!r}")
+        return {k: check_value(f"{key}.{k}", v, item) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -88,6 +94,8 @@ def type_name(tp: Any) -> str:
         return " | ".join(type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list[{type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        return f"dict[str, {type_name(typing.get_args(tp)[1])}]"
     return "null" if tp is type(None) else tp.__name__
 
 
@@ -116,15 +124,47 @@ def build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=1e-4"`` -> (["optim", "lr"], 1e-4); the value is parsed as YAML."""
+    """``"optim.lr=1e-4"`` -> (["optim", "lr"], 1e-4); ``"data.replay.ratio=0.25"`` ->
+    (["data", "replay", "ratio"], 0.25). The value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
     path = key.strip().split(".")
-    if len(path) != 2 or not all(path):
+    if len(path) < 2 or not all(path):
         raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.lr=1e-4)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return path, value
+
+
+def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """``data[path[0]][path[1]]... = value``, making the mappings on the way.
+
+    Raises:
+        ConfigError: a step on the way holds a value that is not a mapping.
+    """
+    node = data
+    for i, part in enumerate(path[:-1]):
+        if node.get(part) is None:  # absent, or an empty YAML section
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: expected a mapping, got {node!r}")
+    node[path[-1]] = value
+
+
+def option_lines(cls: type, prefix: str) -> list[tuple[str, Any, str, str]]:
+    """``(dotted key, default, type name, help)`` of every field of ``cls``, nested
+    dataclass sections included (their fields as ``prefix.section.key``)."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += option_lines(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((f"{prefix}{f.name}", default, type_name(tp), f.metadata["help"]))
+    return rows

@@ -103,7 +103,7 @@ def test_fast_forward_uses_the_last_update_and_accounts_its_cost():
 # In the training loop
 
 FF = ["fast_forward.enabled=true", "fast_forward.interval=3", "fast_forward.eval_examples=6",
-      "optim.schedule=constant", "optim.lr=3e-3", "data.packing=none", "adapter.dropout=0"]
+      "schedule.kind=constant", "optim.lr=3e-3", "data.packing=none", "adapter.dropout=0"]
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +175,7 @@ def test_same_decisions_with_and_without_accumulation(llama_dir, sums, tmp_path)
 def test_ff_set_is_disjoint_from_train_and_eval(llama_dir, sums, tmp_path):
     run = loop.build_run(config(llama_dir, sums, tmp_path / "run"))
     ff, train, held = ({tuple(e.input_ids) for e in s}
-                       for s in (run.splits.ff, run.splits.train, run.splits.eval))
+                       for s in (run.data.ff, run.data.batcher.examples,
+                                 run.data.eval_sets[0].examples))
     assert len(ff) == 6 and len(train) + len(held) + len(ff) == 48
     assert not ff & train and not ff & held

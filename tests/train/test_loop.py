@@ -202,14 +202,16 @@ def test_existing_run_without_resume_is_refused(uninterrupted, llama_dir, chat_d
 
 @pytest.mark.parametrize("schedule", ["wsd", "infinite"])
 def test_logged_lr_follows_the_configured_schedule(schedule, llama_dir, chat_data, tmp_path):
-    from leantune.train.schedule import lr_multiplier
+    from leantune.train.schedule import Schedule
 
-    overrides = ["train.max_steps=10", "optim.lr=1e-3", f"optim.schedule={schedule}",
-                 "optim.warmup_steps=2", "optim.decay_ratio=0.3", "optim.cooldown_ratio=0.3",
-                 "optim.const_lr_ratio=0.5", "optim.min_lr_ratio=0.1", "eval.before=false"]
-    loop.train(config(llama_dir, chat_data, tmp_path / "run", *overrides))
+    overrides = ["train.max_steps=10", "optim.lr=1e-3", f"schedule.kind={schedule}",
+                 "schedule.warmup_steps=2", "schedule.decay_ratio=0.3",
+                 "schedule.cooldown_ratio=0.3", "schedule.const_lr_ratio=0.5",
+                 "schedule.min_lr_ratio=0.1", "eval.before=false"]
+    summary = loop.train(config(llama_dir, chat_data, tmp_path / "run", *overrides))
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
-    want = [1e-3 * lr_multiplier(s, 10, 2, schedule, 0.1, 0.3, "linear", 0.5, 0.3)
-            for s in range(10)]
-    assert lrs == pytest.approx(want)
+    # W = 2, D = round(0.3 * 10) = 3, C = 3, worked out apart from the config plumbing.
+    want = Schedule(schedule, 10, 2, 0.1, decay=3, const_ratio=0.5, cooldown=3)
+    assert lrs == pytest.approx([1e-3 * want(s) for s in range(10)])
     assert len(set(round(x, 9) for x in lrs)) >= 4  # warmup, plateau/cooldown and decay seen
+    assert summary["schedule"]["decay"] == 3 and summary["schedule"]["kind"] == schedule

@@ -132,7 +132,7 @@ def test_fast_forward_steps_reft_in_its_parametrization_and_keeps_r_orthonormal(
 
     run = tmp_path / "run"
     cfg = load_config(config_file, [
-        "adapter.method=loreft", "optim.schedule=constant", "optim.lr=3e-3",
+        "adapter.method=loreft", "schedule.kind=constant", "optim.lr=3e-3",
         "fast_forward.enabled=true", "fast_forward.interval=2", "fast_forward.eval_examples=4",
         "train.max_steps=6", f"train.output_dir={run}", "eval.before=false"])
     summary = loop.train(cfg)

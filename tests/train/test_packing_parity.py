@@ -19,7 +19,7 @@ from leantune.data.collate import collate_packed, collate_padded
 from leantune.data.encode import IGNORE, Encoded
 from leantune.model import packing_error, packing_tolerance
 from leantune.train import loop
-from leantune.train.loop import resolve_packing
+from leantune.train.build import resolve_packing
 from leantune.train.step import loss_sum
 from conftest import save_tiny_model
 

@@ -51,7 +51,7 @@ def task_overrides(model: str, data: str, examples: int, eval_examples: int, bat
             f"data.max_examples={examples}", f"data.eval_examples={eval_examples}",
             "data.skip_bad_rows=true", f"train.batch_size={batch_size}",
             f"train.max_steps={steps}", "train.progress=false", "optim.lr=null",
-            "optim.schedule=cosine", "eval.generate=0", "checkpoint.every=null"]
+            "schedule.kind=cosine", "eval.generate=0", "checkpoint.every=null"]
 
 
 def run_method(variant: str, task: list[str], work: Path, seed: int = 42) -> dict:

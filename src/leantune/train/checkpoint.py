@@ -88,18 +88,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, adapter: Adapter, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore adapter weights, optimizer state and RNG; return the trainer state."""
+                    optimizer: torch.optim.Optimizer | None, rng: bool = True) -> dict[str, Any]:
+    """Restore adapter weights, optimizer state (unless None) and RNG (if ``rng``); return
+    the trainer state."""
     adapter.load_weights(model, path / adapter.output_name)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     state = json.loads((path / "trainer_state.json").read_text())
     host = state.pop("host_rng")
-    version, internal, gauss = host["python"]
-    random.setstate((version, tuple(internal), gauss))
-    keys, pos, has_gauss, cached = host["numpy"]
-    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if rng:
+        saved = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(saved["torch"])
+        if "cuda" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda"])
+        version, internal, gauss = host["python"]
+        random.setstate((version, tuple(internal), gauss))
+        keys, pos, has_gauss, cached = host["numpy"]
+        np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss,
+                             cached))
     return state

@@ -38,6 +38,16 @@ class TrainState:
     ff_accepted_per_stage: list[int] = field(default_factory=list)  # one entry per FF stage
     ff_flops: int = 0
     ff_seconds: float = 0.0
+    last_lr: float | None = None
+    # Corpus mode: each stream's position [epoch, window], windows taken per stream, the
+    # replay rounding carried over, and the content key of the corpus each position is in.
+    streams: dict[str, list[int]] = field(default_factory=dict)
+    windows: dict[str, int] = field(default_factory=dict)
+    replay_carry: float = 0.0
+    data_keys: dict[str, str] = field(default_factory=dict)
+    # A run annealed from a checkpoint: the step it started at and the LR multiplier there.
+    anneal_at: int | None = None
+    anneal_start: float = 1.0
 
     @property
     def ff_stages(self) -> int:
@@ -110,9 +120,3 @@ def micro_batches(batcher: Batcher, cfg: Config, state: TrainState, acc: Acceler
         state.batch_in_epoch = 0
 
 
-def total_steps(cfg: Config, batches_per_epoch: int) -> int:
-    """``train.max_steps``, or the optimizer steps of ``train.epochs`` passes."""
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
-    per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
-    return max(1, math.ceil(cfg.train.epochs * per_epoch))

@@ -1,0 +1,156 @@
+"""Building a run: model, adapter, optimizer, data and schedule, and where training starts
+(afresh, resumed, from an earlier run's weights, or annealing a checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from leantune.adapters import (Adapter, build_adapter, count_parameters, load_base,
+                               memory_footprint)
+from leantune.config import Config
+from leantune.evaluate import evaluate
+from leantune.model import (load_tokenizer, packing_error, packing_tolerance, resolve_dtype,
+                            resolve_local)
+from leantune.train.data import TrainData, build_data
+from leantune.train.fast_forward import FastForward
+from leantune.train.flops import FlopModel
+from leantune.train.metrics import MetricsLog, PeakMemory
+from leantune.train.run_dir import prepare_run_dir
+from leantune.train.schedule import Schedule, steps_or_ratio
+from leantune.train.start import Start, restore
+from leantune.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """The parts of one training run, built once by :func:`build_run`."""
+
+    cfg: Config
+    acc: Accelerator
+    run_dir: Path
+    tokenizer: object
+    data: TrainData
+    adapter: Adapter
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    flop_model: FlopModel
+    params: tuple[int, int]  # (trainable, total)
+    base_memory: dict         # bytes of the base's weights: loaded / full precision
+    packing: dict             # requested / used mode and the probe's error
+    steps: int
+    schedule: Schedule
+    state: TrainState
+    start: Start
+    metrics: MetricsLog
+    started: float
+    ff: FastForward | None
+    train_memory: PeakMemory | None = None
+
+    @property
+    def resumed(self) -> bool:
+        return self.start.kind == "resume"
+
+
+def build_run(cfg: Config) -> Run:
+    """Load model, data and adapter, make the optimizer, and restore a checkpoint if asked."""
+    started = time.time()
+    # Accelerate only turns a multi-process CPU launch (torchrun) into gloo DDP when told
+    # it is on CPU.
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(cfg.train.seed)
+    run_dir = prepare_run_dir(cfg, acc)
+    with acc.main_process_first():  # one process dequantizes a GGUF, the others reuse it
+        source = resolve_local(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, source)
+    adapter = build_adapter(cfg.adapter)
+    base = load_base(cfg.model, adapter, source, acc.device)
+    base_memory = memory_footprint(base, resolve_dtype(cfg.model.dtype))
+    model = adapter.apply(adapter.prepare_base(base))
+    params = count_parameters(model)
+    flop_model = FlopModel.of(model, adapter.virtual_tokens)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    packing = resolve_packing(cfg.data.packing, acc.unwrap_model(model), adapter)
+    data = build_data(cfg, tokenizer, packing["used"], adapter.positions, acc)
+    ff = build_fast_forward(cfg, model, data, packing, flop_model, acc)
+    state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys)
+    steps, schedule = plan_steps(cfg, data, state, acc.num_processes)
+    if start.kind != "fresh":
+        acc.print(f"{start.describe()} (step {state.step} of {steps})")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
+                         state.step if start.kind == "resume" else None)
+    acc.print(f"model {cfg.model.name_or_path}: {params[0]:,} trainable / {params[1]:,} "
+              f"parameters ({100 * params[0] / params[1]:.3f} %), {data.num_train}, "
+              f"{sum(len(s.examples) for s in data.eval_sets)} eval examples, "
+              f"{steps} optimizer steps")
+    return Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
+               params, base_memory, packing, steps, schedule, state, start, metrics, started, ff)
+
+
+def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int
+               ) -> tuple[int, Schedule]:
+    """The run's optimizer steps and LR schedule. A run annealing a checkpoint taken at
+    step ``s0`` ends at ``s0 + decay_steps`` (or ``decay_ratio * s0``)."""
+    s = cfg.schedule
+    if state.anneal_at is not None:
+        steps = state.anneal_at + max(1, steps_or_ratio(s.decay_steps, s.decay_ratio,
+                                                        state.anneal_at))
+    else:
+        steps = data.steps(cfg, world)
+    return steps, Schedule.of(s, steps, state.anneal_at, state.anneal_start)
+
+
+def resolve_packing(requested: str, model: torch.nn.Module, adapter: Adapter | None = None
+                    ) -> dict:
+    """The packing mode to use: the requested one when this model and backend keep packed
+    examples apart (probed, see :func:`~leantune.model.packing_error`), else padding,
+    with a warning. Never contaminates silently."""
+    if requested == "none":
+        return {"requested": "none", "used": "none", "probe_error": None, "exact": False}
+    if adapter is not None and not adapter.packs:
+        log.warning("adapter.method=%s adds tokens to each row, not to each example: packed "
+                    "rows would share them; using data.packing=none", adapter.name)
+        return {"requested": requested, "used": "none", "probe_error": None, "exact": False,
+                "reason": f"adapter.method={adapter.name} does not pack"}
+    error = packing_error(model)
+    exact = error <= packing_tolerance(model)
+    used = requested
+    if requested == "naive":
+        log.warning("data.packing=naive: attention crosses example boundaries")
+    elif not exact:
+        used = "none"
+        log.warning("this model/attention backend does not keep packed examples apart (relative "
+                    "logit error %.2e); falling back to data.packing=none", error)
+    return {"requested": requested, "used": used, "probe_error": error, "exact": exact}
+
+
+def eval_mode(packing: dict) -> str:
+    """Held-out sets are packed whenever packing is exact here (same loss, less waste)."""
+    return "online" if packing["exact"] and packing["requested"] != "none" else "none"
+
+
+def build_fast_forward(cfg: Config, model: torch.nn.Module, data: TrainData, packing: dict,
+                       flop_model: FlopModel, acc: Accelerator) -> FastForward | None:
+    """The Fast Forward stage over every trainable tensor, judged on the FF set."""
+    if not cfg.fast_forward.enabled:
+        return None
+    mode = eval_mode(packing)
+
+    def ff_loss() -> float:
+        return evaluate(model, data.ff, cfg.eval.batch_size,
+                        lambda b: data.batcher.collate_examples(b, mode), acc)["loss"]
+
+    return FastForward(cfg.fast_forward, [p for p in model.parameters() if p.requires_grad],
+                       ff_loss, flop_model.forward_each(len(e.input_ids) for e in data.ff))

@@ -1,0 +1,193 @@
+"""What the loop reads, for either kind of data (``data.mode``): training micro-batches,
+the held-out sets evaluated at every eval, the Fast Forward set, and counts.
+
+- ``examples``: rows are examples (fine-tuning), split into train / eval / FF rows and
+  batched by :class:`~leantune.data.batching.Batcher`.
+- ``corpus``: raw text (continual pre-training), tokenized once into cached shards and
+  fed as windows by :class:`~leantune.data.replay.CorpusFeed`, with replay of an earlier
+  corpus. Whole documents of each corpus are held out for eval (and FF).
+
+Every corpus of ``data.eval_corpora`` (and the replayed one) adds a held-out set, so
+forgetting of old data and adaptation to the new are both measured at every eval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from leantune.config import Config
+from leantune.data.batching import Batcher
+from leantune.data.corpus import build_corpus
+from leantune.data.dataset import build_splits
+from leantune.data.encode import Encoded
+from leantune.data.formats import Example
+from leantune.data.replay import CorpusFeed
+from leantune.data.sources import DataError
+from leantune.data.windows import TokenCorpus, Windows, document_chunks, held_out
+from leantune.train.state import TrainState, epoch_plan, micro_batches
+
+
+@dataclass
+class EvalSet:
+    """A held-out set: ``role`` is ``data`` (from data.path or data.eval_path), ``replay``
+    or ``extra`` (data.eval_corpora)."""
+
+    name: str
+    role: str
+    examples: list[Encoded]
+
+
+@dataclass
+class TrainData:
+    batcher: Batcher              # lays out examples: training rows (examples mode), eval, FF
+    eval_sets: list[EvalSet]      # the first is the main one (summary's eval_loss)
+    ff: list[Encoded]
+    prompts_from: list[Example]   # held-out rows that can serve as generation prompts
+    stats: dict                   # counts for summary.json
+    feed: CorpusFeed | None = None
+    keys: dict[str, str] = field(default_factory=dict)  # corpus content keys per stream
+
+    def steps(self, cfg: Config, world: int) -> int:
+        """``train.max_steps``, or the optimizer steps of ``train.epochs`` passes."""
+        if cfg.train.max_steps is not None:
+            return cfg.train.max_steps
+        if self.feed is not None:
+            return self.feed.steps(cfg.train.epochs,
+                                   cfg.train.batch_size * world * cfg.train.grad_accum)
+        per_epoch = math.ceil(len(epoch_plan(self.batcher.unit_lengths, cfg, world, 0))
+                              / cfg.train.grad_accum)
+        return max(1, math.ceil(cfg.train.epochs * per_epoch))
+
+    def micro_batches(self, cfg: Config, state: TrainState, acc: Accelerator, total_steps: int
+                      ) -> Iterator[dict[str, torch.Tensor]]:
+        if self.feed is None:
+            return micro_batches(self.batcher, cfg, state, acc)
+        t = cfg.train
+        return self.feed.micro_batches(state, t.batch_size, t.grad_accum, acc.num_processes,
+                                       acc.process_index, total_steps, t.seed, acc.device)
+
+    @property
+    def num_train(self) -> str:
+        if self.feed is None:
+            return f"{len(self.batcher.examples)} train examples"
+        return " + ".join(f"{len(w)} {name} windows" for name, w in self.feed.windows.items())
+
+
+def set_name(path: str, taken: set[str]) -> str:
+    """A short, unique name for a data set: its file or directory name without suffix."""
+    base = path.split(":", 1)[1] if path.startswith("embedded:") else Path(path.rstrip("/")).stem
+    name, k = base or "data", 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def build_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | None,
+               acc: Accelerator) -> TrainData:
+    """Everything the loop reads, for ``cfg.data.mode``; ``mode`` is the packing mode in
+    use (after the model's probe)."""
+    d, ff_n = cfg.data, cfg.fast_forward.eval_examples if cfg.fast_forward.enabled else 0
+    taken: set[str] = set()
+    if d.mode == "corpus":
+        data = corpus_data(cfg, tokenizer, mode, intervene, ff_n, taken, acc)
+    else:
+        splits = build_splits(d, tokenizer, cfg.train.seed, ff_n)
+        batcher = Batcher.build(splits.train, mode, d.max_length, tokenizer.pad_token_id,
+                                d.packing_strategy, intervene)
+        data = TrainData(batcher, [EvalSet(set_name(d.eval_path or d.path, taken), "data",
+                                           splits.eval)], splits.ff, splits.eval_examples,
+                         splits.stats.to_dict() | {"format": splits.format})
+    for name, path in d.eval_corpora.items():
+        corpus = open_corpus(cfg, path, tokenizer, acc)
+        (docs,) = held_out(corpus, [eval_budget(cfg, corpus)])
+        taken.add(name)
+        data.eval_sets.append(EvalSet(name, "extra", document_chunks(
+            corpus, docs, d.max_length, d.eval_tokens)))
+        data.stats.setdefault("corpora", {})[name] = corpus_stats(corpus, docs)
+    return data
+
+
+def corpus_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | None,
+                ff_n: int, taken: set[str], acc: Accelerator) -> TrainData:
+    """Corpus mode: windows of data.path (and the replayed corpus), held-out documents."""
+    d, length = cfg.data, cfg.data.max_length
+    main = open_corpus(cfg, d.path, tokenizer, acc)
+    own_eval = d.eval_path is None
+    eval_docs, ff_docs = held_out(main, [eval_budget(cfg, main) if own_eval else (0, 0),
+                                         (ff_n * length, ff_n * length)])
+    if ff_n and not len(ff_docs):
+        raise DataError(d.path, "corpus", None, "no document left for the Fast Forward set "
+                        "(fast_forward.eval_examples)")
+    name = set_name(d.path, taken)
+    windows = {"data": Windows.over(main, length, np.concatenate([eval_docs, ff_docs]))}
+    stats = {"format": "corpus", "corpora": {name: corpus_stats(main, eval_docs, ff_docs)}}
+    if own_eval:
+        eval_set = EvalSet(name, "data", document_chunks(main, eval_docs, length, d.eval_tokens))
+    else:
+        other = open_corpus(cfg, d.eval_path, tokenizer, acc)
+        eval_set = EvalSet(set_name(d.eval_path, taken), "data", document_chunks(
+            other, np.arange(other.num_documents), length, d.eval_tokens))
+    eval_sets, keys = [eval_set], {"data": main.key}
+    if d.replay.path is not None:
+        old = open_corpus(cfg, d.replay.path, tokenizer, acc)
+        (old_docs,) = held_out(old, [eval_budget(cfg, old)])
+        windows["replay"] = Windows.over(old, length, old_docs)
+        replay_name = set_name(d.replay.path, taken)
+        eval_sets.append(EvalSet(replay_name, "replay", document_chunks(
+            old, old_docs, length, d.eval_tokens)))
+        stats["corpora"][replay_name] = corpus_stats(old, old_docs)
+        keys["replay"] = old.key
+    for role, w in windows.items():
+        if len(w) == 0:
+            raise DataError(d.replay.path if role == "replay" else d.path, "corpus", None,
+                            f"fewer than data.max_length={length} tokens left for training "
+                            f"after the held-out documents ({w.num_tokens})")
+    feed = CorpusFeed(windows, d.replay, mode, tokenizer.pad_token_id, intervene)
+    batcher = Batcher.build([], mode, length, tokenizer.pad_token_id, intervene=intervene)
+    ff = document_chunks(main, ff_docs, length, ff_n * length)
+    return TrainData(batcher, eval_sets, ff, [], stats, feed, keys)
+
+
+def open_corpus(cfg: Config, path: str, tokenizer, acc: Accelerator) -> TokenCorpus:
+    """The tokenized corpus at ``path`` (one process tokenizes, the others wait and reuse).
+
+    Raises:
+        DataError: bad rows or files were skipped when this corpus was cached and
+            ``data.skip_bad_rows`` is false now.
+    """
+    d = cfg.data
+    with acc.main_process_first():
+        directory = build_corpus(path, tokenizer, d.cache_dir, d.text_field, d.glob, d.split,
+                                 d.skip_bad_rows, progress=acc.is_main_process and
+                                 cfg.train.progress)
+    corpus = TokenCorpus(directory)
+    if corpus.meta["bad_skipped"] and not d.skip_bad_rows:
+        raise DataError(path, "corpus", None, f"{corpus.meta['bad_skipped']} bad rows or files "
+                        f"(first: {corpus.meta['bad_samples'][0]}); fix them or set "
+                        "data.skip_bad_rows=true")
+    return corpus
+
+
+def eval_budget(cfg: Config, corpus: TokenCorpus) -> tuple[int, int]:
+    """``(tokens, documents)`` held out of a corpus for eval: ``data.eval_tokens``, in at
+    most ``eval_fraction`` of the documents (at least one) and ``eval_examples``."""
+    d = cfg.data
+    docs = max(1, math.floor(d.eval_fraction * corpus.num_documents)) if d.eval_fraction else 0
+    if d.eval_examples is not None:
+        docs = min(docs, d.eval_examples)
+    return d.eval_tokens, docs
+
+
+def corpus_stats(corpus: TokenCorpus, *held: np.ndarray) -> dict:
+    return {"tokens": corpus.num_tokens, "documents": corpus.num_documents,
+            "held_out_documents": sum(len(h) for h in held),
+            "empty_skipped": corpus.meta["empty_skipped"],
+            "bad_skipped": corpus.meta["bad_skipped"], "key": corpus.key}

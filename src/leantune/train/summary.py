@@ -1,0 +1,88 @@
+"""``summary.json``: the figures DESIGN.md lists for a run, and a little more."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from leantune.train.build import Run
+from leantune.train.metrics import peak_memory_bytes
+
+
+def build_summary(run: Run, after: dict | None, prompts, replies_before: list[str],
+                  replies_after: list[str]) -> dict:
+    """The run's figures; ``after`` is the main held-out set's final eval."""
+    state, (trainable, total), mem = run.state, run.params, run.train_memory
+    summary = {
+        "method": run.cfg.adapter.method,
+        "model": run.cfg.model.name_or_path,
+        "train_tokens": {"target": state.target_tokens, "total": state.real_tokens},
+        "optimizer_steps": state.step,
+        "train_flops": state.train_flops,
+        "eval_flops": state.eval_flops,
+        "ff_flops": state.ff_flops,
+        "ff_stages": state.ff_stages,
+        "ff_steps_accepted": state.ff_steps_accepted,
+        "ff_accepted_per_stage": state.ff_accepted_per_stage,
+        "ff_seconds": state.ff_seconds,
+        "wall_seconds": time.time() - run.started,
+        "train_seconds": state.train_seconds,
+        "tokens_per_second": state.tokens_per_second,
+        # Two meters (rusage and sampled /proc) differ by a few pages: report the larger.
+        "peak_memory_bytes": max(peak_memory_bytes(), mem.peak, mem.prior_peak) if mem
+        else peak_memory_bytes(),
+        # Memory at the first step and the peak during training (CUDA allocated, else
+        # resident): their difference is what training itself added (activations,
+        # gradients, optimizer state), apart from loading model and data.
+        "train_memory_bytes": {"at_start": mem.base, "peak": mem.peak} if mem else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "base_memory_bytes": run.base_memory,
+        "eval_loss": {"before": state.eval_loss_before, "after": after and after["loss"]},
+        "eval_sets": eval_table(run),
+        "eval_history": state.eval_history,
+        "final_train_loss": state.last_loss,
+        "padding_fraction": state.padding_fraction,
+        "packing": run.packing,
+        "rows": state.rows,
+        "examples": state.examples,
+        "data": run.data.stats | {"mode": run.cfg.data.mode},
+        "start": run.start.to_dict(),
+        "schedule": asdict(run.schedule),
+        "samples": [{"prompt": p, "reference": ref, "after": a,
+                     "before": replies_before[i] if replies_before else None}
+                    for i, ((p, ref, _), a) in enumerate(zip(prompts, replies_after))],
+    }
+    if run.data.feed is not None:
+        summary["replay"] = replay_summary(run)
+    return summary
+
+
+def eval_table(run: Run) -> dict[str, dict]:
+    """Loss and perplexity of every held-out set before and after training, so forgetting
+    (old data) and adaptation (new data) read side by side."""
+    sets, table = run.data.eval_sets, {}
+    for s in sets:
+        by_tag = {}
+        for r in run.state.eval_history:
+            if "eval_sets" in r:
+                if s.name in r["eval_sets"]:
+                    by_tag[r["tag"]] = r["eval_sets"][s.name]
+            elif s is sets[0]:  # a run with one held-out set logs it without the table
+                by_tag[r["tag"]] = {"loss": r["eval_loss"], "perplexity": r["eval_perplexity"]}
+        table[s.name] = {"role": s.role, "examples": len(s.examples),
+                         "tokens": sum(len(e.input_ids) for e in s.examples),
+                         "before": by_tag.get("before"), "after": by_tag.get("after")}
+    return table
+
+
+def replay_summary(run: Run) -> dict:
+    """Windows and tokens each stream gave, and the replayed fraction they make."""
+    windows = run.state.windows
+    length = run.cfg.data.max_length
+    total = sum(windows.values())
+    r = run.cfg.data.replay
+    return {"path": r.path, "ratio": r.ratio, "schedule": r.schedule,
+            "final_ratio": r.final_ratio, "windows": dict(windows),
+            "tokens": {k: v * length for k, v in windows.items()},
+            "fraction": windows.get("replay", 0) / total if total else 0.0}

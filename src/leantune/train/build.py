@@ -25,7 +25,7 @@ from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, PeakMemory
 from leantune.train.run_dir import prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
-from leantune.train.start import Start, restore
+from leantune.train.start import Start, check_start, restore
 from leantune.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def build_run(cfg: Config) -> Run:
     # it is on CPU.
     acc = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
+    check_start(cfg)
     run_dir = prepare_run_dir(cfg, acc)
     with acc.main_process_first():  # one process dequantizes a GGUF, the others reuse it
         source = resolve_local(cfg.model)

@@ -128,11 +128,10 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
         return None
     main = results.get(run.data.eval_sets[0].name)
     record = {"step": run.state.step, "tag": tag, "eval_loss": main and main["loss"],
-              "eval_perplexity": main and main["perplexity"]}
-    if len(run.data.eval_sets) > 1:
-        record["eval_sets"] = {name: {"loss": r["loss"], "perplexity": r["perplexity"],
-                                      "target_tokens": r["target_tokens"]}
-                               for name, r in results.items()}
+              "eval_perplexity": main and main["perplexity"],
+              "eval_sets": {name: {"loss": r["loss"], "perplexity": r["perplexity"],
+                                   "target_tokens": r["target_tokens"]}
+                            for name, r in results.items()}}
     run.state.eval_history.append(record)
     run.metrics.write(record)
     return main

@@ -50,16 +50,10 @@ def write_plots(run_dir: Path, schedule: Schedule, peak_lr: float) -> list[Path]
     evals = [r for r in records if "eval_loss" in r]
     if evals:
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        names = sorted({n for r in evals for n in r.get("eval_sets", {})}) or ["held-out"]
-        for name in names:
-            points = []
-            for r in evals:
-                loss = (r["eval_sets"].get(name, {}).get("loss") if "eval_sets" in r
-                        else r["eval_loss"])
-                if loss is not None:
-                    points.append((r["step"], loss))
-            if points:
-                ax.plot(*zip(*points), marker="o", ms=3, label=name)
+        for name in sorted({n for r in evals for n in r["eval_sets"]}):
+            points = [(r["step"], r["eval_sets"][name]["loss"]) for r in evals
+                      if name in r["eval_sets"]]
+            ax.plot(*zip(*points), marker="o", ms=3, label=name)
         ax.set(xlabel="optimizer step", ylabel="held-out loss (nats/token)",
                title="held-out loss per data set")
         ax.legend()

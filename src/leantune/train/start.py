@@ -67,6 +67,23 @@ def find_checkpoint(path: str, key: str) -> Path:
     return found
 
 
+def check_start(cfg: Config) -> None:
+    """Refuse, before anything is written, a start point that does not exist or an anneal
+    that would write into the run it anneals.
+
+    Raises:
+        ConfigError: ``train.init_from`` / ``schedule.anneal_from`` names no checkpoint.
+        RunDirError: ``train.output_dir`` is the annealed run's own directory.
+    """
+    if cfg.train.init_from is not None:
+        find_checkpoint(cfg.train.init_from, "train.init_from")
+    if cfg.schedule.anneal_from is not None:
+        ckpt = find_checkpoint(cfg.schedule.anneal_from, "schedule.anneal_from")
+        if ckpt.resolve().parent.parent == Path(cfg.train.output_dir).resolve():
+            raise RunDirError("schedule.anneal_from: write the annealed run into another "
+                              "train.output_dir, so the run it comes from stays resumable")
+
+
 def restore(cfg: Config, run_dir: Path, adapter: Adapter, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, data_keys: dict[str, str]
             ) -> tuple[TrainState, Start]:
@@ -77,9 +94,6 @@ def restore(cfg: Config, run_dir: Path, adapter: Adapter, model: torch.nn.Module
         start = Start("resume", resume_from)
     elif cfg.schedule.anneal_from is not None:
         ckpt = find_checkpoint(cfg.schedule.anneal_from, "schedule.anneal_from")
-        if ckpt.resolve().parent.parent == run_dir.resolve():
-            raise RunDirError("schedule.anneal_from: write the annealed run into another "
-                              "train.output_dir, so the run it comes from stays resumable")
         state = TrainState(**_load(ckpt, adapter, model, optimizer, "schedule.anneal_from"))
         # The earlier run's evals live in its own directory; this one starts its own log.
         state.eval_history, state.eval_loss_before = [], None

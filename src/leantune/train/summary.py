@@ -61,15 +61,10 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
 def eval_table(run: Run) -> dict[str, dict]:
     """Loss and perplexity of every held-out set before and after training, so forgetting
     (old data) and adaptation (new data) read side by side."""
-    sets, table = run.data.eval_sets, {}
-    for s in sets:
-        by_tag = {}
-        for r in run.state.eval_history:
-            if "eval_sets" in r:
-                if s.name in r["eval_sets"]:
-                    by_tag[r["tag"]] = r["eval_sets"][s.name]
-            elif s is sets[0]:  # a run with one held-out set logs it without the table
-                by_tag[r["tag"]] = {"loss": r["eval_loss"], "perplexity": r["eval_perplexity"]}
+    table = {}
+    for s in run.data.eval_sets:
+        by_tag = {r["tag"]: r["eval_sets"][s.name] for r in run.state.eval_history
+                  if s.name in r["eval_sets"]}
         table[s.name] = {"role": s.role, "examples": len(s.examples),
                          "tokens": sum(len(e.input_ids) for e in s.examples),
                          "before": by_tag.get("before"), "after": by_tag.get("after")}

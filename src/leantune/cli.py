@@ -3,7 +3,7 @@
     leantune train [CONFIG.yaml] [section.key=value ...] [--resume]
     leantune generate RUN_DIR_or_MODEL (--prompt TEXT | --prompts FILE.jsonl)
     leantune export RUN_DIR --out DIR
-    leantune bench (packing | fast-forward) [options]
+    leantune bench (packing | fast-forward | adapters | reft | continual) [options]
 """
 
 from __future__ import annotations
@@ -163,6 +163,27 @@ def cmd_bench_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_continual(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.bench.continual import bench_continual, format_table
+
+    try:
+        import matplotlib  # noqa: F401
+        plot = Path(args.plot)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'leantune[plot]')")
+        plot = None
+    results = bench_continual(args.corpus_a, args.corpus_b, args.steps_a, args.steps_b,
+                              tuple(float(r) for r in args.ratios.split(",")), args.union,
+                              args.batch_size, args.max_length, args.lr, args.eval_every,
+                              args.eval_tokens, args.vocab,
+                              work=Path(args.work) if args.work else None, out=Path(args.out),
+                              plot=plot)
+    print(format_table(results))
+    print(f"results: {args.out}" + (f", plot: {plot}" if plot else ""))
+    return 0
+
+
 def add_bench_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (baseline and ours in one process)")
     which = bench.add_subparsers(dest="which", required=True)
@@ -218,6 +239,27 @@ def add_bench_parsers(sub) -> None:
         ad.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every method's run (repeatable)")
         ad.set_defaults(func=cmd_bench_adapters)
+    cp = which.add_parser("continual", help="pretrain on A, continue on B with 0/5/25%% replay "
+                                            "of A, and the union baseline")
+    cp.add_argument("--corpus-a", default="embedded:sharegpt",
+                    help="the pretraining corpus (any corpus path leantune reads)")
+    cp.add_argument("--corpus-b", default="stdlib",
+                    help="the new corpus; stdlib = this Python's standard library sources")
+    cp.add_argument("--steps-a", type=int, default=200, help="pretraining steps on A")
+    cp.add_argument("--steps-b", type=int, default=200, help="continued steps on B")
+    cp.add_argument("--ratios", default="0,0.05,0.25", help="replay fractions of A")
+    cp.add_argument("--no-union", dest="union", action="store_false",
+                    help="skip the union-retrain baseline (the longest run)")
+    cp.add_argument("--batch-size", type=int, default=16, help="windows per step")
+    cp.add_argument("--max-length", type=int, default=256, help="tokens per window")
+    cp.add_argument("--lr", type=float, default=2e-3)
+    cp.add_argument("--eval-every", type=int, default=40)
+    cp.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per corpus")
+    cp.add_argument("--vocab", type=int, default=8192, help="the bench tokenizer's size")
+    cp.add_argument("--work", help="keep the corpora, model and runs here (default: a temp dir)")
+    cp.add_argument("--out", default="benchmarks/results/continual.json")
+    cp.add_argument("--plot", default="benchmarks/results/continual.png")
+    cp.set_defaults(func=cmd_bench_continual)
 
 
 def build_parser() -> argparse.ArgumentParser:

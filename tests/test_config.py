@@ -242,6 +242,7 @@ def test_moved_keys_name_their_new_place(old, new):
     (["data.mode=corpus", "data.packing=offline"], "data.packing"),
     (["data.eval_tokens=0"], "data.eval_tokens"),
     (["schedule.decay_steps=-1"], "schedule.decay_steps"),
+    (["schedule.anneal_from=ckpt", "schedule.decay_ratio=0"], "schedule.decay_steps"),
 ])
 def test_continual_pretraining_checks(overrides, key):
     assert load_error(overrides).startswith(f"{key}:")

@@ -28,6 +28,12 @@ def test_examples_load(name):
     assert cfg.adapter.method == "lora"
 
 
+def test_continual_example_loads():
+    cfg = load_config(ROOT / "examples" / "continual.yaml")
+    assert (cfg.data.mode, cfg.data.replay.ratio, cfg.schedule.kind) == ("corpus", 0.25,
+                                                                         "infinite")
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
     assert "pytest" in ci

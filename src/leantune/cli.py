@@ -129,16 +129,21 @@ def cmd_bench_packing(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_path(path: str) -> Path | None:
+    """Where a bench draws its plot, or None (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'leantune[plot]')")
+        return None
+    return Path(path)
+
+
 def cmd_bench_fast_forward(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     from leantune.bench.fast_forward import bench_fast_forward, format_summary
 
-    try:
-        import matplotlib  # noqa: F401
-        plot = Path(args.plot)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'leantune[plot]')")
-        plot = None
+    plot = _plot_path(args.plot)
     results = bench_fast_forward(args.model, args.steps, args.batch_size, args.max_length,
                                  args.lr, args.r, args.alpha, args.ff_examples,
                                  args.test_examples, args.interval, args.test_every,
@@ -167,12 +172,7 @@ def cmd_bench_continual(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     from leantune.bench.continual import bench_continual, format_table
 
-    try:
-        import matplotlib  # noqa: F401
-        plot = Path(args.plot)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'leantune[plot]')")
-        plot = None
+    plot = _plot_path(args.plot)
     results = bench_continual(args.corpus_a, args.corpus_b, args.steps_a, args.steps_b,
                               tuple(float(r) for r in args.ratios.split(",")), args.union,
                               args.batch_size, args.max_length, args.lr, args.eval_every,

@@ -70,6 +70,9 @@ def _validate_schedule(s: ScheduleConfig) -> None:
     for key in ("warmup_steps", "decay_steps", "cooldown_steps"):
         if getattr(s, key) < 0:
             raise ConfigError(f"schedule.{key}: must be >= 0, got {getattr(s, key)}")
+    if s.anneal_from is not None and s.decay_steps == 0 and s.decay_ratio == 0:
+        raise ConfigError("schedule.decay_steps: anneal_from needs the anneal's length: "
+                          "decay_steps > 0 (or decay_ratio > 0, of the checkpoint's steps)")
     if s.kind == "infinite" and s.warmup_ratio + s.cooldown_ratio + s.decay_ratio > 1.0:
         raise ConfigError("schedule.cooldown_ratio: warmup_ratio + cooldown_ratio + decay_ratio "
                           f"must not exceed 1 for kind=infinite, got {s.warmup_ratio} + "

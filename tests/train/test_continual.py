@@ -217,6 +217,11 @@ def test_eval_corpora_beside_fine_tuning(llama_dir, corpora, tmp_path):
                                                                        "prose": "extra"}
     assert 128 <= summary["eval_sets"]["prose"]["tokens"] < 128 + 64  # chunks of <= 64
     assert summary["eval_sets"]["prose"]["after"]["loss"] > 0
+    with pytest.raises(ConfigError, match="'chat' already names a held-out set"):
+        loop.train(load_config(None, [
+            f"model.name_or_path={llama_dir}", f"data.path={chat}",
+            f"data.eval_corpora={{chat: {corpora['english']}}}",
+            f"data.cache_dir={corpora['cache']}", f"train.output_dir={tmp_path / 'run2'}"]))
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "ia3", "prompt_tuning", "loreft"])

@@ -1,6 +1,7 @@
 """Two processes (torchrun + Accelerate, gloo on CPU) with per-process batch b train
 exactly like one process with batch 2b: same loss curve, same tokens, same eval, and
-the same Fast Forward decisions (the FF-set loss is reduced over processes)."""
+the same Fast Forward decisions (the FF-set loss is reduced over processes) - on
+examples, and on corpus windows with replay (the shards built once, by rank 0)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,19 @@ def _losses(run_dir: Path) -> tuple[list[float], int]:
     return [r["loss"] for r in steps], steps[-1]["tokens"]
 
 
-def test_two_processes_match_one_with_twice_the_batch(llama_dir, tmp_path):
+def corpus_overrides(tmp_path: Path) -> list[str]:
+    """Two small raw-text corpora, the second replayed at a quarter of every step."""
+    for name, words in (("new", "def add return a b numbers 0 1 2"), ("old", "the quick fox")):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
+            {"text": " ".join(words.split()[(i + k) % len(words.split())] for k in range(25))})
+            + "\n" for i in range(40)))
+    return ["data.mode=corpus", f"data.path={tmp_path / 'new.jsonl'}", "data.max_length=32",
+            f"data.replay.path={tmp_path / 'old.jsonl'}", "data.replay.ratio=0.25",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+@pytest.mark.parametrize("mode, port", [("examples", 29533), ("corpus", 29534)])
+def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp_path):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(
         json.dumps({"messages": [{"role": "user", "content": f"add {i % 7} {i % 5}"},
@@ -33,10 +46,11 @@ def test_two_processes_match_one_with_twice_the_batch(llama_dir, tmp_path):
               "fast_forward.interval=2", "fast_forward.eval_examples=4",
               # A margin keeps float rounding of the reduction from deciding a flat step.
               "fast_forward.min_improvement=1e-3"]
+    common += corpus_overrides(tmp_path) if mode == "corpus" else []
     leantune = [sys.executable, "-m", "leantune", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m",
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m",
                           "leantune", "train", *common, "train.batch_size=2",
                           f"train.output_dir={tmp_path / 'two'}"],
                          env=env, capture_output=True, text=True, timeout=240)
@@ -55,3 +69,10 @@ def test_two_processes_match_one_with_twice_the_batch(llama_dir, tmp_path):
     assert s2["ff_stages"] == s1["ff_stages"] == 2
     assert s2["ff_accepted_per_stage"] == s1["ff_accepted_per_stage"]
     assert two.stdout.count("run directory:") == 1  # only rank 0 prints and writes
+    if mode == "corpus":
+        assert s2["replay"]["windows"] == s1["replay"]["windows"] == {"data": 24, "replay": 8}
+        assert s2["eval_sets"].keys() == s1["eval_sets"].keys() == {"new", "old"}
+        for name in s1["eval_sets"]:
+            assert s2["eval_sets"][name]["after"]["loss"] == pytest.approx(
+                s1["eval_sets"][name]["after"]["loss"], abs=1e-5)
+        assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2

@@ -29,6 +29,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from leantune.data.corpus import iter_documents
@@ -37,32 +38,25 @@ MODEL = {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 4}
 
 
-def stdlib_python(out: Path, max_chars: int) -> int:
-    """Python's standard library sources (tests and site-packages left out), one document
-    per file, into ``out`` as JSONL; returns the number of documents."""
+def stdlib_python() -> Iterator[str]:
+    """Python's standard library sources, one document per file (tests and site-packages
+    left out; the few files that are deliberately not UTF-8 too)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    n, chars = 0, 0
-    with out.open("w") as f:
-        for path in sorted(root.rglob("*.py")):
-            parts = set(path.relative_to(root).parts)
-            if parts & {"site-packages", "test", "tests", "idle_test"}:
-                continue
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:  # a few test fixtures are deliberately not UTF-8
-                continue
-            f.write(json.dumps({"text": text}) + "\n")
-            n, chars = n + 1, chars + len(text)
-            if chars >= max_chars:
-                break
-    return n
+    for path in sorted(root.rglob("*.py")):
+        if set(path.relative_to(root).parts) & {"site-packages", "test", "tests", "idle_test"}:
+            continue
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
 
 
-def sample_documents(path: str, max_chars: int, out: Path) -> int:
-    """The first documents of the corpus at ``path`` up to ``max_chars``, as JSONL."""
+def write_documents(texts: Iterable[str], out: Path, max_chars: int) -> int:
+    """The first non-empty ``texts`` up to ``max_chars`` characters, as JSONL ``{"text"}``
+    rows in ``out``; returns how many."""
     n, chars = 0, 0
     with out.open("w") as f:
-        for text in iter_documents(path, on_bad=lambda e: None):
+        for text in texts:
             if not text.strip():
                 continue
             f.write(json.dumps({"text": text}) + "\n")
@@ -137,7 +131,8 @@ def bench_continual(corpus_a: str = "embedded:sharegpt", corpus_b: str = "stdlib
         ``{"setup", "runs": {name: figures}, "table": [...]}``, written to ``out`` after
         every run (a crash keeps what finished).
     """
-    setup = {k: v for k, v in locals().items() if k not in ("work", "out", "plot")}
+    setup = {k: v for k, v in locals().items() if k not in ("work", "out", "plot")} | {
+        "ratios": list(ratios)}
     results = {"setup": setup | {"model": MODEL}, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="leantune-bench-continual-") as tmp:
         work = Path(work or tmp)
@@ -145,9 +140,10 @@ def bench_continual(corpus_a: str = "embedded:sharegpt", corpus_b: str = "stdlib
         # Enough text that no stage repeats a window: ~4 characters per token.
         chars = 5 * max(steps_a, steps_b) * batch_size * max_length
         a, b = work / "english.jsonl", work / "python.jsonl"
-        setup["documents"] = {"A": sample_documents(corpus_a, chars, a),
-                              "B": stdlib_python(b, chars) if corpus_b == "stdlib"
-                              else sample_documents(corpus_b, chars, b)}
+        setup["documents"] = {
+            "A": write_documents(iter_documents(corpus_a, on_bad=lambda e: None), a, chars),
+            "B": write_documents(stdlib_python() if corpus_b == "stdlib" else
+                                 iter_documents(corpus_b, on_bad=lambda e: None), b, chars)}
         model = make_model([a, b], work / "base", vocab)
         common = [f"model.name_or_path={model}", "data.mode=corpus", "adapter.method=full",
                   f"data.max_length={max_length}", f"data.eval_tokens={eval_tokens}",

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from leantune.config import Config
+from leantune.config import Config, ConfigError
 from leantune.data.batching import Batcher
 from leantune.data.corpus import build_corpus
 from leantune.data.dataset import build_splits
@@ -81,8 +81,11 @@ class TrainData:
 
 
 def set_name(path: str, taken: set[str]) -> str:
-    """A short, unique name for a data set: its file or directory name without suffix."""
-    base = path.split(":", 1)[1] if path.startswith("embedded:") else Path(path.rstrip("/")).stem
+    """A short, unique name for a data set: its directory name, or its file name without
+    the suffix (``embedded:sharegpt`` -> ``sharegpt``)."""
+    p = Path(path.rstrip("/"))
+    base = path.split(":", 1)[1] if path.startswith("embedded:") else (
+        p.name if p.is_dir() else p.stem)
     name, k = base or "data", 2
     while name in taken:
         name, k = f"{base}-{k}", k + 1
@@ -106,6 +109,9 @@ def build_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | N
                                            splits.eval)], splits.ff, splits.eval_examples,
                          splits.stats.to_dict() | {"format": splits.format})
     for name, path in d.eval_corpora.items():
+        if name in taken:
+            raise ConfigError(f"data.eval_corpora: {name!r} already names a held-out set "
+                              f"({sorted(taken)}); choose another name")
         corpus = open_corpus(cfg, path, tokenizer, acc)
         (docs,) = held_out(corpus, [eval_budget(cfg, corpus)])
         taken.add(name)
@@ -120,40 +126,47 @@ def corpus_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | 
     """Corpus mode: windows of data.path (and the replayed corpus), held-out documents."""
     d, length = cfg.data, cfg.data.max_length
     main = open_corpus(cfg, d.path, tokenizer, acc)
-    own_eval = d.eval_path is None
-    eval_docs, ff_docs = held_out(main, [eval_budget(cfg, main) if own_eval else (0, 0),
-                                         (ff_n * length, ff_n * length)])
+    eval_docs, ff_docs = held_out(main, [eval_budget(cfg, main) if d.eval_path is None
+                                         else (0, 0), (ff_n * length, ff_n * length)])
     if ff_n and not len(ff_docs):
         raise DataError(d.path, "corpus", None, "no document left for the Fast Forward set "
                         "(fast_forward.eval_examples)")
-    name = set_name(d.path, taken)
-    windows = {"data": Windows.over(main, length, np.concatenate([eval_docs, ff_docs]))}
-    stats = {"format": "corpus", "corpora": {name: corpus_stats(main, eval_docs, ff_docs)}}
-    if own_eval:
-        eval_set = EvalSet(name, "data", document_chunks(main, eval_docs, length, d.eval_tokens))
+    batcher = Batcher.build([], mode, length, tokenizer.pad_token_id, intervene=intervene)
+    data = TrainData(batcher, [], document_chunks(main, ff_docs, length, ff_n * length), [],
+                     {"format": "corpus", "corpora": {}})
+    name, windows = _stream(data, d.path, main, eval_docs, ff_docs, length=length,
+                            stream="data", taken=taken)
+    windows = {"data": windows}
+    if d.eval_path is None:
+        data.eval_sets.append(EvalSet(name, "data", document_chunks(main, eval_docs, length,
+                                                                    d.eval_tokens)))
     else:
         other = open_corpus(cfg, d.eval_path, tokenizer, acc)
-        eval_set = EvalSet(set_name(d.eval_path, taken), "data", document_chunks(
-            other, np.arange(other.num_documents), length, d.eval_tokens))
-    eval_sets, keys = [eval_set], {"data": main.key}
+        data.eval_sets.append(EvalSet(set_name(d.eval_path, taken), "data", document_chunks(
+            other, np.arange(other.num_documents), length, d.eval_tokens)))
     if d.replay.path is not None:
         old = open_corpus(cfg, d.replay.path, tokenizer, acc)
         (old_docs,) = held_out(old, [eval_budget(cfg, old)])
-        windows["replay"] = Windows.over(old, length, old_docs)
-        replay_name = set_name(d.replay.path, taken)
-        eval_sets.append(EvalSet(replay_name, "replay", document_chunks(
+        old_name, windows["replay"] = _stream(data, d.replay.path, old, old_docs,
+                                              length=length, stream="replay", taken=taken)
+        data.eval_sets.append(EvalSet(old_name, "replay", document_chunks(
             old, old_docs, length, d.eval_tokens)))
-        stats["corpora"][replay_name] = corpus_stats(old, old_docs)
-        keys["replay"] = old.key
-    for role, w in windows.items():
-        if len(w) == 0:
-            raise DataError(d.replay.path if role == "replay" else d.path, "corpus", None,
-                            f"fewer than data.max_length={length} tokens left for training "
-                            f"after the held-out documents ({w.num_tokens})")
-    feed = CorpusFeed(windows, d.replay, mode, tokenizer.pad_token_id, intervene)
-    batcher = Batcher.build([], mode, length, tokenizer.pad_token_id, intervene=intervene)
-    ff = document_chunks(main, ff_docs, length, ff_n * length)
-    return TrainData(batcher, eval_sets, ff, [], stats, feed, keys)
+    data.feed = CorpusFeed(windows, d.replay, mode, tokenizer.pad_token_id, intervene)
+    return data
+
+
+def _stream(data: TrainData, path: str, corpus: TokenCorpus, *held: np.ndarray, length: int,
+            stream: str, taken: set[str]) -> tuple[str, Windows]:
+    """A set name and the training windows of ``corpus`` without its ``held`` documents,
+    recorded in ``data``'s counts and content keys."""
+    windows = Windows.over(corpus, length, np.concatenate(held))
+    if not len(windows):
+        raise DataError(path, "corpus", None, f"fewer than data.max_length={length} tokens "
+                        f"left for training after the held-out documents ({windows.num_tokens})")
+    name = set_name(path, taken)
+    data.stats["corpora"][name] = corpus_stats(corpus, *held) | {"train_windows": len(windows)}
+    data.keys[stream] = corpus.key
+    return name, windows
 
 
 def open_corpus(cfg: Config, path: str, tokenizer, acc: Accelerator) -> TokenCorpus:

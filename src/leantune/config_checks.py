@@ -127,5 +127,3 @@ def _validate_adapter(a: AdapterConfig) -> None:
     parse_positions(a.positions)
     if a.use_dora and a.method not in ("lora", "qlora"):
         raise ConfigError(f"adapter.use_dora: DoRA is a LoRA variant; adapter.method is {a.method!r}")
-
-

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import leantune.data.corpus as corpus_mod
-from leantune.data.corpus import build_corpus, iter_documents, tokenize_corpus
+from leantune.data.corpus import (build_corpus, encode_documents, iter_documents,
+                                  tokenize_corpus)
 from leantune.data.sources import DataError
 from leantune.data.windows import TokenCorpus
 
@@ -105,12 +106,28 @@ class BigVocab:
 def test_large_vocabularies_get_uint32(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "abc"}, {"text": "de"}])
     meta = tokenize_corpus(path, BigVocab(), tmp_path / "out", progress=False)
-    corpus = TokenCorpus.__new__(TokenCorpus)  # read back what was written, key aside
+    # build_corpus adds the cache key; written here by hand to read the shards back.
     (tmp_path / "out" / "corpus.json").write_text(json.dumps(meta | {"key": "0" * 32}))
-    corpus.__init__(tmp_path / "out")
+    corpus = TokenCorpus(tmp_path / "out")
     assert meta["dtype"] == "uint32"
     assert corpus.document(0).tolist() == [66_097, 66_098, 66_099, 70_000]
     assert corpus.document(1).tolist() == [66_100, 66_101, 70_000]
+
+
+class EndsSomeWithEos:
+    """Returns fixed ids; like tokenizers whose post-processor appends EOS, some already
+    end with it (9)."""
+
+    eos_token_id = 9
+
+    def __call__(self, texts, add_special_tokens, verbose):
+        return {"input_ids": [[1, 2, 9], [3], [9], [4, 5]][:len(texts)]}
+
+
+def test_eos_is_appended_once():
+    tokens, lengths = encode_documents(EndsSomeWithEos(), ["a", "b", "c", "d"], np.dtype("uint16"))
+    assert tokens.tolist() == [1, 2, 9, 3, 9, 9, 4, 5, 9]
+    assert lengths.tolist() == [3, 2, 1, 3] and tokens.dtype == np.uint16
 
 
 def test_cached_corpus_is_reused_and_a_change_rebuilds(tmp_path, tokenizer, cache, monkeypatch):
@@ -141,7 +158,7 @@ def test_an_interrupted_build_leaves_no_cache_entry(tmp_path, tokenizer, cache, 
     def die(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus_mod, "_flush", die)
+    monkeypatch.setattr(corpus_mod, "encode_documents", die)
     with pytest.raises(KeyboardInterrupt):
         build_corpus(path, tokenizer, cache, progress=False)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["digests.json"]

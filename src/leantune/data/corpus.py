@@ -28,11 +28,13 @@ streamed and tokens go to disk as they come, so a corpus of many GB needs little
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -215,31 +217,57 @@ def iter_documents(path: str, text_field: str = "text", pattern: str = "**/*",
                           "narrow data.glob or set data.skip_bad_rows=true"))
 
 
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text plus EOS. A batch call: fast tokenizers encode it on every
-    core (Rust threads), which is where the parallel speed comes from."""
+def encode_documents(tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray,
+                                                                             np.ndarray]:
+    """``(tokens, lengths)``: each text's ids plus EOS, back to back, and each one's length.
+
+    One batch call: a fast tokenizer encodes it on every core (Rust threads, with the GIL
+    released), which is where the parallel speed comes from.
+    """
     ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
     eos = tokenizer.eos_token_id
-    return [x + [eos] if eos is not None and (not x or x[-1] != eos) else x for x in ids]
+    if eos is None:
+        return flat, lengths
+    ends = np.cumsum(lengths)
+    missing = (lengths == 0) | (flat[np.maximum(ends - 1, 0)] != eos)  # EOS not there yet
+    return np.insert(flat, ends[missing], eos), lengths + missing
+
+
+def document_batches(texts: Iterable[str], meta: dict) -> Iterator[list[str]]:
+    """Documents in batches of about ``BATCH_CHARS`` characters; empty ones counted in
+    ``meta["empty_skipped"]``."""
+    batch, chars = [], 0
+    for text in texts:
+        if not text.strip():
+            meta["empty_skipped"] += 1
+            continue
+        batch.append(text)
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 class _ShardWriter:
     """Appends documents' tokens to ``shard-NNNNN.bin`` files of about ``SHARD_TOKENS``."""
 
-    def __init__(self, directory: Path, dtype: np.dtype):
-        self.directory, self.dtype = directory, dtype
+    def __init__(self, directory: Path):
+        self.directory = directory
         self.shards: list[dict] = []
-        self.lengths: list[int] = []
+        self.lengths: list[np.ndarray] = []
         self.file = None
 
-    def add(self, docs: list[list[int]]) -> None:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> int:
         if self.file is None or self.shards[-1]["tokens"] >= SHARD_TOKENS:
             self._next_shard()
-        flat = np.fromiter((t for d in docs for t in d), dtype=self.dtype,
-                           count=sum(map(len, docs)))
-        self.file.write(flat.tobytes())
-        self.shards[-1]["tokens"] += len(flat)
-        self.lengths += [len(d) for d in docs]
+        self.file.write(tokens.tobytes())
+        self.shards[-1]["tokens"] += len(tokens)
+        self.lengths.append(lengths)
+        return len(tokens)
 
     def _next_shard(self) -> None:
         if self.file is not None:
@@ -248,16 +276,22 @@ class _ShardWriter:
         self.shards.append({"file": name, "tokens": 0})
         self.file = (self.directory / name).open("wb")
 
-    def close(self) -> None:
+    def close(self) -> np.ndarray:
+        """Close the last shard; write and return every document's length."""
         if self.file is not None:
             self.file.close()
-        np.save(self.directory / "documents.npy", np.asarray(self.lengths, dtype=np.int64))
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        np.save(self.directory / "documents.npy", lengths)
+        return lengths
 
 
 def tokenize_corpus(path: str, tokenizer, out: Path, text_field: str = "text",
                     pattern: str = "**/*", split: str = "train", skip_bad: bool = False,
                     progress: bool = True) -> dict:
     """Tokenize every document of ``path`` into shards in the (new) directory ``out``.
+
+    A pipeline: while one batch is encoded (in a thread; the encoder releases the GIL),
+    this thread reads the next batch and writes the previous one.
 
     Returns:
         The ``corpus.json`` record (also written): ``dtype``, ``shards``, ``tokens``,
@@ -276,36 +310,25 @@ def tokenize_corpus(path: str, tokenizer, out: Path, text_field: str = "text",
             meta["bad_samples"].append(str(error))
 
     out.mkdir(parents=True)
-    writer = _ShardWriter(out, dtype)
-    batch, chars = [], 0
-    bar = tqdm(desc=f"tokenize {Path(path).name}", unit=" tokens", unit_scale=True,
-               disable=not progress)
-    for text in iter_documents(path, text_field, pattern, split, on_bad if skip_bad else None):
-        if not text.strip():
-            meta["empty_skipped"] += 1
-            continue
-        batch.append(text)
-        chars += len(text)
-        if chars >= BATCH_CHARS:
-            bar.update(_flush(tokenizer, batch, writer))
-            batch, chars = [], 0
-    if batch:
-        bar.update(_flush(tokenizer, batch, writer))
-    bar.close()
-    writer.close()
-    if not writer.lengths:
+    writer = _ShardWriter(out)
+    docs = iter_documents(path, text_field, pattern, split, on_bad if skip_bad else None)
+    with tqdm(desc=f"tokenize {Path(path).name}", unit=" tokens", unit_scale=True,
+              disable=not progress) as bar, ThreadPoolExecutor(1) as encoder:
+        pending = None
+        for batch in document_batches(docs, meta):
+            submitted = encoder.submit(encode_documents, tokenizer, batch, dtype)
+            if pending is not None:
+                bar.update(writer.add(*pending.result()))
+            pending = submitted
+        if pending is not None:
+            bar.update(writer.add(*pending.result()))
+    lengths = writer.close()
+    if not len(lengths):
         raise DataError(path, "corpus", None, "no document with any text" + (
             f" ({meta['bad_skipped']} bad rows or files skipped)" if meta["bad_skipped"] else ""))
-    meta |= {"shards": writer.shards, "tokens": sum(writer.lengths),
-             "documents": len(writer.lengths)}
+    meta |= {"shards": writer.shards, "tokens": int(lengths.sum()), "documents": len(lengths)}
     (out / "corpus.json").write_text(json.dumps(meta, indent=1))
     return meta
-
-
-def _flush(tokenizer, batch: list[str], writer: _ShardWriter) -> int:
-    docs = _encode(tokenizer, batch)
-    writer.add(docs)
-    return sum(map(len, docs))
 
 
 def build_corpus(path: str, tokenizer, cache_dir: str | None = None, text_field: str = "text",

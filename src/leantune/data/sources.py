@@ -117,14 +117,18 @@ def _read_csv(p: Path, delimiter: str) -> Iterator[Row]:
 
 
 def _read_parquet(p: Path) -> Iterator[Row]:
+    """Row by row, a batch of rows at a time, so a file larger than memory streams."""
     import pyarrow.parquet as pq
 
+    i = 0
     try:
-        table = pq.read_table(p)
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                yield Row(str(p), f"row {i}", rec)
+                i += 1
     except Exception as e:  # pyarrow raises several unrelated types for corrupt files
-        raise DataError(str(p), "file", None, f"unreadable parquet: {e}") from None
-    for i, rec in enumerate(table.to_pylist()):
-        yield Row(str(p), f"row {i}", rec)
+        raise DataError(str(p), "file" if i == 0 else f"row {i}", None,
+                        f"unreadable parquet: {e}") from None
 
 
 def _read_datasets_dir(p: Path, split: str) -> Iterator[Row]:

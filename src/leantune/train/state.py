@@ -118,5 +118,3 @@ def micro_batches(batcher: Batcher, cfg: Config, state: TrainState, acc: Acceler
             yield {k: v.to(acc.device) for k, v in batch.items()}
         state.epoch += 1
         state.batch_in_epoch = 0
-
-

@@ -178,7 +178,7 @@ def test_anneal_a_constant_phase_checkpoint(llama_dir, corpora, tmp_path):
     log = (const_dir / "metrics.jsonl").read_text()
     with pytest.raises(RunDirError, match="schedule.anneal_from: write the annealed run into "
                                           "another train.output_dir"):
-        loop.train(config(llama_dir, corpora, const_dir, *INFINITE,
+        loop.train(config(llama_dir, corpora, const_dir, *INFINITE, "schedule.decay_steps=4",
                           f"schedule.anneal_from={const_dir}"))
     assert (const_dir / "metrics.jsonl").read_text() == log  # nothing touched
     # The constant-phase run itself goes on, still at its constant LR.

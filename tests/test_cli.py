@@ -143,3 +143,37 @@ def test_bench_subcommands_parse_their_own_options():
     assert args.out == "benchmarks/results/reft.json"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "packing", "--steps", "3"])
+
+
+def test_continual_pretraining_from_the_cli(llama_dir, tmp_path, capsys):
+    """A corpus with replay from YAML, then ``--resume`` with overrides after the flag."""
+    for name, words in (("code", "def add return a b 0 1 2"), ("prose", "the quick fox")):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
+            {"text": " ".join(words.split()[(i + k) % len(words.split())] for k in range(30))})
+            + "\n" for i in range(30)))
+    run_dir = tmp_path / "run"
+    config = tmp_path / "cpt.yaml"
+    config.write_text(f"""
+model: {{name_or_path: {llama_dir}}}
+data:
+  mode: corpus
+  path: {tmp_path / "code.jsonl"}
+  max_length: 32
+  cache_dir: {tmp_path / "cache"}
+  replay: {{path: {tmp_path / "prose.jsonl"}, ratio: 0.25}}
+adapter: {{method: full}}
+schedule: {{kind: infinite, warmup_steps: 1, cooldown_steps: 2, decay_ratio: 0}}
+train: {{output_dir: {run_dir}, batch_size: 4, max_steps: 4, progress: false}}
+""")
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "  code (data, " in out and "  prose (replay, " in out
+    assert "replayed: 25.0% of the windows ({'data': 12, 'replay': 4})" in out
+    assert main(["train", str(config), "--resume", "train.max_steps=6", "eval.before=false"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 6 and summary["start"]["kind"] == "resume"
+    assert summary["replay"]["windows"] == {"data": 18, "replay": 6}
+    lrs = [json.loads(line).get("lr") for line in (run_dir / "metrics.jsonl").read_text()
+           .splitlines()]
+    # full fine-tuning peaks at 2e-5; the constant phase holds 0.5 of it
+    assert [x for x in lrs if x is not None][3:] == pytest.approx([1e-5] * 3)

@@ -61,6 +61,14 @@ def _print_summary(s: dict, run_dir: str) -> None:
     print(f"\nrun directory: {run_dir}")
     print(f"held-out loss: before {fmt(s['eval_loss']['before'])} -> after "
           f"{fmt(s['eval_loss']['after'])}")
+    if len(s["eval_sets"]) > 1:
+        for name, row in s["eval_sets"].items():
+            before, after = (row[k] and row[k]["loss"] for k in ("before", "after"))
+            print(f"  {name} ({row['role']}, {row['tokens']:,} tokens): {fmt(before)} -> "
+                  f"{fmt(after)}")
+    if "replay" in s and s["replay"]["path"]:
+        print(f"replayed: {s['replay']['fraction']:.1%} of the windows "
+              f"({s['replay']['windows']})")
     print(f"parameters: {s['trainable_params']:,} trainable / {s['total_params']:,} total "
           f"({100 * s['trainable_params'] / s['total_params']:.3f} %)")
     print(f"throughput: {s['tokens_per_second']:.1f} tokens/s over {s['optimizer_steps']} steps "
@@ -291,7 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # overrides after --resume: argparse stops collecting there
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if e not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except USER_ERRORS as e:

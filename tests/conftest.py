@@ -93,3 +93,23 @@ def tiny_model_dir(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+class Crash(RuntimeError):
+    """A simulated kill."""
+
+
+def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
+    """Make the training loop die right after it has written checkpoint ``at_step``
+    (``monkeypatch``: a context, so the resumed run is left alone)."""
+    import leantune.train.loop as loop
+
+    real = loop.save_checkpoint
+
+    def save_then_crash(run_dir, step, *args, **kw):
+        path = real(run_dir, step, *args, **kw)
+        if step == at_step:
+            raise Crash(f"killed after step {step}")
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import leantune.train.loop as loop
+from conftest import Crash, crash_after_checkpoint
 from leantune.config import ConfigError, load_config
 from leantune.train.run_dir import RunDirError
 from leantune.train.schedule import Schedule
@@ -82,18 +83,6 @@ def test_replay_run_reports_every_corpus(llama_dir, corpora, tmp_path):
     assert (out / "report" / "lr.png").is_file() and (out / "report" / "eval_loss.png").is_file()
 
 
-def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
-    real = loop.save_checkpoint
-
-    def save_then_crash(run_dir, step, *args, **kw):
-        path = real(run_dir, step, *args, **kw)
-        if step == at_step:
-            raise RuntimeError(f"killed after step {step}")
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-
-
 def test_resume_mid_corpus_is_bit_identical(llama_dir, corpora, tmp_path, monkeypatch):
     """LoRA with dropout, replay at a rounding ratio, and Fast Forward on held-out
     documents: a run killed after step 3 and resumed ends where an unbroken one does."""
@@ -105,7 +94,7 @@ def test_resume_mid_corpus_is_bit_identical(llama_dir, corpora, tmp_path, monkey
     straight = loop.train(config(llama_dir, corpora, tmp_path / "a", *overrides))
     with monkeypatch.context() as m:
         crash_after_checkpoint(m, 3)
-        with pytest.raises(RuntimeError, match="killed"):
+        with pytest.raises(Crash):
             loop.train(config(llama_dir, corpora, tmp_path / "b", *overrides))
     resumed = loop.train(config(llama_dir, corpora, tmp_path / "b", *overrides,
                                 "train.resume=true"))

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import leantune.train.loop as loop
+from conftest import Crash, crash_after_checkpoint
 from leantune.adapters import build_adapter
 from leantune.config import load_config
 from leantune.data.batching import epoch_batches
@@ -100,23 +101,6 @@ def test_one_epoch_accounts_every_example_once(llama_dir, chat_data, tmp_path):
     assert summary["padding_fraction"] == pytest.approx(1 - real / positions)
     fm = FlopModel.of(build_adapter(cfg.adapter).apply(load_model(cfg.model)))
     assert summary["train_flops"] == sum(fm.train(r, t) for r, t in shapes)
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
-    """Make the run die right after it has written checkpoint ``at_step``."""
-    real = loop.save_checkpoint
-
-    def save_then_crash(run_dir, step, *args, **kw):
-        path = real(run_dir, step, *args, **kw)
-        if step == at_step:
-            raise Crash(f"killed after step {step}")
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
 
 
 def adapter_weights(run_dir) -> dict[str, torch.Tensor]:

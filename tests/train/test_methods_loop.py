@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import leantune.train.loop as loop
+from conftest import Crash, crash_after_checkpoint
 from leantune.cli import main
 from leantune.config import METHOD_LR, load_config
 
@@ -83,10 +84,6 @@ def test_each_method_trains_from_the_cli(method, config_file, tmp_path, capsys):
         assert ("dequantized" in out) == (method == "qlora")
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def saved_tensors(run_dir, method: str) -> dict[str, torch.Tensor]:
     if method == "full":
         return load_file(run_dir / "model" / "model.safetensors")
@@ -105,16 +102,8 @@ def test_resume_is_bit_identical_for_every_checkpoint_format(method, config_file
         return load_config(config_file, [*overrides, f"train.output_dir={out}", *extra])
 
     loop.train(cfg(tmp_path / "straight"))
-    real = loop.save_checkpoint
-
-    def save_then_crash(run_dir, step, *args, **kw):
-        path = real(run_dir, step, *args, **kw)
-        if step == 2:
-            raise Crash("killed after step 2")
-        return path
-
     with monkeypatch.context() as m:
-        m.setattr(loop, "save_checkpoint", save_then_crash)
+        crash_after_checkpoint(m, at_step=2)
         with pytest.raises(Crash):
             loop.train(cfg(tmp_path / "crashed"))
     loop.train(cfg(tmp_path / "crashed", "train.resume=true"))

@@ -222,3 +222,17 @@ def test_every_method_trains_on_a_corpus(method, llama_dir, corpora, tmp_path):
     assert summary["packing"]["used"] == ("none" if method == "prompt_tuning" else "online")
     assert summary["replay"]["windows"] == {"data": 9, "replay": 3}
     assert summary["eval_loss"]["after"] < summary["eval_loss"]["before"]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd", "infinite"])
+def test_every_schedule_family_on_a_corpus_with_replay(kind, llama_dir, corpora, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(llama_dir, corpora, out, f"schedule.kind={kind}", "schedule.warmup_steps=2",
+                 "schedule.decay_steps=3", "schedule.cooldown_steps=2",
+                 "schedule.min_lr_ratio=0.1", f"data.replay.path={corpora['english']}",
+                 "data.replay.ratio=0.05", "train.max_steps=10", "eval.before=false")
+    summary = loop.train(cfg)
+    lrs = [r["lr"] for r in read_metrics(out) if "lr" in r]
+    want = Schedule(kind, 10, 2, 0.1, decay=3, cooldown=2)  # const_ratio: the default 0.5
+    assert lrs == pytest.approx([3e-3 * want(s) for s in range(10)])
+    assert summary["replay"]["windows"]["replay"] == 2  # 0.05 x 40 windows, carried over

@@ -231,6 +231,10 @@ class TrainConfig:
         "starting over (re-warm, re-decay) and the data from its beginning. The adapter "
         "config must match that run's.")
     progress: bool = opt(True, "Show a progress bar.")
+    on_nonfinite: Literal["stop", "skip"] = opt(
+        "stop", "A step whose loss or gradient norm is NaN/inf never updates the weights. "
+        "stop: end the run there, naming the step (the checkpoints stay as they were); "
+        "skip: drop that step's update and go on, counted in summary.json.")
 
 
 @dataclass

@@ -199,3 +199,46 @@ def test_logged_lr_follows_the_configured_schedule(schedule, llama_dir, chat_dat
     assert lrs == pytest.approx([1e-3 * want(s) for s in range(10)])
     assert len(set(round(x, 9) for x in lrs)) >= 4  # warmup, plateau/cooldown and decay seen
     assert summary["schedule"]["decay"] == 3 and summary["schedule"]["kind"] == schedule
+
+
+def nan_on_step(monkeypatch, bad_step: int) -> None:
+    """The training loss of optimizer step ``bad_step`` (one micro-batch a step) is NaN."""
+    import leantune.train.step as step_mod
+
+    real, calls = step_mod.loss_sum, []
+
+    def loss_sum(model, batch):
+        calls.append(1)
+        loss, n = real(model, batch)
+        return (loss * float("nan") if len(calls) == bad_step else loss), n
+
+    monkeypatch.setattr(step_mod, "loss_sum", loss_sum)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
+        llama_dir, chat_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    nan_on_step(monkeypatch, 3)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at optimizer step 3 "
+                                                 r"\(no update was made\); the last good "
+                                                 r"checkpoint is .*step-2"):
+        loop.train(config(llama_dir, chat_data, out, "train.max_steps=5", "checkpoint.every=2",
+                          "eval.before=false"))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    assert not (out / "adapter").exists()
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(llama_dir, chat_data, tmp_path,
+                                                     monkeypatch):
+    out = tmp_path / "run"
+    nan_on_step(monkeypatch, 3)
+    summary = loop.train(config(llama_dir, chat_data, out, "train.max_steps=5",
+                                "checkpoint.every=1", "checkpoint.keep_last_n=5",
+                                "train.on_nonfinite=skip", "eval.before=false"))
+    assert summary["nonfinite_skipped"] == 1 and summary["nonfinite_steps"] == [3]
+    assert summary["optimizer_steps"] == 5 and summary["eval_loss"]["after"] < 10
+    two, three, four = (load_file(out / "checkpoints" / f"step-{k}" / "adapter" /
+                                  "adapter_model.safetensors") for k in (2, 3, 4))
+    assert all(torch.equal(two[k], three[k]) for k in two)  # step 3 changed nothing
+    assert any(not torch.equal(three[k], four[k]) for k in three)  # step 4 trained again
+    assert all(torch.isfinite(v).all() for v in four.values())

@@ -123,3 +123,29 @@ def test_loss_sum_ignores_padding_and_masked_labels(lora_model):
         loss, n = loss_sum(lora_model, collate_padded(examples, pad_id))
     assert n == sum(e.num_targets for e in examples) == 32
     assert float(loss) / n == pytest.approx(reference_loss(lora_model, examples), rel=1e-6)
+
+
+@pytest.mark.parametrize("fault", ["nan_loss", "inf_grad"])
+def test_a_non_finite_step_makes_no_update(fault, lora_model, tokenizer, monkeypatch):
+    """NaN loss, or a finite loss with an infinite gradient: weights and AdamW moments are
+    left exactly as they were, and the step says so."""
+    import leantune.train.step as step_mod
+
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
+    batch = collate_padded(make_examples(len(tokenizer)), tokenizer.pad_token_id)
+    assert train_step(lora_model, opt, [batch], acc, 1.0).applied  # moments now exist
+    before, moments = trainable(lora_model), copy.deepcopy(opt.state_dict())
+    if fault == "nan_loss":
+        real = step_mod.loss_sum
+        monkeypatch.setattr(step_mod, "loss_sum",
+                            lambda m, b: (real(m, b)[0] * float("nan"), real(m, b)[1]))
+    else:
+        param = next(p for p in lora_model.parameters() if p.requires_grad)
+        param.register_hook(lambda g: g * float("inf"))
+    result = train_step(lora_model, opt, [batch], acc, 1.0)
+    assert not result.applied
+    assert all(torch.equal(before[n], p) for n, p in trainable(lora_model).items())
+    state = opt.state_dict()["state"]
+    assert all(torch.equal(state[k]["exp_avg"], moments["state"][k]["exp_avg"]) for k in state)
+    assert all(p.grad is None for p in lora_model.parameters())

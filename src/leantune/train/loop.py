@@ -9,6 +9,7 @@ budget is spent -> finish (evaluate + replies after, final checkpoint, adapter,
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict
@@ -27,6 +28,8 @@ from leantune.train.step import StepResult, train_step
 from leantune.train.summary import build_summary
 
 __all__ = ["Run", "build_run", "train"]
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: Config) -> dict:
@@ -81,11 +84,22 @@ def set_lr(run: Run) -> float:
 
 
 def check_finite(run: Run, result: StepResult) -> None:
-    """Stop on a NaN/inf loss, naming the step and the checkpoint that is still good."""
-    if not math.isfinite(result.loss):
-        raise FloatingPointError(
-            f"non-finite training loss ({result.loss}) at optimizer step {run.state.step + 1}; "
-            f"the last good checkpoint is {latest_checkpoint(run.run_dir)}; lower optim.lr")
+    """A step that made no update (NaN/inf loss or gradient): stop, naming the step and the
+    checkpoint that is still good, or (``train.on_nonfinite=skip``) count it and go on."""
+    if result.applied:
+        return
+    step = run.state.step + 1
+    what = (f"loss {result.loss}" if not math.isfinite(result.loss)
+            else f"gradient norm {result.grad_norm}")
+    if run.cfg.train.on_nonfinite == "skip":
+        run.state.nonfinite_steps.append(step)
+        log.warning("optimizer step %d: non-finite %s; its update was dropped (%d so far)",
+                    step, what, len(run.state.nonfinite_steps))
+        return
+    raise FloatingPointError(
+        f"non-finite {what} at optimizer step {step} (no update was made); the last good "
+        f"checkpoint is {latest_checkpoint(run.run_dir)}; lower optim.lr, or set "
+        "train.on_nonfinite=skip to drop such steps and go on")
 
 
 def fast_forward(run: Run) -> None:

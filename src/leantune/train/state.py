@@ -39,6 +39,7 @@ class TrainState:
     ff_flops: int = 0
     ff_seconds: float = 0.0
     last_lr: float | None = None
+    nonfinite_steps: list[int] = field(default_factory=list)  # steps skipped: NaN/inf
     # Corpus mode: each stream's position [epoch, window], windows taken per stream, the
     # replay rounding carried over, and the content key of the corpus each position is in.
     streams: dict[str, list[int]] = field(default_factory=dict)

@@ -10,6 +10,7 @@ big batch - never a mean of per-batch means (transformers#34191).
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -49,12 +50,18 @@ class StepResult:
     loss: float          # mean over the step's target tokens, all processes
     target_tokens: int   # all processes
     grad_norm: float | None
+    applied: bool = True  # False: the loss or gradient was not finite, no update was made
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: list[dict[str, torch.Tensor]], accelerator: Accelerator,
                max_grad_norm: float | None) -> StepResult:
-    """Accumulate gradients over ``micro_batches`` and take one optimizer step."""
+    """Accumulate gradients over ``micro_batches`` and take one optimizer step.
+
+    A non-finite loss or gradient norm (NaN/inf: the same on every process, both being
+    reduced over them) makes no update at all: the gradients are dropped, so the weights
+    and optimizer moments stay as they were (``applied=False``).
+    """
     local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
     total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
     scale = accelerator.num_processes / max(total, 1)
@@ -66,11 +73,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             loss, _ = loss_sum(model, batch)
             accelerator.backward(loss * scale)
         summed += loss.detach()
+    mean = float(accelerator.reduce(summed, "sum")) / max(total, 1)
     grad_norm = None
     if max_grad_norm is not None:
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
-    optimizer.step()
+    applied = math.isfinite(mean) and (grad_norm is None or math.isfinite(grad_norm))
+    if applied:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    mean = float(accelerator.reduce(summed, "sum")) / max(total, 1)
-    return StepResult(mean, total, grad_norm)
+    return StepResult(mean, total, grad_norm, applied)

@@ -42,6 +42,8 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "eval_sets": eval_table(run),
         "eval_history": state.eval_history,
         "final_train_loss": state.last_loss,
+        "nonfinite_skipped": len(state.nonfinite_steps),
+        "nonfinite_steps": state.nonfinite_steps,
         "padding_fraction": state.padding_fraction,
         "packing": run.packing,
         "rows": state.rows,

@@ -16,6 +16,7 @@ from leantune.adapters import build_adapter
 from leantune.config import AdapterConfig
 from leantune.train.checkpoint import (checkpoints, latest_checkpoint, load_checkpoint,
                                        save_checkpoint)
+from leantune.train.run_dir import RunDirError
 
 FILES = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.pt",
          "rng.pt", "trainer_state.json"]
@@ -94,9 +95,11 @@ def test_crash_mid_write_leaves_the_previous_checkpoint_latest(run, tmp_path, mo
         raise OSError("No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(RunDirError, match=r"could not write checkpoint step-4 .*No space left on "
+                                          r"device.*the last complete checkpoint is .*step-2"):
         save_checkpoint(tmp_path, 4, adapter, model, opt, {}, keep_last_n=2)
     assert not (tmp_path / "checkpoints" / "step-4").exists()
+    assert not (tmp_path / "checkpoints" / ".tmp-step-4").exists()  # the partial copy is gone
     assert latest_checkpoint(tmp_path).name == "step-2"
 
 

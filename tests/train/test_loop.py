@@ -242,3 +242,76 @@ def test_non_finite_steps_can_be_skipped_and_counted(llama_dir, chat_data, tmp_p
     assert all(torch.equal(two[k], three[k]) for k in two)  # step 3 changed nothing
     assert any(not torch.equal(three[k], four[k]) for k in three)  # step 4 trained again
     assert all(torch.isfinite(v).all() for v in four.values())
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(
+        llama_dir, chat_data, tmp_path, monkeypatch):
+    import collections
+
+    import leantune.train.run_dir as run_dir_mod
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(run_dir_mod.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    out = tmp_path / "run"
+    with pytest.raises(RunDirError, match=r"0.00 GiB free, but its checkpoints and final weights"
+                                          r" need about .*lower checkpoint.keep_last_n"):
+        loop.train(config(llama_dir, chat_data, out, "train.max_steps=2"))
+    assert not (out / "metrics.jsonl").exists()  # refused before any step or eval
+
+
+def test_output_bytes_counts_kept_checkpoints_moments_and_the_final_copy():
+    from leantune.train.run_dir import output_bytes
+
+    # 1,000 fp32 weights: 4,000 bytes stored, 8,000 of AdamW moments per checkpoint.
+    assert output_bytes(1000, 4000, keep_last_n=2, periodic=True) == 3 * 12_000 + 4000
+    assert output_bytes(1000, 4000, keep_last_n=2, periodic=False) == 12_000 + 4000
+
+
+def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_no_partial_output(
+        llama_dir, chat_data, tmp_path, monkeypatch):
+    import errno
+
+    import leantune.train.checkpoint as ckpt
+
+    real, calls = ckpt.torch.save, []
+
+    def save(obj, path, *args, **kwargs):  # the optimizer state of the 2nd checkpoint
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(RunDirError, match=r"could not write checkpoint step-4 .*No space left on "
+                                          r"device.*the last complete checkpoint is .*step-2"):
+        loop.train(config(llama_dir, chat_data, out, "train.max_steps=6", "checkpoint.every=2",
+                          "eval.before=false"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert not (out / "adapter").exists()
+
+
+def test_the_final_adapter_is_whole_or_absent(llama_dir, chat_data, tmp_path, monkeypatch):
+    import errno
+
+    from leantune.adapters.lora import LoRA
+
+    out = tmp_path / "run"
+
+    def half_then_fail(self, model, directory):
+        directory.mkdir(parents=True)
+        (directory / "adapter_config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = loop.save_output
+
+    def save_output(run_dir, adapter, model, tokenizer):  # fail only for the final output
+        with monkeypatch.context() as m:
+            m.setattr(LoRA, "save", half_then_fail)
+            return real(run_dir, adapter, model, tokenizer)
+
+    monkeypatch.setattr(loop, "save_output", save_output)
+    with pytest.raises(RunDirError, match=r"could not write .*adapter .*holds the same weights"):
+        loop.train(config(llama_dir, chat_data, out, "train.max_steps=2", "eval.before=false"))
+    assert not (out / "adapter").exists() and not list(out.glob(".tmp-*"))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]

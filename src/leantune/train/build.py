@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 
 from leantune.adapters import (Adapter, build_adapter, count_parameters, load_base,
                                memory_footprint)
+from leantune.adapters.base import unique_parameters
 from leantune.config import Config
 from leantune.evaluate import evaluate
 from leantune.model import (load_tokenizer, packing_error, packing_tolerance, resolve_dtype,
@@ -23,7 +24,7 @@ from leantune.train.data import TrainData, build_data
 from leantune.train.fast_forward import FastForward
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, PeakMemory
-from leantune.train.run_dir import prepare_run_dir
+from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
 from leantune.train.state import TrainState
@@ -78,6 +79,10 @@ def build_run(cfg: Config) -> Run:
     base_memory = memory_footprint(base, resolve_dtype(cfg.model.dtype))
     model = adapter.apply(adapter.prepare_base(base))
     params = count_parameters(model)
+    if acc.is_main_process:  # before any training: will the checkpoints fit on the disk?
+        stored = sum(p.nbytes for p in unique_parameters(model) if p.requires_grad)
+        check_free_space(run_dir, output_bytes(params[0], stored, cfg.checkpoint.keep_last_n,
+                                               cfg.checkpoint.every is not None))
     flop_model = FlopModel.of(model, adapter.virtual_tokens)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,

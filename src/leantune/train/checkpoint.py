@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from leantune.adapters import Adapter
+from leantune.train.run_dir import RunDirError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -49,16 +50,21 @@ def save_checkpoint(run_dir: Path, step: int, adapter: Adapter, model: torch.nn.
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    adapter.save(model, tmp / adapter.output_name)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    full_state = {**state, "step": step, "host_rng": _host_rngs()}
-    (tmp / "trainer_state.json").write_text(json.dumps(full_state))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
+    try:
+        tmp.mkdir()
+        adapter.save(model, tmp / adapter.output_name)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        full_state = {**state, "step": step, "host_rng": _host_rngs()}
+        (tmp / "trainer_state.json").write_text(json.dumps(full_state))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+    except OSError as e:  # e.g. the disk filled up: drop the partial copy, keep the others
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(f"could not write checkpoint step-{step} under {root} ({e}); the last "
+                          f"complete checkpoint is {latest_checkpoint(run_dir)}") from None
     if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
         shutil.rmtree(final)
     tmp.rename(final)
@@ -107,3 +113,26 @@ def load_checkpoint(path: Path, adapter: Adapter, model: torch.nn.Module,
         np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss,
                              cached))
     return state
+
+
+def save_output(run_dir: Path, adapter: Adapter, model: torch.nn.Module, tokenizer) -> Path:
+    """The run's final ``adapter/`` (or ``model/``), with the tokenizer, written under a
+    temporary name and renamed into place: a crash or a full disk never leaves half of it.
+
+    Raises:
+        RunDirError: it could not be written (the checkpoints are untouched).
+    """
+    final = run_dir / adapter.output_name
+    tmp = run_dir / f".tmp-{adapter.output_name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        adapter.save(model, tmp)
+        tokenizer.save_pretrained(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(f"could not write {final} ({e}); the last checkpoint, "
+                          f"{latest_checkpoint(run_dir)}, holds the same weights") from None
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final

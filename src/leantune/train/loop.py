@@ -21,7 +21,7 @@ from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
 from leantune.generate import generate
 from leantune.train.build import Run, build_run, eval_mode
-from leantune.train.checkpoint import latest_checkpoint, save_checkpoint
+from leantune.train.checkpoint import latest_checkpoint, save_checkpoint, save_output
 from leantune.train.metrics import PeakMemory, write_json
 from leantune.train.report import write_plots
 from leantune.train.step import StepResult, train_step
@@ -189,9 +189,7 @@ def finish(run: Run, prompts, replies_before: list[str]) -> dict:
         checkpoint(run)
     summary = build_summary(run, after, prompts, replies_before, replies_after)
     if run.acc.is_main_process:
-        out = run.run_dir / run.adapter.output_name
-        run.adapter.save(run.acc.unwrap_model(run.model), out)
-        run.tokenizer.save_pretrained(out)
+        save_output(run.run_dir, run.adapter, run.acc.unwrap_model(run.model), run.tokenizer)
         write_json(run.run_dir / "summary.json", summary)
         write_plots(run.run_dir, run.schedule, run.cfg.optim.lr)
     run.acc.wait_for_everyone()

@@ -1,7 +1,8 @@
 """Two processes (torchrun + Accelerate, gloo on CPU) with per-process batch b train
 exactly like one process with batch 2b: same loss curve, same tokens, same eval, and
 the same Fast Forward decisions (the FF-set loss is reduced over processes) - on
-examples, and on corpus windows with replay (the shards built once, by rank 0)."""
+examples (launched by torchrun), and on corpus windows with replay (launched by
+``accelerate launch``; the shards built once, by rank 0)."""
 
 from __future__ import annotations
 
@@ -49,9 +50,14 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
     common += corpus_overrides(tmp_path) if mode == "corpus" else []
     leantune = [sys.executable, "-m", "leantune", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m",
-                          "leantune", "train", *common, "train.batch_size=2",
+    bin_dir = Path(sys.executable).parent
+    if mode == "examples":
+        launch = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
+                  "-m", "leantune"]
+    else:  # Accelerate's own launcher: --multi_gpu starts torchrun, which runs gloo on CPU
+        launch = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--main_process_port", str(port), str(bin_dir / "leantune")]
+    two = subprocess.run([*launch, "train", *common, "train.batch_size=2",
                           f"train.output_dir={tmp_path / 'two'}"],
                          env=env, capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-2000:]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leantune.data.collate import collate_packed, collate_padded
+from leantune.data.collate import collate_packed, collate_padded, collate_rows
 from leantune.data.encode import Encoded
 from leantune.data.packing import pack
 
@@ -135,13 +135,8 @@ class Batcher:
     def collate(self, unit_ids: list[int]) -> dict[str, torch.Tensor]:
         """The micro-batch made of ``units[unit_ids]``."""
         if self.mode == "offline":
-            picked = [self.units[u] for u in unit_ids]
-            flat = [self.examples[i] for u in picked for i in u]
-            bins, k = [], 0
-            for u in picked:
-                bins.append(list(range(k, k + len(u))))
-                k += len(u)
-            return collate_packed(flat, bins, self.pad_id, intervene=self.intervene)
+            rows = [[self.examples[i] for i in self.units[u]] for u in unit_ids]
+            return collate_rows(rows, self.pad_id, intervene=self.intervene)
         return self.collate_examples([self.examples[self.units[u][0]] for u in unit_ids],
                                      self.mode)
 

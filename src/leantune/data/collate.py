@@ -127,3 +127,15 @@ def collate_packed(examples: list[Encoded], bins: list[list[int]], pad_id: int,
             out["intervention_mask"][r, :n] = torch.tensor(kinds)
         token_mask[r, :n] = True
     return out | {"token_mask": token_mask, "num_examples": torch.tensor(sum(map(len, bins)))}
+
+
+def collate_rows(rows: list[list[Encoded]], pad_id: int, restart_positions: bool = True,
+                 intervene: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """:func:`collate_packed` with one row per given group of examples (a pre-packed bin, a
+    corpus window's document pieces)."""
+    flat = [e for row in rows for e in row]
+    bins, k = [], 0
+    for row in rows:
+        bins.append(list(range(k, k + len(row))))
+        k += len(row)
+    return collate_packed(flat, bins, pad_id, restart_positions, intervene)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from leantune.config import ReplayConfig
-from leantune.data.collate import collate_packed, collate_padded
+from leantune.data.collate import collate_padded, collate_rows
 from leantune.data.windows import Windows
 
 STREAMS = ("data", "replay")  # data.path (D1), data.replay.path (D0)
@@ -105,15 +105,10 @@ class CorpusFeed:
     def collate(self, units: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
         """The micro-batch of windows ``units`` (``(stream, window index)`` pairs)."""
         per_window = [self.windows[s].examples(i) for s, i in units]
-        flat = [e for w in per_window for e in w]
         if self.mode == "none":
-            return collate_padded(flat, self.pad_id, self.intervene)
-        bins, k = [], 0
-        for w in per_window:
-            bins.append(list(range(k, k + len(w))))
-            k += len(w)
-        return collate_packed(flat, bins, self.pad_id, restart_positions=self.mode != "naive",
-                              intervene=self.intervene)
+            return collate_padded([e for w in per_window for e in w], self.pad_id, self.intervene)
+        return collate_rows(per_window, self.pad_id, restart_positions=self.mode != "naive",
+                            intervene=self.intervene)
 
     def step_units(self, state, per_step: int, total_steps: int, seed: int
                    ) -> list[tuple[str, int]]:

@@ -45,7 +45,7 @@ def write_plots(run_dir: Path, schedule: Schedule, peak_lr: float) -> list[Path]
                f", annealed from step {schedule.anneal_at}" if schedule.anneal_at is not None
                else ""))
     ax.legend()
-    written.append(_save(fig, out / "lr.png"))
+    written.append(_save(plt, fig, out / "lr.png"))
 
     evals = [r for r in records if "eval_loss" in r]
     if evals:
@@ -57,14 +57,12 @@ def write_plots(run_dir: Path, schedule: Schedule, peak_lr: float) -> list[Path]
         ax.set(xlabel="optimizer step", ylabel="held-out loss (nats/token)",
                title="held-out loss per data set")
         ax.legend()
-        written.append(_save(fig, out / "eval_loss.png"))
+        written.append(_save(plt, fig, out / "eval_loss.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return path

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 
+# Before anything imports huggingface_hub, which reads these once: tests never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
@@ -12,8 +16,6 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, PhiConfig,
                           Qwen2Config)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Tiny matmuls gain nothing from threads, and lose a lot when another process holds the cores.
 torch.set_num_threads(1)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +116,47 @@ def test_bad_config_key_is_one_line_exit_2(tmp_path, capsys, monkeypatch, where)
     assert lines[0].startswith("leantune: error:") and "'optim.lrr'" in lines[0]
     assert "lr" in lines[0].split("did you mean", 1)[1]
     assert not (tmp_path / "runs").exists()  # failed before touching the disk
+
+
+def _bad_input(case: str, llama_dir: str, tmp: Path) -> tuple[list[str], str]:
+    """Overrides that set up one bad input, and the phrase its error must contain."""
+    data = write_data(tmp / "ok.jsonl")
+    model = tmp / "model"
+    shutil.copytree(llama_dir, model)
+    if case == "empty dataset":
+        (tmp / "empty.jsonl").write_text("")
+        return [f"data.path={tmp / 'empty.jsonl'}"], "empty: no rows to train on"
+    if case == "all longer than max_length":
+        return ["data.max_length=8", "data.truncation=drop"], "raise data.max_length (now 8)"
+    if case == "no chat template":
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+        (model / "chat_template.jinja").unlink(missing_ok=True)
+        return [f"data.path={data}"], "need a tokenizer with a chat template"
+    if case == "model dir without weights":
+        (model / "model.safetensors").unlink()
+        return [], "has a config.json but no weights"
+    if case == "missing model dir":
+        return [f"model.name_or_path={tmp / 'typo'}"], "no such directory"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["empty dataset", "all longer than max_length",
+                                  "no chat template", "model dir without weights",
+                                  "missing model dir"])
+def test_bad_model_or_data_is_one_line_exit_2(case, llama_dir, tmp_path, capsys):
+    overrides, phrase = _bad_input(case, llama_dir, tmp_path)
+    argv = ["train", f"model.name_or_path={tmp_path / 'model'}",
+            f"data.path={write_data(tmp_path / 'ok.jsonl')}",
+            f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+            "train.progress=false", *overrides]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("leantune: error:") and phrase in last, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_train_help_lists_every_option(capsys):

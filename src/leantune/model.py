@@ -85,13 +85,43 @@ def dequantize_gguf(cfg: ModelConfig, directory: str, gguf_file: str) -> Path:
 
 
 def load_tokenizer(cfg: ModelConfig, source: str | None = None):
-    """The tokenizer of the model, with a pad token (EOS when it has none)."""
+    """The tokenizer of the model, with a pad token (EOS when it has none).
+
+    Raises:
+        ModelError: no tokenizer can be read from ``source`` (one line saying what to add).
+    """
     source = source or resolve_local(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
-                                              revision=cfg.revision)
+    check_exists(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
+                                                  revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        if Path(source).is_dir():
+            raise ModelError(f"{source}: no tokenizer can be read there (tokenizer.json or "
+                             "tokenizer_config.json); copy the base model's tokenizer files "
+                             f"into it ({first_line(e)})") from None
+        raise ModelError(f"{source!r} is not a local directory, and the hub could not provide "
+                         f"its tokenizer ({first_line(e)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's (often multi-line) error message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def has_weights(directory: Path) -> bool:
+    """Whether ``directory`` holds weight files transformers reads (``*.bin`` only through
+    ``torch.load(weights_only=True)``)."""
+    return any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
+
+
+def check_exists(source: str) -> None:
+    """A path-like source (``/``, ``./``, ``~``) that is missing is a typo, not a hub id."""
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"model.name_or_path: no such directory: {source}")
 
 
 def resolve_local(cfg: ModelConfig) -> str:
@@ -114,6 +144,7 @@ def load_model(cfg: ModelConfig, source: str | None = None, quantization=None,
         FileNotFoundError: a local directory without config or weights.
     """
     source = source or resolve_local(cfg)
+    check_exists(source)
     extra = {}
     if quantization is not None:
         if device is None:
@@ -122,25 +153,74 @@ def load_model(cfg: ModelConfig, source: str | None = None, quantization=None,
     local = Path(source)
     if local.is_dir() and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{local} has no config.json: not a Hugging Face model directory")
+    if local.is_dir() and not has_weights(local):
+        raise FileNotFoundError(f"{local} has a config.json but no weights (*.safetensors, or "
+                                "*.bin read with weights_only); copy the model's weight files "
+                                "into it")
     if cfg.trust_remote_code:
         log.warning("trust_remote_code=true: running model code shipped with %s", source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             source, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, use_safetensors=None,
-            **extra)
+            output_loading_info=True, **extra)
     except OSError as e:
-        raise FileNotFoundError(f"cannot load model weights from {source}: {e}") from None
+        raise FileNotFoundError(f"cannot load model weights from {source}: {first_line(e)}"
+                                ) from None
     except ValueError as e:  # e.g. an architecture that has no causal-LM head
-        raise ModelError(f"{source}: cannot be loaded as a causal LM ({e})") from None
+        raise ModelError(f"{source}: cannot be loaded as a causal LM ({first_line(e)})") from None
     # Training and eval never use a KV cache: with one, transformers silently stops
     # honouring packed position_ids (see DESIGN.md).
     model.config.use_cache = False
     if quantization is not None:
-        keep_4bit_compute(model)
+        keep_4bit_compute(model)  # before any no-grad forward, such as the check below
+    check_causal_lm(model, source, info["missing_keys"])
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def check_causal_lm(model: PreTrainedModel, source: str, missing: list[str]) -> None:
+    """Refuse a checkpoint that loads under a causal-LM class but is not one.
+
+    Two ways this happens with ``AutoModelForCausalLM``: an encoder or base-model checkpoint
+    (e.g. ``BertModel``) gets a freshly initialised LM head (``missing`` names its
+    weights), or a bidirectional encoder (``is_decoder=False``) lets each position see the
+    tokens after it, which :func:`future_leak` measures.
+    """
+    head = model.get_output_embeddings()
+    head_names = {n for n, p in model.named_parameters()
+                  if head is not None and any(p is q for q in head.parameters())}
+    arch = ", ".join(model.config.architectures or [model.config.model_type])
+    if head_names & set(missing):
+        raise ModelError(f"{source}: the checkpoint ({arch}) has no LM-head weights, so it is "
+                         "not a causal LM; use a checkpoint saved with a causal-LM head")
+    if missing:
+        log.warning("%s: %d weights are missing from the checkpoint and were initialised at "
+                    "random (e.g. %s)", source, len(missing), ", ".join(missing[:3]))
+    if future_leak(model) > packing_tolerance(model):
+        raise ModelError(f"{source}: {type(model).__name__} ({arch}) lets each token see the "
+                         "tokens after it: it is not a causal LM and cannot be trained to "
+                         "predict the next token")
+
+
+@torch.no_grad()
+def future_leak(model: torch.nn.Module) -> float:
+    """``max |Δ logits| / max |logits|`` over the first 4 positions of a 6-token input
+    when tokens 5-6 change: 0 (or rounding) for a causal LM, large for a model that
+    attends forward."""
+    vocab = model.config.get_text_config().vocab_size
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 6), generator=g)
+    ids[1, :4] = ids[0, :4]
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :4].float()
+    finally:
+        model.train(was_training)
+    return float((logits[0] - logits[1]).abs().max() / logits.abs().max().clamp_min(1e-12))
 
 
 def keep_4bit_compute(model: torch.nn.Module) -> None:

@@ -114,9 +114,16 @@ def test_every_row_is_accounted_for(tmp_path, tokenizer):
 
 
 def test_nothing_left_after_encoding(tmp_path, tokenizer):
-    with pytest.raises(DataError, match="no training example left.*1 longer than data.max_length=4"):
-        splits(write_jsonl(tmp_path / "d.jsonl", [qa(12345)]), tokenizer, eval_fraction=0.0,
-               max_length=4, truncation="drop")
+    path = write_jsonl(tmp_path / "d.jsonl", [qa(12345)])
+    with pytest.raises(DataError, match=r"no training example left.*: 1 longer than "
+                       r"data.max_length and dropped.*raise data.max_length \(now 4\) or use "
+                       "data.truncation=right$"):
+        splits(path, tokenizer, eval_fraction=0.0, max_length=4, truncation="drop")
+    # A prompt that fills max_length leaves no completion token to learn from.
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "word " * 50, "completion": "x"}])
+    with pytest.raises(DataError, match=r"1 with no target token inside it; raise "
+                       r"data.max_length \(now 8\) or shorten the prompts"):
+        splits(path, tokenizer, eval_fraction=0.0, max_length=8)
 
 
 BAD = [
@@ -150,10 +157,10 @@ def test_empty_or_all_bad_file(tmp_path, tokenizer):
     path = tmp_path / "empty.jsonl"
     for content in ("", "\n  \n"):
         path.write_text(content)
-        with pytest.raises(DataError, match=f"^{re.escape(str(path))}, file: no usable rows$"):
+        with pytest.raises(DataError, match=f"^{re.escape(str(path))}, file: empty: no rows"):
             splits(str(path), tokenizer)
     path = write_jsonl(path, [{"prompt": "p"}, {"prompt": "q"}])
-    with pytest.raises(DataError, match=r"no usable rows \(2 malformed rows skipped\)"):
+    with pytest.raises(DataError, match=r"no usable rows \(2 of 2 malformed and skipped\)"):
         splits(str(path), tokenizer, skip_bad_rows=True)
 
 

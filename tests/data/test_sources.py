@@ -117,6 +117,13 @@ def test_datasets_dir_and_splits(tmp_path):
         list(read_rows(str(tmp_path / "dict"), split="validation"))
 
 
+def test_directory_that_is_not_a_saved_dataset(tmp_path):
+    (tmp_path / "notes.txt").write_text("text files belong to data.mode=corpus")
+    with pytest.raises(DataError, match=r"directory: not a dataset saved with `save_to_disk`.*"
+                       "data.mode=corpus"):
+        list(read_rows(str(tmp_path)))
+
+
 def test_invalid_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n\n" + '{"prompt": "x", completion: 1}\n')

@@ -78,9 +78,11 @@ def load_examples(path: str, cfg: DataConfig, has_chat_template: bool, stats: Da
             if not cfg.skip_bad_rows:
                 raise
             skip(e)
+    if not stats.rows_read:
+        raise DataError(path, "file", None, "empty: no rows to train on")
     if not examples:
-        raise DataError(path, "file", None, "no usable rows" + (
-            f" ({stats.bad_rows_skipped} malformed rows skipped)" if stats.bad_rows_skipped else ""))
+        raise DataError(path, "file", None, f"no usable rows ({stats.bad_rows_skipped} of "
+                        f"{stats.rows_read} malformed and skipped)")
     return examples, fmt
 
 
@@ -100,6 +102,19 @@ def encode_all(examples: list[Example], tokenizer, cfg: DataConfig, stats: DataS
         kept.append(enc)
         sources.append(ex)
     return kept, sources
+
+
+def nothing_left(stats: DataStats, cfg: DataConfig) -> str:
+    """Why no training example survived encoding, and what to change."""
+    fix = f"raise data.max_length (now {cfg.max_length})"
+    if stats.dropped_too_long:
+        fix += " or use data.truncation=right"
+    if stats.dropped_no_target:
+        fix += " or shorten the prompts" + (" (or train on all tokens: data.train_on=all)"
+                                            if cfg.train_on != "all" else "")
+    return (f"no training example left after encoding: {stats.dropped_too_long} longer than "
+            f"data.max_length and dropped (data.truncation=drop), {stats.dropped_no_target} "
+            f"with no target token inside it; {fix}")
 
 
 def build_splits(cfg: DataConfig, tokenizer, seed: int, ff_examples: int = 0) -> Splits:
@@ -136,10 +151,11 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, ff_examples: int = 0) ->
                         "(fast_forward.eval_examples)")
     eval_enc, eval_src = encode_all(eval_ex, tokenizer, cfg, stats)
     if not train:
-        raise DataError(cfg.path, "file", None, f"no training example left after encoding "
-                        f"({stats.dropped_too_long} longer than data.max_length={cfg.max_length}, "
-                        f"{stats.dropped_no_target} with no target token inside it); raise "
-                        "data.max_length or use data.truncation=right")
+        raise DataError(cfg.path, "file", None, nothing_left(stats, cfg))
+    if stats.truncated * 2 > len(train):  # the run would mostly learn from cut-off examples
+        log.warning("%d of %d examples are longer than data.max_length=%d and were cut "
+                    "(data.truncation=right)", stats.truncated, len(train) + len(eval_enc),
+                    cfg.max_length)
     stats.train_examples, stats.eval_examples = len(train), len(eval_enc)
     stats.ff_examples = len(ff)
     log.info("data: %d rows (%s), %d train / %d eval examples, %d truncated, %d dropped, "

@@ -134,7 +134,12 @@ def _read_parquet(p: Path) -> Iterator[Row]:
 def _read_datasets_dir(p: Path, split: str) -> Iterator[Row]:
     import datasets
 
-    ds = datasets.load_from_disk(str(p))
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError:
+        raise DataError(str(p), "directory", None, "not a dataset saved with `save_to_disk`; "
+                        "give a .jsonl, .json, .csv, .tsv or .parquet file, or use "
+                        "data.mode=corpus to read a directory of text files") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(str(p), "dataset", None, f"no split {split!r}; has {list(ds)}")

@@ -7,7 +7,9 @@ examples (launched by torchrun), and on corpus windows with replay (launched by
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +84,52 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
             assert s2["eval_sets"][name]["after"]["loss"] == pytest.approx(
                 s1["eval_sets"][name]["after"]["loss"], abs=1e-5)
         assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+
+
+@pytest.mark.parametrize("before, after, steps", [(1, 2, 18), (2, 1, 29)])
+def test_resume_on_another_process_count(before, after, steps, llama_dir, tmp_path):
+    """Two epochs of 32 examples, 2 per process per micro-batch, resumed after step 3 on
+    another number of processes: the rest of the first epoch is re-batched, so every
+    example is still trained on once per epoch (the same tokens as the run that never
+    stopped), and the run ends when the data does:
+    1 -> 2: 3 + ceil((1 - 3/32) * 16) = 18 steps; 2 -> 1: 3 + ceil((1 - 3/16) * 32) = 29."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"add {i % 7} {i % 5}"},
+                                 {"role": "assistant", "content": f"The answer is {i % 7 + i % 5}."}]})
+        + "\n" for i in range(40)))
+    common = [f"model.name_or_path={llama_dir}", f"data.path={data}", "train.epochs=2",
+              "train.batch_size=2", "optim.lr=1e-2", "train.progress=false",
+              "data.eval_fraction=0.2", "checkpoint.every=1", "checkpoint.keep_last_n=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bin_dir = Path(sys.executable).parent
+
+    def launch(world: int, run: Path, *extra: str) -> subprocess.CompletedProcess:
+        head = ([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29535"]
+                if world == 2 else [sys.executable])
+        done = subprocess.run([*head, "-m", "leantune", "train", *common,
+                               f"train.output_dir={run}", *extra],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    whole = tmp_path / "whole"
+    launch(before, whole)
+    # A run killed after step 3: its directory up to checkpoint 3 (a kill leaves no more).
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "adapter")
+    (cut / "summary.json").unlink()
+    for ckpt in (cut / "checkpoints").iterdir():
+        if int(ckpt.name.split("-")[1]) > 3:
+            shutil.rmtree(ckpt)
+    resumed = launch(after, cut, "train.resume=true")
+    assert f"resume from {before} processes on {after}" in resumed.stderr
+    s_whole = json.loads((whole / "summary.json").read_text())
+    s_cut = json.loads((cut / "summary.json").read_text())
+    assert s_cut["optimizer_steps"] == steps
+    assert s_cut["examples"] == s_whole["examples"] == 2 * 32
+    assert s_cut["train_tokens"] == s_whole["train_tokens"]
+    losses, _ = _losses(cut)
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses)
+    assert (cut / "adapter" / "adapter_model.safetensors").is_file()

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from leantune.train.metrics import MetricsLog, PeakMemory
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
-from leantune.train.state import TrainState
+from leantune.train.state import TrainState, change_world
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,16 @@ def build_run(cfg: Config) -> Run:
     data = build_data(cfg, tokenizer, packing["used"], adapter.positions, acc)
     ff = build_fast_forward(cfg, model, data, packing, flop_model, acc)
     state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys)
-    steps, schedule = plan_steps(cfg, data, state, acc.num_processes)
+    saved_world = state.world
+    change_world(state, acc.num_processes)
+    steps, schedule = plan_steps(cfg, data, state, acc.num_processes, saved_world)
+    if saved_world != acc.num_processes and start.kind != "fresh":
+        log.warning("%s from %d processes on %d: the global batch goes from %d to %d, the rest "
+                    "of epoch %d is re-batched, and the run ends at step %d (was %s)",
+                    start.kind, saved_world, acc.num_processes,
+                    cfg.train.batch_size * saved_world, cfg.train.batch_size * acc.num_processes,
+                    state.epoch, steps, state.planned_steps)
+    state.planned_steps = steps
     if start.kind != "fresh":
         acc.print(f"{start.describe()} (step {state.step} of {steps})")
     metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
@@ -105,16 +115,25 @@ def build_run(cfg: Config) -> Run:
                params, base_memory, packing, steps, schedule, state, start, metrics, started, ff)
 
 
-def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int
-               ) -> tuple[int, Schedule]:
+def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int,
+               saved_world: int | None = None) -> tuple[int, Schedule]:
     """The run's optimizer steps and LR schedule. A run annealing a checkpoint taken at
-    step ``s0`` ends at ``s0 + decay_steps`` (or ``decay_ratio * s0``)."""
+    step ``s0`` ends at ``s0 + decay_steps`` (or ``decay_ratio * s0``).
+
+    A run of ``train.epochs`` resumed on another number of processes than ``saved_world``
+    takes the data it has left in the steps of the new global batch:
+    ``step + ceil((1 - step / planned_steps) * steps_at_new_world)``.
+    """
     s = cfg.schedule
     if state.anneal_at is not None:
         steps = state.anneal_at + max(1, steps_or_ratio(s.decay_steps, s.decay_ratio,
                                                         state.anneal_at))
     else:
         steps = data.steps(cfg, world)
+        if (saved_world not in (None, world) and cfg.train.max_steps is None
+                and state.planned_steps):
+            left = 1 - state.step / state.planned_steps
+            steps = state.step + max(1, math.ceil(left * steps))
     return steps, Schedule.of(s, steps, state.anneal_at, state.anneal_start)
 
 

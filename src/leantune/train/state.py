@@ -23,7 +23,12 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0  # global micro-batches of `epoch` already consumed
+    batch_in_epoch: int = 0  # global micro-batches of `epoch` taken since `segments`
+    world: int = 1           # processes that took them (the global batch is per-process x world)
+    # Earlier parts of `epoch` run with another process count, as [world, micro-batches]:
+    # a run resumed on a different number of processes re-batches what is left of the epoch.
+    segments: list[list[int]] = field(default_factory=list)
+    planned_steps: int | None = None  # the run's total steps, as planned when this state was saved
     target_tokens: int = 0
     real_tokens: int = 0     # non-pad input tokens
     positions: int = 0       # input positions processed, pads included
@@ -99,6 +104,37 @@ def epoch_plan(lengths: list[int], cfg: Config, world: int, epoch: int) -> list[
                           cfg.data.batching, budget, padded=cfg.data.packing == "none")
 
 
+def remaining_plan(lengths: list[int], cfg: Config, state: TrainState) -> list[list[int]]:
+    """The global micro-batches of ``state.epoch`` for ``state.world`` processes, over the
+    units its earlier ``segments`` (other process counts) have not taken.
+
+    With no segments this is :func:`epoch_plan`. After a resume on another process count,
+    the units left are batched afresh (same seed and epoch), so no unit of an epoch is
+    taken twice or skipped.
+    """
+    rest = list(range(len(lengths)))
+    for world, taken in state.segments:
+        used = {i for b in _plan_over(rest, lengths, cfg, world, state.epoch)[:taken] for i in b}
+        rest = [i for i in rest if i not in used]
+    return _plan_over(rest, lengths, cfg, state.world, state.epoch)
+
+
+def _plan_over(units: list[int], lengths: list[int], cfg: Config, world: int, epoch: int
+               ) -> list[list[int]]:
+    """:func:`epoch_plan` over the subset ``units`` of all units (indices into ``lengths``)."""
+    plan = epoch_plan([lengths[i] for i in units], cfg, world, epoch)
+    return [[units[j] for j in b] for b in plan]
+
+
+def change_world(state: TrainState, world: int) -> None:
+    """Carry the data position over to ``world`` processes: the part of the epoch taken so
+    far becomes a segment, and the rest is re-batched for the new global batch."""
+    if world != state.world:
+        if state.batch_in_epoch:
+            state.segments.append([state.world, state.batch_in_epoch])
+        state.world, state.batch_in_epoch = world, 0
+
+
 def micro_batches(batcher: Batcher, cfg: Config, state: TrainState, acc: Accelerator
                   ) -> Iterator[dict[str, torch.Tensor]]:
     """This process's micro-batches, forever, resuming at ``state``'s data position.
@@ -108,8 +144,9 @@ def micro_batches(batcher: Batcher, cfg: Config, state: TrainState, acc: Acceler
     """
     world, rank = acc.num_processes, acc.process_index
     lengths = batcher.unit_lengths
+    change_world(state, world)  # a no-op unless build_run has not done it
     while True:
-        batches = epoch_plan(lengths, cfg, world, state.epoch)
+        batches = remaining_plan(lengths, cfg, state)
         while state.batch_in_epoch < len(batches):
             indices = batches[state.batch_in_epoch]
             state.batch_in_epoch += 1
@@ -118,4 +155,4 @@ def micro_batches(batcher: Batcher, cfg: Config, state: TrainState, acc: Acceler
             batch = batcher.collate(indices[rank::world])
             yield {k: v.to(acc.device) for k, v in batch.items()}
         state.epoch += 1
-        state.batch_in_epoch = 0
+        state.batch_in_epoch, state.segments = 0, []

@@ -102,16 +102,17 @@ class Crash(RuntimeError):
 
 
 def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
-    """Make the training loop die right after it has written checkpoint ``at_step``
-    (``monkeypatch``: a context, so the resumed run is left alone)."""
+    """Make the training loop die right after it has written checkpoint ``at_step``, in
+    either checkpoint format (``monkeypatch``: a context, so the resumed run is left alone)."""
     import leantune.train.loop as loop
 
-    real = loop.save_checkpoint
+    for name in ("save_checkpoint", "save_accelerate_checkpoint"):
+        real = getattr(loop, name)
 
-    def save_then_crash(run_dir, step, *args, **kw):
-        path = real(run_dir, step, *args, **kw)
-        if step == at_step:
-            raise Crash(f"killed after step {step}")
-        return path
+        def save_then_crash(run_dir, step, *args, real=real, **kw):
+            path = real(run_dir, step, *args, **kw)
+            if step == at_step:
+                raise Crash(f"killed after step {step}")
+            return path
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+        monkeypatch.setattr(loop, name, save_then_crash)

@@ -38,3 +38,17 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
     assert "pytest" in ci
     assert ci in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "multi_gpu.yaml"])
+def test_accelerate_configs_are_valid_and_state_their_launch_command(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = ROOT / "examples" / "accelerate" / name
+    cluster = ClusterConfig.from_yaml_file(str(path))  # unknown keys raise
+    assert cluster.num_processes == 4 and cluster.mixed_precision == "bf16"
+    if name == "fsdp.yaml":
+        assert cluster.distributed_type == "FSDP" and cluster.fsdp_config["fsdp_version"] == 2
+    command = (f"accelerate launch --config_file examples/accelerate/{name} $(which leantune) "
+               "train my.yaml")
+    assert command in path.read_text() and command in (ROOT / "README.md").read_text()

@@ -250,6 +250,10 @@ class EvalConfig:
 class CheckpointConfig:
     every: int | None = opt(None, "Save a checkpoint every N optimizer steps (null: only at end).")
     keep_last_n: int = opt(2, "Complete checkpoints kept; older ones are deleted (>= 1).")
+    format: Literal["auto", "leantune", "accelerate"] = opt(
+        "auto", "Model and optimizer in a checkpoint: `leantune` (adapter/ + optimizer.pt), "
+        "`accelerate` (Accelerator.save_state: sharded under FSDP/DeepSpeed, plus a gathered "
+        "adapter/); `auto` picks accelerate under FSDP or DeepSpeed.")
 
 
 @dataclass

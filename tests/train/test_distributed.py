@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -86,13 +88,17 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
         assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
 
 
-@pytest.mark.parametrize("before, after, steps", [(1, 2, 18), (2, 1, 29)])
-def test_resume_on_another_process_count(before, after, steps, llama_dir, tmp_path):
+@pytest.mark.parametrize("before, after, steps, fmt", [(1, 2, 18, "leantune"),
+                                                       (2, 1, 29, "leantune"),
+                                                       (2, 2, 16, "accelerate")])
+def test_resume_on_another_process_count(before, after, steps, fmt, llama_dir, tmp_path):
     """Two epochs of 32 examples, 2 per process per micro-batch, resumed after step 3 on
     another number of processes: the rest of the first epoch is re-batched, so every
     example is still trained on once per epoch (the same tokens as the run that never
     stopped), and the run ends when the data does:
-    1 -> 2: 3 + ceil((1 - 3/32) * 16) = 18 steps; 2 -> 1: 3 + ceil((1 - 3/16) * 32) = 29."""
+    1 -> 2: 3 + ceil((1 - 3/32) * 16) = 18 steps; 2 -> 1: 3 + ceil((1 - 3/16) * 32) = 29.
+    On the same 2 processes with checkpoints through Accelerator.save_state (each
+    process's RNG saved), the resumed adapter is bit-identical to the uninterrupted one."""
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(
         json.dumps({"messages": [{"role": "user", "content": f"add {i % 7} {i % 5}"},
@@ -100,7 +106,8 @@ def test_resume_on_another_process_count(before, after, steps, llama_dir, tmp_pa
         + "\n" for i in range(40)))
     common = [f"model.name_or_path={llama_dir}", f"data.path={data}", "train.epochs=2",
               "train.batch_size=2", "optim.lr=1e-2", "train.progress=false",
-              "data.eval_fraction=0.2", "checkpoint.every=1", "checkpoint.keep_last_n=100"]
+              "data.eval_fraction=0.2", "checkpoint.every=1", "checkpoint.keep_last_n=100",
+              f"checkpoint.format={fmt}", "adapter.dropout=0.1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bin_dir = Path(sys.executable).parent
 
@@ -124,7 +131,7 @@ def test_resume_on_another_process_count(before, after, steps, llama_dir, tmp_pa
         if int(ckpt.name.split("-")[1]) > 3:
             shutil.rmtree(ckpt)
     resumed = launch(after, cut, "train.resume=true")
-    assert f"resume from {before} processes on {after}" in resumed.stderr
+    assert (f"resume from {before} processes on {after}" in resumed.stderr) == (before != after)
     s_whole = json.loads((whole / "summary.json").read_text())
     s_cut = json.loads((cut / "summary.json").read_text())
     assert s_cut["optimizer_steps"] == steps
@@ -132,4 +139,21 @@ def test_resume_on_another_process_count(before, after, steps, llama_dir, tmp_pa
     assert s_cut["train_tokens"] == s_whole["train_tokens"]
     losses, _ = _losses(cut)
     assert len(losses) == steps and all(math.isfinite(x) for x in losses)
-    assert (cut / "adapter" / "adapter_model.safetensors").is_file()
+    weights = [load_file(run / "adapter" / "adapter_model.safetensors") for run in (whole, cut)]
+    if before == after:
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_deepspeed_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from leantune.config import ConfigError
+    from leantune.train.build import check_backend
+
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported.*examples/accelerate/fsdp"):
+        check_backend(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.FSDP):
+        check_backend(SimpleNamespace(distributed_type=kind))

@@ -148,6 +148,35 @@ def test_resume_after_a_crash_is_bit_identical(uninterrupted, llama_dir, chat_da
         assert resumed[key] == straight[key], key
 
 
+def test_accelerate_state_checkpoints_resume_bit_identical(uninterrupted, llama_dir, chat_data,
+                                                          tmp_path, monkeypatch):
+    """checkpoint.format=accelerate (what FSDP and DeepSpeed use): model, optimizer and RNG
+    through Accelerator.save_state/load_state, the adapter gathered beside them. Killed
+    after step 3 and resumed, it ends bit-identical to the uninterrupted run saved the
+    other way, and its step-3 adapter equals that run's."""
+    overrides, straight_dir, _ = uninterrupted
+    out = tmp_path / "run"
+    fmt = "checkpoint.format=accelerate"
+    with monkeypatch.context() as m:
+        crash_after_checkpoint(m, at_step=3)
+        with pytest.raises(Crash):
+            loop.train(config(llama_dir, chat_data, out, *overrides, fmt))
+    step3 = out / "checkpoints" / "step-3"
+    assert {p.name for p in (step3 / "accelerate").iterdir()} >= {
+        "model.safetensors", "optimizer.bin", "random_states_0.pkl"}
+    assert not (step3 / "optimizer.pt").exists()
+    theirs = load_file(straight_dir / "checkpoints" / "step-3" / "adapter" / "adapter_model.safetensors")
+    ours = load_file(step3 / "adapter" / "adapter_model.safetensors")
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+    loop.train(config(llama_dir, chat_data, out, *overrides, fmt, "train.resume=true"))
+    expected, got = adapter_weights(straight_dir), adapter_weights(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
 def test_resume_before_any_checkpoint_starts_over(uninterrupted, llama_dir, chat_data,
                                                   tmp_path, monkeypatch):
     """A crash before the first checkpoint: resume starts from scratch, and the earlier
@@ -298,17 +327,17 @@ def test_the_final_adapter_is_whole_or_absent(llama_dir, chat_data, tmp_path, mo
 
     out = tmp_path / "run"
 
-    def half_then_fail(self, model, directory):
+    def half_then_fail(self, model, directory, state_dict=None):
         directory.mkdir(parents=True)
         (directory / "adapter_config.json").write_text("{}")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     real = loop.save_output
 
-    def save_output(run_dir, adapter, model, tokenizer):  # fail only for the final output
+    def save_output(*args):  # fail only for the final output
         with monkeypatch.context() as m:
             m.setattr(LoRA, "save", half_then_fail)
-            return real(run_dir, adapter, model, tokenizer)
+            return real(*args)
 
     monkeypatch.setattr(loop, "save_output", save_output)
     with pytest.raises(RunDirError, match=r"could not write .*adapter .*holds the same weights"):

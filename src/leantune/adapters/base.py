@@ -61,7 +61,10 @@ class Adapter:
     def apply(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
-    def save(self, model: nn.Module, directory: Path) -> None:
+    def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+        """Write the adapter (or model) to ``directory``; ``state_dict``: the model's full
+        state dict when its parameters are sharded (FSDP, DeepSpeed ZeRO-3), gathered by
+        ``Accelerator.get_state_dict``."""
         raise NotImplementedError
 
     def load(self, base: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:

@@ -23,11 +23,11 @@ class Full(Adapter):
             p.requires_grad_(True)
         return model
 
-    def save(self, model: nn.Module, directory: Path) -> None:
+    def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         # Training turns the KV cache off; a saved model is for generation, which wants it.
         use_cache, model.config.use_cache = model.config.use_cache, True
         try:
-            model.save_pretrained(directory, safe_serialization=True)
+            model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
         finally:
             model.config.use_cache = use_cache
 

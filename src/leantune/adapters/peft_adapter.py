@@ -24,8 +24,8 @@ class PeftAdapter(Adapter):
     def apply(self, model: nn.Module) -> nn.Module:
         return get_peft_model(model, self.peft_config(model))
 
-    def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
+    def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
     def load(self, base: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:
         return PeftModel.from_pretrained(base, directory, is_trainable=trainable)

@@ -245,11 +245,15 @@ class Reft(Adapter):
     def apply(self, model: nn.Module) -> nn.Module:
         return ReftModel(model, self.spec(model))
 
-    def save(self, model: nn.Module, directory: Path) -> None:
+    def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         config = asdict(model.spec) | {"base_model_name_or_path": model.config.name_or_path}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        state = {k: v.detach().contiguous() for k, v in model.interventions.state_dict().items()}
+        if state_dict is None:
+            state_dict = {f"interventions.{k}": v
+                          for k, v in model.interventions.state_dict().items()}
+        state = {k.removeprefix("interventions."): v.detach().contiguous()
+                 for k, v in state_dict.items() if k.startswith("interventions.")}
         save_file(state, directory / WEIGHTS_FILE)
 
     def load(self, base: nn.Module, directory: Path, trainable: bool = False) -> nn.Module:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from leantune.adapters import (Adapter, build_adapter, count_parameters, load_base,
                                memory_footprint)
 from leantune.adapters.base import unique_parameters
-from leantune.config import Config
+from leantune.config import Config, ConfigError
 from leantune.evaluate import evaluate
 from leantune.model import (load_tokenizer, packing_error, packing_tolerance, resolve_dtype,
                             resolve_local)
@@ -69,6 +69,7 @@ def build_run(cfg: Config) -> Run:
     # Accelerate only turns a multi-process CPU launch (torchrun) into gloo DDP when told
     # it is on CPU.
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    check_backend(acc)
     set_seed(cfg.train.seed)
     check_start(cfg)
     run_dir = prepare_run_dir(cfg, acc)
@@ -92,7 +93,8 @@ def build_run(cfg: Config) -> Run:
     packing = resolve_packing(cfg.data.packing, acc.unwrap_model(model), adapter)
     data = build_data(cfg, tokenizer, packing["used"], adapter.positions, acc)
     ff = build_fast_forward(cfg, model, data, packing, flop_model, acc)
-    state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys)
+    state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys,
+                           acc)
     saved_world = state.world
     change_world(state, acc.num_processes)
     steps, schedule = plan_steps(cfg, data, state, acc.num_processes, saved_world)
@@ -113,6 +115,17 @@ def build_run(cfg: Config) -> Run:
               f"{steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
                params, base_memory, packing, steps, schedule, state, start, metrics, started, ff)
+
+
+def check_backend(acc: Accelerator) -> None:
+    """Refuse DeepSpeed: its engine takes the optimizer step inside ``backward``, before
+    leantune's non-finite check and past its gradient accumulation. FSDP shards the same
+    state through Accelerate and keeps both."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("accelerate launch with DeepSpeed is not supported: its engine steps "
+                          "the optimizer inside backward, past leantune's non-finite check and "
+                          "gradient accumulation; shard with FSDP instead "
+                          "(--config_file examples/accelerate/fsdp.yaml)")
 
 
 def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int,

@@ -1,10 +1,16 @@
 """Checkpoints that are either complete or absent.
 
 ``checkpoints/step-N/`` holds ``adapter/`` (the adapter's own format; ``model/`` for full
-fine-tuning), ``optimizer.pt``
-(tensors only, read back with ``weights_only=True``), ``rng.pt`` and ``trainer_state.json``
-(step, data position, counters). Everything is written into ``.tmp-step-N`` first and
-renamed into place, so a crash mid-write leaves the previous checkpoint as the latest.
+fine-tuning), ``trainer_state.json`` (step, data position, counters) and either
+
+- ``optimizer.pt`` (tensors only, read back with ``weights_only=True``) and ``rng.pt``
+  (format ``leantune``, written by the main process), or
+- ``accelerate/``: ``Accelerator.save_state`` (format ``accelerate``: model and optimizer
+  sharded per process under FSDP or DeepSpeed, every process's RNG), with ``adapter/``
+  gathered from the shards so the checkpoint is usable on its own.
+
+Everything is written into ``.tmp-step-N`` first and renamed into place, so a crash
+mid-write leaves the previous checkpoint as the latest.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +52,63 @@ def save_checkpoint(run_dir: Path, step: int, adapter: Adapter, model: torch.nn.
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last_n: int
                     ) -> Path:
     """Write ``checkpoints/step-{step}`` atomically and prune to ``keep_last_n``."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    def write(tmp: Path) -> None:
         adapter.save(model, tmp / adapter.output_name)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
+
+    tmp = _tmp_dir(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return _commit(run_dir, step, state, keep_last_n, write)
+
+
+def save_accelerate_checkpoint(run_dir: Path, step: int, adapter: Adapter, acc,
+                               model: torch.nn.Module, state: dict[str, Any], keep_last_n: int
+                               ) -> Path | None:
+    """Format ``accelerate``: every process calls this (``save_state`` and gathering the
+    shards are collective); the main process writes the rest and renames. Returns the
+    checkpoint on the main process, None elsewhere."""
+    tmp = _tmp_dir(run_dir, step)
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "accelerate"))
+    full = acc.get_state_dict(model)  # the whole model on the main process
+    path = None
+    if acc.is_main_process:
+        path = _commit(run_dir, step, state, keep_last_n, lambda t: adapter.save(
+            acc.unwrap_model(model), t / adapter.output_name, state_dict=full))
+    acc.wait_for_everyone()
+    return path
+
+
+def sharded(acc) -> bool:
+    """Whether parameters and optimizer state are split across processes."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def accelerate_format(fmt: str, acc) -> bool:
+    """Whether checkpoints go through ``Accelerator.save_state`` (``checkpoint.format``):
+    always for ``accelerate``, and for ``auto`` when parameters are sharded."""
+    return fmt == "accelerate" or (fmt == "auto" and sharded(acc))
+
+
+def _tmp_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f".tmp-step-{step}"
+
+
+def _commit(run_dir: Path, step: int, state: dict[str, Any], keep_last_n: int,
+            write: Callable[[Path], None]) -> Path:
+    """Finish ``.tmp-step-N`` (``write`` fills it, then the trainer state), flush it to
+    disk, rename it to ``step-N`` and prune older checkpoints."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step-{step}", _tmp_dir(run_dir, step)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        write(tmp)
         full_state = {**state, "step": step, "host_rng": _host_rngs()}
         (tmp / "trainer_state.json").write_text(json.dumps(full_state))
         for f in tmp.rglob("*"):
@@ -94,30 +148,51 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, adapter: Adapter, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, rng: bool = True) -> dict[str, Any]:
+                    optimizer: torch.optim.Optimizer | None, rng: bool = True, acc=None
+                    ) -> dict[str, Any]:
     """Restore adapter weights, optimizer state (unless None) and RNG (if ``rng``); return
-    the trainer state."""
+    the trainer state. A checkpoint of format ``accelerate`` restores model, optimizer and
+    RNG through ``acc.load_state`` when the optimizer is wanted (resume, anneal)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    host = state.pop("host_rng")
+    if (path / "accelerate").is_dir() and optimizer is not None:
+        if acc is None:
+            raise ValueError(f"{path} holds an Accelerate state; loading it needs the run's "
+                             "Accelerator")
+        kept = None if rng else _all_rngs()
+        acc.load_state(str(path / "accelerate"))
+        if kept is not None:
+            _set_all_rngs(kept)
+        return state
     adapter.load_weights(model, path / adapter.output_name)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    state = json.loads((path / "trainer_state.json").read_text())
-    host = state.pop("host_rng")
     if rng:
         saved = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(saved["torch"])
-        if "cuda" in saved and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda"])
-        version, internal, gauss = host["python"]
-        random.setstate((version, tuple(internal), gauss))
-        keys, pos, has_gauss, cached = host["numpy"]
-        np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss,
-                             cached))
+        _set_all_rngs((saved, host))
     return state
 
 
-def save_output(run_dir: Path, adapter: Adapter, model: torch.nn.Module, tokenizer) -> Path:
+def _all_rngs() -> tuple[dict[str, Any], dict[str, Any]]:
+    return _rng_state(), _host_rngs()
+
+
+def _set_all_rngs(rngs: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    saved, host = rngs
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    version, internal, gauss = host["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = host["numpy"]
+    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_output(run_dir: Path, adapter: Adapter, model: torch.nn.Module, tokenizer,
+                state_dict: dict | None = None) -> Path:
     """The run's final ``adapter/`` (or ``model/``), with the tokenizer, written under a
     temporary name and renamed into place: a crash or a full disk never leaves half of it.
+    ``state_dict``: the gathered weights when the model is sharded.
 
     Raises:
         RunDirError: it could not be written (the checkpoints are untouched).
@@ -126,7 +201,7 @@ def save_output(run_dir: Path, adapter: Adapter, model: torch.nn.Module, tokeniz
     tmp = run_dir / f".tmp-{adapter.output_name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        adapter.save(model, tmp)
+        adapter.save(model, tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

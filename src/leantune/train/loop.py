@@ -21,7 +21,8 @@ from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
 from leantune.generate import generate
 from leantune.train.build import Run, build_run, eval_mode
-from leantune.train.checkpoint import latest_checkpoint, save_checkpoint, save_output
+from leantune.train.checkpoint import (accelerate_format, sharded, latest_checkpoint,
+                                       save_accelerate_checkpoint, save_checkpoint, save_output)
 from leantune.train.metrics import PeakMemory, write_json
 from leantune.train.report import write_plots
 from leantune.train.step import StepResult, train_step
@@ -153,6 +154,10 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
 
 def checkpoint(run: Run) -> None:
     """Save ``checkpoints/step-N`` (main process; every process waits for it)."""
+    if accelerate_format(run.cfg.checkpoint.format, run.acc):
+        save_accelerate_checkpoint(run.run_dir, run.state.step, run.adapter, run.acc, run.model,
+                                   asdict(run.state), run.cfg.checkpoint.keep_last_n)
+        return
     run.acc.wait_for_everyone()
     if run.acc.is_main_process:
         save_checkpoint(run.run_dir, run.state.step, run.adapter,
@@ -173,7 +178,9 @@ def sample_prompts(examples, tokenizer, n: int) -> list[tuple[str, str, bool]]:
 
 
 def sample_replies(run: Run, prompts: list[tuple[str, str, bool]]) -> list[str]:
-    if not prompts or not run.acc.is_main_process:
+    """Greedy replies of the main process's model. Not under FSDP or DeepSpeed: there
+    every forward is collective, and one process generating alone would hang the rest."""
+    if not prompts or not run.acc.is_main_process or sharded(run.acc):
         return []
     model = run.acc.unwrap_model(run.model)
     return [generate(model, run.tokenizer, [p], run.cfg.eval.max_new_tokens, special)[0]
@@ -188,8 +195,12 @@ def finish(run: Run, prompts, replies_before: list[str]) -> dict:
     if not (every and run.state.step % every == 0):  # the loop saved this step already
         checkpoint(run)
     summary = build_summary(run, after, prompts, replies_before, replies_after)
+    # Sharded weights are gathered onto the main process (a collective: every process).
+    full = (run.acc.get_state_dict(run.model) if accelerate_format(run.cfg.checkpoint.format,
+                                                                   run.acc) else None)
     if run.acc.is_main_process:
-        save_output(run.run_dir, run.adapter, run.acc.unwrap_model(run.model), run.tokenizer)
+        save_output(run.run_dir, run.adapter, run.acc.unwrap_model(run.model), run.tokenizer,
+                    full)
         write_json(run.run_dir / "summary.json", summary)
         write_plots(run.run_dir, run.schedule, run.cfg.optim.lr)
     run.acc.wait_for_everyone()

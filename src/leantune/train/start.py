@@ -85,16 +85,18 @@ def check_start(cfg: Config) -> None:
 
 
 def restore(cfg: Config, run_dir: Path, adapter: Adapter, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, data_keys: dict[str, str]
+            optimizer: torch.optim.Optimizer, data_keys: dict[str, str], acc=None
             ) -> tuple[TrainState, Start]:
-    """Load what the run starts from into ``model`` and ``optimizer``; its state."""
+    """Load what the run starts from into ``model`` and ``optimizer``; its state.
+    ``acc`` restores checkpoints of format ``accelerate`` (all processes call this)."""
     resume_from = latest_checkpoint(run_dir) if cfg.train.resume else None
     if resume_from is not None:
-        state = TrainState(**load_checkpoint(resume_from, adapter, model, optimizer))
+        state = TrainState(**load_checkpoint(resume_from, adapter, model, optimizer, acc=acc))
         start = Start("resume", resume_from)
     elif cfg.schedule.anneal_from is not None:
         ckpt = find_checkpoint(cfg.schedule.anneal_from, "schedule.anneal_from")
-        state = TrainState(**_load(ckpt, adapter, model, optimizer, "schedule.anneal_from"))
+        state = TrainState(**_load(ckpt, adapter, model, optimizer, "schedule.anneal_from",
+                                   acc=acc))
         # The earlier run's evals live in its own directory; this one starts its own log.
         state.eval_history, state.eval_loss_before = [], None
         state.anneal_at = state.step
@@ -103,7 +105,7 @@ def restore(cfg: Config, run_dir: Path, adapter: Adapter, model: torch.nn.Module
     elif cfg.train.init_from is not None:
         ckpt = find_checkpoint(cfg.train.init_from, "train.init_from")
         keep = None if cfg.optim.reset_on_new_data else optimizer
-        _load(ckpt, adapter, model, keep, "train.init_from", rng=False)
+        _load(ckpt, adapter, model, keep, "train.init_from", rng=False, acc=acc)
         state, start = TrainState(), Start("init", ckpt, optimizer_reset=keep is None)
     else:
         state, start = TrainState(), Start("fresh")
@@ -121,11 +123,12 @@ def restore(cfg: Config, run_dir: Path, adapter: Adapter, model: torch.nn.Module
 
 
 def _load(ckpt: Path, adapter: Adapter, model: torch.nn.Module,
-          optimizer: torch.optim.Optimizer | None, key: str, rng: bool = True) -> dict:
+          optimizer: torch.optim.Optimizer | None, key: str, rng: bool = True, acc=None
+          ) -> dict:
     """:func:`load_checkpoint`, with a mismatch between the checkpoint and this run's
     model or adapter reported as a config error."""
     try:
-        return load_checkpoint(ckpt, adapter, model, optimizer, rng)
+        return load_checkpoint(ckpt, adapter, model, optimizer, rng, acc)
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
         raise ConfigError(f"{key}: {ckpt} does not fit this run's model and adapter config "
                           f"({type(e).__name__}: {str(e)[:300]})") from None

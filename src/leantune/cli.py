@@ -2,6 +2,7 @@
 
     leantune train [CONFIG.yaml] [section.key=value ...] [--resume]
     leantune generate RUN_DIR_or_MODEL (--prompt TEXT | --prompts FILE.jsonl)
+    leantune eval RUN_DIR_or_MODEL --data FILE [--data FILE ...]
     leantune export RUN_DIR --out DIR
     leantune bench (packing | fast-forward | adapters | reft | continual) [options]
 """
@@ -103,6 +104,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         for row, reply in zip(rows, replies):
             print(json.dumps({**row, "reply": reply}, ensure_ascii=False))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.eval_sets import default_out, evaluate_target, format_table
+
+    target = Path(args.target)
+    overrides = {k: v for k, v in (("max_length", args.max_length),
+                                   ("max_examples", args.max_examples)) if v is not None}
+    results = evaluate_target(target, args.data, overrides, args.batch_size, args.generate,
+                              args.max_new_tokens)
+    out = Path(args.out) if args.out else default_out(target)
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(format_table(results))
+    print(f"results: {out}")
     return 0
 
 
@@ -293,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=cmd_generate)
+    ev = sub.add_parser("eval", help="loss, perplexity and match accuracy on data sets")
+    ev.add_argument("target", help="a run directory (base + adapter) or a model directory")
+    ev.add_argument("--data", action="append", required=True,
+                    help="a data set (any format train reads); repeat for several")
+    ev.add_argument("--out", help="results JSON (default: RUN_DIR/eval.json, else ./eval.json)")
+    ev.add_argument("--max-length", type=int, help="default: the run's data.max_length")
+    ev.add_argument("--max-examples", type=int, help="first N rows of each data set")
+    ev.add_argument("--batch-size", type=int, help="default: the run's eval.batch_size")
+    ev.add_argument("--generate", type=int, default=None,
+                    help="rows with a reference answered by greedy generation (default: all; "
+                         "0: loss only)")
+    ev.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
+    ev.set_defaults(func=cmd_eval)
     ex = sub.add_parser("export", help="merge a run's adapter into its base: a standalone model")
     ex.add_argument("run_dir", help="a finished run directory")
     ex.add_argument("--out", required=True, help="the model directory to write (new or empty)")

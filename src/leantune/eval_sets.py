@@ -1,0 +1,132 @@
+"""``leantune eval``: score a trained run (base + adapter, any method) or a plain model on
+one or more data sets.
+
+For every data set:
+
+- loss and perplexity over its target tokens (token-weighted, packed when the model and
+  backend keep packed examples apart: the same numbers as padding, less compute);
+- for rows with a reference answer (a completion, or the first assistant turn after a
+  user turn), batched greedy generation scored by exact match and by contains match,
+  both after normalization (case, surrounding whitespace and punctuation, inner runs of
+  whitespace): ``exact = norm(reply) == norm(ref)``, ``contains = norm(ref) in norm(reply)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from pathlib import Path
+
+from leantune.config import Config, DataConfig, ModelConfig, load_config
+from leantune.data.batching import Batcher
+from leantune.data.dataset import DataStats, encode_all, load_examples
+from leantune.data.encode import prompt_and_reference
+from leantune.evaluate import evaluate
+from leantune.generate import generate
+
+
+def normalize(text: str) -> str:
+    """Casefolded, inner whitespace collapsed, surrounding whitespace and punctuation cut."""
+    return " ".join(text.casefold().split()).strip(string.punctuation + " ")
+
+
+def match_scores(replies: list[str], references: list[str]) -> dict[str, float | int]:
+    """Exact-match and contains-match accuracy of ``replies`` against ``references``."""
+    pairs = [(normalize(r), normalize(ref)) for r, ref in zip(replies, references, strict=True)]
+    n = len(pairs)
+    return {"generated": n,
+            "exact_match": sum(r == ref for r, ref in pairs) / n if n else None,
+            "contains_match": sum(bool(ref) and ref in r for r, ref in pairs) / n if n else None}
+
+
+def load_target(target: Path):
+    """``(model, tokenizer, cfg, adapter)``: a run directory's base + trained adapter with
+    its config, or a model directory / hub id with the default config and no adapter."""
+    from leantune.adapters import build_adapter
+    from leantune.serve import load_for_generation
+
+    model, tokenizer = load_for_generation(target)
+    if (target / "config.yaml").is_file():
+        cfg = load_config(target / "config.yaml")
+        return model, tokenizer, cfg, build_adapter(cfg.adapter)
+    cfg = Config(model=ModelConfig(name_or_path=str(target)))
+    return model, tokenizer, cfg, None
+
+
+def score_set(model, tokenizer, path: str, data: DataConfig, mode: str, batch_size: int,
+              intervene: tuple[int, int] | None, accelerator, generate_n: int | None,
+              max_new_tokens: int) -> dict:
+    """Loss, perplexity and (for up to ``generate_n`` rows with a reference, all if None)
+    match accuracy of ``model`` on the rows of ``path``."""
+    stats = DataStats()
+    examples, fmt = load_examples(path, data, tokenizer.chat_template is not None, stats)
+    if data.max_examples is not None:
+        examples = examples[: data.max_examples]
+    encoded, sources = encode_all(examples, tokenizer, data, stats)
+    batcher = Batcher.build([], mode, data.max_length, tokenizer.pad_token_id,
+                            intervene=intervene)
+    result = {"path": path, "format": fmt, "rows": stats.rows_read, "examples": len(encoded),
+              "truncated": stats.truncated,
+              "dropped": stats.dropped_too_long + stats.dropped_no_target,
+              **evaluate(model, encoded, batch_size,
+                         lambda b: batcher.collate_examples(b, mode), accelerator)}
+    asked = [pr for ex in sources if (pr := prompt_and_reference(ex, tokenizer)) is not None]
+    asked = asked[:generate_n] if generate_n is not None else asked
+    replies = [""] * len(asked)
+    if accelerator.is_main_process:
+        for special in (False, True):  # prompts rendered with and without special tokens
+            idx = [i for i, (_, _, s) in enumerate(asked) if s == special]
+            out = generate(model, tokenizer, [asked[i][0] for i in idx], max_new_tokens,
+                           special, batch_size) if idx else []
+            for i, reply in zip(idx, out, strict=True):
+                replies[i] = reply
+    result |= match_scores(replies, [ref for _, ref, _ in asked])
+    result["samples"] = [{"prompt": p, "reference": ref, "reply": r}
+                         for (p, ref, _), r in list(zip(asked, replies))[:3]]
+    return result
+
+
+def evaluate_target(target: Path, paths: list[str], overrides: dict | None = None,
+                    batch_size: int | None = None, generate_n: int | None = None,
+                    max_new_tokens: int | None = None) -> dict:
+    """Score ``target`` on every data set of ``paths``; ``overrides`` change its data
+    options (e.g. ``{"max_length": 1024}``), by default the run's own (or the defaults)."""
+    from accelerate import Accelerator
+
+    from leantune.train.build import resolve_packing
+    from leantune.train.data import set_name
+
+    model, tokenizer, cfg, adapter = load_target(target)
+    data = dataclasses.replace(cfg.data, **(overrides or {}))
+    accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    # Packed whenever exact here (the probe decides): the same loss as padding, less compute.
+    mode = resolve_packing("online", model, adapter)["used"]
+    taken: set[str] = set()
+    sets = {set_name(path, taken): score_set(
+        model, tokenizer, path, data, mode, batch_size or cfg.eval.batch_size,
+        adapter.positions if adapter else None, accelerator, generate_n,
+        max_new_tokens or cfg.eval.max_new_tokens) for path in paths}
+    return {"target": str(target), "method": cfg.adapter.method if adapter else None,
+            "packing": mode, "max_length": data.max_length, "datasets": sets}
+
+
+def format_table(results: dict) -> str:
+    """The results as a plain-text table, one data set per line."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    rows = [("data set", "examples", "tokens", "loss", "ppl", "exact", "contains", "generated")]
+    for name, r in results["datasets"].items():
+        rows.append((name, str(r["examples"]), f"{r['target_tokens']:,}", f"{r['loss']:.4f}",
+                     f"{r['perplexity']:.2f}", pct(r["exact_match"]), pct(r["contains_match"]),
+                     str(r["generated"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def default_out(target: Path) -> Path:
+    """``RUN_DIR/eval.json`` for a run directory, else ``eval.json`` here."""
+    return target / "eval.json" if (target / "config.yaml").is_file() else Path("eval.json")
+

@@ -27,6 +27,15 @@ def _losses(run_dir: Path) -> tuple[list[float], int]:
     return [r["loss"] for r in steps], steps[-1]["tokens"]
 
 
+def chat_rows(path: Path, n: int = 40) -> Path:
+    """``n`` chat rows "add a b" -> "The answer is a+b."."""
+    path.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"add {i % 7} {i % 5}"},
+                                 {"role": "assistant", "content": f"The answer is {i % 7 + i % 5}."}]})
+        + "\n" for i in range(n)))
+    return path
+
+
 def corpus_overrides(tmp_path: Path) -> list[str]:
     """Two small raw-text corpora, the second replayed at a quarter of every step."""
     for name, words in (("new", "def add return a b numbers 0 1 2"), ("old", "the quick fox")):
@@ -40,11 +49,7 @@ def corpus_overrides(tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("mode, port", [("examples", 29533), ("corpus", 29534)])
 def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp_path):
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"add {i % 7} {i % 5}"},
-                                 {"role": "assistant", "content": f"The answer is {i % 7 + i % 5}."}]})
-        + "\n" for i in range(40)))
+    data = chat_rows(tmp_path / "chat.jsonl")
     common = [f"model.name_or_path={llama_dir}", f"data.path={data}", "train.max_steps=4",
               "optim.lr=1e-2", "train.progress=false", "adapter.dropout=0.0",
               "data.eval_fraction=0.2", "train.grad_accum=2", "fast_forward.enabled=true",
@@ -99,11 +104,7 @@ def test_resume_on_another_process_count(before, after, steps, fmt, llama_dir, t
     1 -> 2: 3 + ceil((1 - 3/32) * 16) = 18 steps; 2 -> 1: 3 + ceil((1 - 3/16) * 32) = 29.
     On the same 2 processes with checkpoints through Accelerator.save_state (each
     process's RNG saved), the resumed adapter is bit-identical to the uninterrupted one."""
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"add {i % 7} {i % 5}"},
-                                 {"role": "assistant", "content": f"The answer is {i % 7 + i % 5}."}]})
-        + "\n" for i in range(40)))
+    data = chat_rows(tmp_path / "chat.jsonl")
     common = [f"model.name_or_path={llama_dir}", f"data.path={data}", "train.epochs=2",
               "train.batch_size=2", "optim.lr=1e-2", "train.progress=false",
               "data.eval_fraction=0.2", "checkpoint.every=1", "checkpoint.keep_last_n=100",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import leantune.eval_sets as eval_sets
+import leantune.serve as serve
 from leantune.cli import main
 from leantune.config import DataConfig, ModelConfig
 from leantune.data.dataset import DataStats, encode_all, load_examples
@@ -105,6 +105,6 @@ def test_accuracy_counts_replies_against_references(trained, monkeypatch):
         return [f"The answer is {(i % 10) + (3 * i) % 10}." if k % 2 == 0 else "no idea"
                 for k, i in enumerate(range(40, 40 + len(prompts)))]
 
-    monkeypatch.setattr(eval_sets, "generate", answer_half)
+    monkeypatch.setattr(serve, "generate", answer_half)
     scored = evaluate_target(runs["lora"], [held])["datasets"]["held"]
     assert (scored["exact_match"], scored["contains_match"]) == (0.5, 0.5)

@@ -17,12 +17,12 @@ import dataclasses
 import string
 from pathlib import Path
 
-from leantune.config import Config, DataConfig, ModelConfig, load_config
+from leantune.config import Config, DataConfig, ModelConfig
 from leantune.data.batching import Batcher
 from leantune.data.dataset import DataStats, encode_all, load_examples
 from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
-from leantune.generate import generate
+from leantune.serve import generate_rendered, load_target
 
 
 def normalize(text: str) -> str:
@@ -37,20 +37,6 @@ def match_scores(replies: list[str], references: list[str]) -> dict[str, float |
     return {"generated": n,
             "exact_match": sum(r == ref for r, ref in pairs) / n if n else None,
             "contains_match": sum(bool(ref) and ref in r for r, ref in pairs) / n if n else None}
-
-
-def load_target(target: Path):
-    """``(model, tokenizer, cfg, adapter)``: a run directory's base + trained adapter with
-    its config, or a model directory / hub id with the default config and no adapter."""
-    from leantune.adapters import build_adapter
-    from leantune.serve import load_for_generation
-
-    model, tokenizer = load_for_generation(target)
-    if (target / "config.yaml").is_file():
-        cfg = load_config(target / "config.yaml")
-        return model, tokenizer, cfg, build_adapter(cfg.adapter)
-    cfg = Config(model=ModelConfig(name_or_path=str(target)))
-    return model, tokenizer, cfg, None
 
 
 def score_set(model, tokenizer, path: str, data: DataConfig, mode: str, batch_size: int,
@@ -74,12 +60,8 @@ def score_set(model, tokenizer, path: str, data: DataConfig, mode: str, batch_si
     asked = asked[:generate_n] if generate_n is not None else asked
     replies = [""] * len(asked)
     if accelerator.is_main_process:
-        for special in (False, True):  # prompts rendered with and without special tokens
-            idx = [i for i, (_, _, s) in enumerate(asked) if s == special]
-            out = generate(model, tokenizer, [asked[i][0] for i in idx], max_new_tokens,
-                           special, batch_size) if idx else []
-            for i, reply in zip(idx, out, strict=True):
-                replies[i] = reply
+        replies = generate_rendered(model, tokenizer, [(p, s) for p, _, s in asked],
+                                    max_new_tokens, batch_size)
     result |= match_scores(replies, [ref for _, ref, _ in asked])
     result["samples"] = [{"prompt": p, "reference": ref, "reply": r}
                          for (p, ref, _), r in list(zip(asked, replies))[:3]]
@@ -97,6 +79,7 @@ def evaluate_target(target: Path, paths: list[str], overrides: dict | None = Non
     from leantune.train.data import set_name
 
     model, tokenizer, cfg, adapter = load_target(target)
+    cfg = cfg or Config(model=ModelConfig(name_or_path=str(target)))
     data = dataclasses.replace(cfg.data, **(overrides or {}))
     accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu")
     # Packed whenever exact here (the probe decides): the same loss as padding, less compute.

@@ -196,8 +196,7 @@ def finish(run: Run, prompts, replies_before: list[str]) -> dict:
         checkpoint(run)
     summary = build_summary(run, after, prompts, replies_before, replies_after)
     # Sharded weights are gathered onto the main process (a collective: every process).
-    full = (run.acc.get_state_dict(run.model) if accelerate_format(run.cfg.checkpoint.format,
-                                                                   run.acc) else None)
+    full = run.acc.get_state_dict(run.model) if sharded(run.acc) else None
     if run.acc.is_main_process:
         save_output(run.run_dir, run.adapter, run.acc.unwrap_model(run.model), run.tokenizer,
                     full)

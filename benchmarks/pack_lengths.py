@@ -17,7 +17,7 @@ lengths. Variants run in turn inside one process, ``repeats`` rounds, and the me
   dataset in one BFD, i.e. the same problem ``pack`` solves. Its bins are checked equal to
   leantune's (token ``i`` is example ``i``'s index, so the packed rows read back as bins).
 
-Results go to ``benchmarks/results/pack_lengths.json``.
+Results go to ``benchmarks/results/pack_lengths.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    out = Path(args.out)
 
     lengths = lognormal_lengths(args.n, args.capacity, args.seed)
     tokens = int(lengths.sum())
@@ -153,8 +155,8 @@ def main() -> None:
     same = same_bins_as_trl(lengths, args.capacity)
     print(f"TRL one-batch bins identical to leantune bfd: {same}")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "compared": __doc__.split("\n\n", 2)[2].split("\n\nResults go")[0],
         "n": args.n, "capacity": args.capacity, "seed": args.seed, "repeats": args.repeats,
         "lengths": {"distribution": "lognormal(mu=4.64, sigma=0.6), rounded, clipped",
@@ -163,7 +165,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "versions": _versions()},
     }, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
 
 
 def _versions() -> dict[str, str]:

@@ -4,7 +4,7 @@
     leantune generate RUN_DIR_or_MODEL (--prompt TEXT | --prompts FILE.jsonl)
     leantune eval RUN_DIR_or_MODEL --data FILE [--data FILE ...]
     leantune export RUN_DIR --out DIR
-    leantune bench (packing | fast-forward | adapters | reft | continual) [options]
+    leantune bench (packing | fast-forward | adapters | reft | continual | all) [options]
 """
 
 from __future__ import annotations
@@ -212,6 +212,24 @@ def cmd_bench_continual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_all(args: argparse.Namespace) -> int:
+    from leantune.bench.all import run_all
+
+    def run_bench(argv: list[str]) -> int:
+        bench_args = build_parser().parse_args(["bench", *argv])
+        return bench_args.func(bench_args)
+
+    only = args.only.split(",") if args.only else None
+    try:
+        record = run_all(run_bench, Path(args.out_dir), only)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    failed = [b["name"] for b in record["benches"] if b.get("status")]
+    print(f"all benches: {record['seconds'] / 60:.1f} min; tables: {args.out_dir}/TABLES.md"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def add_bench_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (baseline and ours in one process)")
     which = bench.add_subparsers(dest="which", required=True)
@@ -288,6 +306,13 @@ def add_bench_parsers(sub) -> None:
     cp.add_argument("--out", default="benchmarks/results/continual.json")
     cp.add_argument("--plot", default="benchmarks/results/continual.png")
     cp.set_defaults(func=cmd_bench_continual)
+    al = which.add_parser("all", help="every bench in turn with BENCHMARKS.md's settings "
+                                      "(about 2 h on 2 cores)")
+    al.add_argument("--out-dir", default="benchmarks/results",
+                    help="where every bench writes; also all.json and TABLES.md")
+    al.add_argument("--only", help="comma-separated subset: packing, pack_lengths, "
+                                   "fast_forward, adapters, reft, continual, corpus_scale")
+    al.set_defaults(func=cmd_bench_all)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@
     leantune generate RUN_DIR_or_MODEL (--prompt TEXT | --prompts FILE.jsonl)
     leantune eval RUN_DIR_or_MODEL --data FILE [--data FILE ...]
     leantune export RUN_DIR --out DIR
+    leantune report RUN_DIR [RUN_DIR ...] [--out DIR]
     leantune bench (packing | fast-forward | adapters | reft | continual | all) [options]
 """
 
@@ -20,11 +21,12 @@ from leantune.config import ConfigError, describe_options, load_config
 from leantune.data.sources import DataError
 from leantune.export import ExportError
 from leantune.model import ModelError
+from leantune.report.runs import ReportError
 from leantune.train.run_dir import RunDirError
 
 # Errors a user can fix from the message alone: printed as one line, no traceback.
 USER_ERRORS = (ConfigError, DataError, ModelError, RunDirError, ExportError, FileNotFoundError,
-               FloatingPointError)
+               FloatingPointError, ReportError)
 
 
 def _setup_logging(level: str) -> None:
@@ -132,6 +134,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"note: {result['note']}")
     print(f"merged model ({result['method']}, {result['parameters']:,} parameters) written "
           f"to {result['out']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.report import write_report
+
+    page = write_report(args.run_dirs, args.out)
+    print(f"report: {page}")
     return 0
 
 
@@ -352,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir", help="a finished run directory")
     ex.add_argument("--out", required=True, help="the model directory to write (new or empty)")
     ex.set_defaults(func=cmd_export)
+    rp = sub.add_parser("report", help="HTML page and plots of one run, or of several overlaid")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", help="default: RUN_DIR/report for one run, ./report for several")
+    rp.set_defaults(func=cmd_report)
     add_bench_parsers(sub)
     return parser
 

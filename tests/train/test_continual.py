@@ -80,7 +80,7 @@ def test_replay_run_reports_every_corpus(llama_dir, corpora, tmp_path):
     corpora_stats = summary["data"]["corpora"]
     assert corpora_stats["code"]["documents"] == 30 and corpora_stats["code"][
         "held_out_documents"] == 3  # eval_fraction 0.1 of 30 documents
-    assert (out / "report" / "lr.png").is_file() and (out / "report" / "eval_loss.png").is_file()
+    assert all((out / "report" / f).is_file() for f in ("index.html", "lr.png", "eval_sets.png"))
 
 
 def test_resume_mid_corpus_is_bit_identical(llama_dir, corpora, tmp_path, monkeypatch):

@@ -109,7 +109,8 @@ def adapter_weights(run_dir) -> dict[str, torch.Tensor]:
 
 def comparable(records: list[dict]) -> list[dict]:
     """Metrics without wall-clock figures."""
-    timing = {"tokens_per_second", "elapsed_seconds", "ff_seconds"}
+    timing = {"tokens_per_second", "elapsed_seconds", "ff_seconds", "compute_seconds",
+              "peak_memory_bytes"}
     return [{k: v for k, v in r.items() if k not in timing} for r in records]
 
 

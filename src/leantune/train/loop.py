@@ -4,7 +4,7 @@ stage by name.
 build_run -> (evaluate + sample replies before) -> repeat [train_step -> maybe a Fast
 Forward stage -> log_step -> maybe evaluate -> maybe save_checkpoint] until the step
 budget is spent -> finish (evaluate + replies after, final checkpoint, adapter,
-``summary.json``).
+``summary.json``, ``report/``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 from leantune.config import Config
 from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
+from leantune.report import write_report
 from leantune.generate import generate
 from leantune.train.build import Run, build_run, eval_mode
 from leantune.train.checkpoint import (accelerate_format, sharded, latest_checkpoint,
                                        save_accelerate_checkpoint, save_checkpoint, save_output)
-from leantune.train.metrics import PeakMemory, write_json
-from leantune.train.report import write_plots
+from leantune.train.metrics import PeakMemory, peak_memory_bytes, write_json
 from leantune.train.step import StepResult, train_step
 from leantune.train.summary import build_summary
 
@@ -108,7 +108,16 @@ def fast_forward(run: Run) -> None:
     record = run.ff.after_step() if run.ff is not None else None
     if record is not None:
         run.state.account_ff(record)
-        run.metrics.write({"step": run.state.step, "tag": "fast_forward", **record})
+        run.metrics.write({"step": run.state.step, "tag": "fast_forward", **record,
+                           **progress(run)})
+
+
+def progress(run: Run) -> dict:
+    """Where the run stands, for the report's x-axes: tokens trained on, FLOPs spent on
+    steps and Fast Forward, and seconds spent in them (both carried across a resume)."""
+    state = run.state
+    return {"tokens": state.real_tokens, "train_flops": state.train_flops,
+            "ff_flops": state.ff_flops, "compute_seconds": state.train_seconds + state.ff_seconds}
 
 
 def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
@@ -121,10 +130,11 @@ def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
     if state.step % run.cfg.train.log_every == 0 or state.step == run.steps:
         run.metrics.write({
             "step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-            "target_tokens": state.target_tokens, "tokens": state.real_tokens,
-            "train_flops": state.train_flops, "ff_flops": state.ff_flops,
+            "target_tokens": state.target_tokens, **progress(run),
             "ff_steps_accepted": state.ff_steps_accepted,
             "tokens_per_second": state.tokens_per_second,
+            "padding_fraction": state.padding_fraction,
+            "peak_memory_bytes": peak_memory_bytes(),
             "elapsed_seconds": time.time() - run.started})
 
 
@@ -148,7 +158,7 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
                                    "target_tokens": r["target_tokens"]}
                             for name, r in results.items()}}
     run.state.eval_history.append(record)
-    run.metrics.write(record)
+    run.metrics.write(record | progress(run))
     return main
 
 
@@ -164,6 +174,16 @@ def checkpoint(run: Run) -> None:
                         run.acc.unwrap_model(run.model), run.optimizer, asdict(run.state),
                         run.cfg.checkpoint.keep_last_n)
     run.acc.wait_for_everyone()
+
+
+def report(run: Run) -> None:
+    """``report/index.html`` and its plots. The run itself is saved by now: a report that
+    fails is logged, not raised, and ``leantune report RUN_DIR`` can write it again."""
+    try:
+        log.info("report: %s", write_report([run.run_dir]))
+    except Exception as e:  # noqa: BLE001 - nothing of the run depends on it
+        log.error("the run is saved, but its report failed (%s: %s); retry with "
+                  "`leantune report %s`", type(e).__name__, e, run.run_dir)
 
 
 def sample_prompts(examples, tokenizer, n: int) -> list[tuple[str, str, bool]]:
@@ -201,6 +221,6 @@ def finish(run: Run, prompts, replies_before: list[str]) -> dict:
         save_output(run.run_dir, run.adapter, run.acc.unwrap_model(run.model), run.tokenizer,
                     full)
         write_json(run.run_dir / "summary.json", summary)
-        write_plots(run.run_dir, run.schedule, run.cfg.optim.lr)
+        report(run)
     run.acc.wait_for_everyone()
     return summary

@@ -1,0 +1,44 @@
+"""Run reports: ``leantune report RUN_DIR [RUN_DIR ...]``, also written at the end of
+``leantune train``.
+
+One run: ``RUN_DIR/report/index.html`` and its PNGs beside it. Several runs: one page that
+overlays them, in ``--out`` (default ``./report``). The HTML embeds its plots, so the page
+alone is the whole report; the PNGs are there for slides and papers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from leantune.report.runs import ReportError, RunLog, load_run, load_runs
+
+__all__ = ["ReportError", "RunLog", "load_run", "load_runs", "write_report"]
+
+log = logging.getLogger(__name__)
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write the report of ``run_dirs`` into ``out``; returns the page's path.
+
+    ``out`` defaults to ``RUN_DIR/report`` for one run and ``./report`` for several.
+    Without matplotlib (the ``plot`` extra) the page has the tables and no plots.
+    """
+    from leantune.report.page import render
+
+    runs = load_runs(list(run_dirs))
+    out = Path(out) if out else (Path(run_dirs[0]) / "report" if len(runs) == 1
+                                 else Path("report"))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        from leantune.report.plots import write_plots
+
+        plots, note = write_plots(runs, out), ""
+    except ImportError:
+        plots, note = [], "matplotlib is not installed: no plots (pip install 'leantune[plot]')"
+        log.info(note)
+    page = out / "index.html"
+    tmp = page.with_name(page.name + ".tmp")
+    tmp.write_text(render(runs, plots, note), encoding="utf-8")
+    tmp.replace(page)
+    return page

@@ -1,0 +1,202 @@
+"""The report's HTML: one self-contained file (CSS inline, plots embedded as base64 PNG),
+so it opens from disk, from an archive or as an e-mail attachment, with nothing beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+
+import yaml
+
+from leantune.report.plots import Plot
+from leantune.report.runs import RunLog
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1080px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.6em 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ddd; padding: 3px 9px; text-align: right; vertical-align: top; }
+th:first-child, td:first-child { text-align: left; } th { background: #f4f4f4; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.92em; }
+.muted { color: #777; } .better { color: #176317; } .worse { color: #a11; }
+pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 12px; white-space: pre-wrap; }
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def fmt(value, kind: str = "") -> str:
+    """A figure for a table cell: ``kind`` is '', 'int', 'sci', 'pct', 'gib', 's' or 'loss'."""
+    if value is None:
+        return '<span class="muted">–</span>'
+    if kind == "int":
+        return f"{int(value):,}"
+    if kind == "sci":
+        return f"{value:.3g}"
+    if kind == "pct":
+        return f"{100 * value:.1f} %"
+    if kind == "gib":
+        return f"{value / 2**30:.2f} GiB"
+    if kind == "s":
+        return (f"{value:.2g} s" if value < 10 else f"{value:.0f} s" if value < 120
+                else f"{value / 60:.1f} min")
+    if kind == "loss":
+        return f"{value:.4f}"
+    return esc(value)
+
+
+def summary_rows(run: RunLog) -> list[tuple[str, str]]:
+    """(label, cell HTML) of the run's headline figures, from ``summary.json`` when the run
+    finished, else from its last logged step."""
+    s = run.summary or {}
+    last = run.steps[-1] if run.steps else {}
+    cfg_adapter = run.config.get("adapter") or {}
+    loss = s.get("eval_loss") or {}
+    ff = (f"{s['ff_stages']} stages, {s['ff_steps_accepted']} steps accepted"
+          if s.get("ff_stages") else "–" if s else None)
+    return [
+        ("status", "finished" if s else '<span class="worse">no summary.json (running or '
+                                        'stopped)</span>'),
+        ("method", fmt(s.get("method", cfg_adapter.get("method")))),
+        ("model", fmt(s.get("model", (run.config.get("model") or {}).get("name_or_path")))),
+        ("optimizer steps", fmt(s.get("optimizer_steps", last.get("step")), "int")),
+        ("tokens trained on", fmt((s.get("train_tokens") or {}).get("total", last.get("tokens")),
+                                  "int")),
+        ("FLOPs: training", fmt(s.get("train_flops", last.get("train_flops")), "sci")),
+        ("FLOPs: Fast Forward", fmt(s.get("ff_flops", last.get("ff_flops")), "sci")),
+        ("FLOPs: evaluation", fmt(s.get("eval_flops"), "sci")),
+        ("Fast Forward", fmt(ff)),
+        ("wall time", fmt(s.get("wall_seconds", last.get("elapsed_seconds")), "s")),
+        ("tokens/s (training)", fmt(s.get("tokens_per_second", last.get("tokens_per_second")),
+                                    "sci")),
+        ("padding", fmt(s.get("padding_fraction", last.get("padding_fraction")), "pct")),
+        ("peak memory", fmt(s.get("peak_memory_bytes", last.get("peak_memory_bytes")), "gib")),
+        ("trainable / total params", fmt(
+            f"{s['trainable_params']:,} / {s['total_params']:,} "
+            f"({100 * s['trainable_params'] / s['total_params']:.3g} %)"
+            if s.get("total_params") else None)),
+        ("held-out loss before → after", _before_after(loss.get("before"), loss.get("after"))),
+        ("final training loss", fmt(s.get("final_train_loss", last.get("loss")), "loss")),
+        ("non-finite steps skipped", fmt(s.get("nonfinite_skipped"), "int")),
+    ]
+
+
+def _before_after(before, after) -> str:
+    if before is None or after is None:
+        return fmt(after if before is None else before, "loss")
+    delta = after - before
+    css = "better" if delta < 0 else "worse"
+    return f'{before:.4f} → {after:.4f} <span class="{css}">({delta:+.4f})</span>'
+
+
+def summary_table(runs: list[RunLog]) -> str:
+    rows = [summary_rows(r) for r in runs]
+    head = "".join(f"<th>{esc(r.name)}</th>" for r in runs)
+    body = "".join(f"<tr><th>{label}</th>" + "".join(f"<td>{r[i][1]}</td>" for r in rows)
+                   + "</tr>" for i, (label, _) in enumerate(rows[0]))
+    return f"<table><tr><th></th>{head}</tr>{body}</table>"
+
+
+def eval_table(runs: list[RunLog]) -> str:
+    """Every held-out set of every run: role, size, loss before and after, and the change
+    (forgetting on old data shows as a rise)."""
+    lines = []
+    for run in runs:
+        sets = (run.summary or {}).get("eval_sets") or _sets_from_log(run)
+        for name, row in sets.items():
+            before, after = (row.get("before") or {}), (row.get("after") or {})
+            lines.append(
+                f"<tr><td>{esc(run.name)}</td><td>{esc(name)}</td><td>{fmt(row.get('role'))}</td>"
+                f"<td>{fmt(row.get('examples'), 'int')}</td>"
+                f"<td>{fmt(before.get('target_tokens') or after.get('target_tokens'), 'int')}</td>"
+                f"<td>{_before_after(before.get('loss'), after.get('loss'))}</td>"
+                f"<td>{fmt(after.get('perplexity'), 'sci')}</td></tr>")
+    if not lines:
+        return '<p class="muted">No held-out evaluation was logged.</p>'
+    return ("<table><tr><th>run</th><th>data set</th><th>role</th><th>examples</th>"
+            "<th>target tokens</th><th>loss before → after</th><th>perplexity after</th></tr>"
+            + "".join(lines) + "</table>")
+
+
+def _sets_from_log(run: RunLog) -> dict:
+    """Per-set first and last evaluation, for a run without ``summary.json``."""
+    sets: dict[str, dict] = {}
+    for e in run.evals:
+        for name, r in e["eval_sets"].items():
+            sets.setdefault(name, {"before": r})["after"] = r
+    return sets
+
+
+def ff_table(runs: list[RunLog]) -> str:
+    lines = [f"<tr><td>{esc(run.name)}</td><td>{s['step']}</td><td>{s['ff_accepted']}</td>"
+             f"<td>{_before_after(s.get('ff_loss_before'), s.get('ff_loss_after'))}</td>"
+             f"<td>{fmt(s.get('ff_evaluations'), 'int')}</td><td>{fmt(s.get('ff_flops'), 'sci')}"
+             f"</td><td>{fmt(s.get('ff_seconds'), 's')}</td></tr>"
+             for run in runs for s in run.ff]
+    if not lines:
+        return ""
+    return ("<h2>Fast Forward stages</h2><table><tr><th>run</th><th>after step</th>"
+            "<th>steps accepted</th><th>FF-set loss</th><th>evaluations</th><th>FLOPs</th>"
+            "<th>time</th></tr>" + "".join(lines) + "</table>")
+
+
+def replay_table(runs: list[RunLog]) -> str:
+    lines = []
+    for run in runs:
+        r = (run.summary or {}).get("replay")
+        if r:
+            lines.append(f"<tr><td>{esc(run.name)}</td><td>{esc(r['path'])}</td>"
+                         f"<td>{fmt(r['ratio'], 'pct')} ({esc(r['schedule'])})</td>"
+                         f"<td>{fmt(r['fraction'], 'pct')}</td>"
+                         f"<td>{esc(json.dumps(r['windows']))}</td></tr>")
+    if not lines:
+        return ""
+    return ("<h2>Replay</h2><table><tr><th>run</th><th>replayed from</th><th>asked</th>"
+            "<th>replayed (counted)</th><th>windows per stream</th></tr>"
+            + "".join(lines) + "</table>")
+
+
+def samples_section(runs: list[RunLog], limit: int = 3) -> str:
+    parts = []
+    for run in runs:
+        for s in ((run.summary or {}).get("samples") or [])[:limit]:
+            parts.append(f"<h3>{esc(run.name)}</h3><p><b>prompt</b></p><pre>{esc(s['prompt'])}</pre>"
+                         + (f"<p><b>before</b></p><pre>{esc(s['before'])}</pre>"
+                            if s.get("before") is not None else "")
+                         + f"<p><b>after</b></p><pre>{esc(s['after'])}</pre>")
+    return "<h2>Held-out prompts answered</h2>" + "".join(parts) if parts else ""
+
+
+def figure(plot: Plot) -> str:
+    data = base64.b64encode(plot.path.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{esc(plot.title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption><b>{esc(plot.title)}.</b> {esc(plot.caption)} "
+            f'<span class="muted">({esc(plot.path.name)})</span></figcaption></figure>')
+
+
+def render(runs: list[RunLog], plots: list[Plot], note: str = "") -> str:
+    """The whole page."""
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    names = ", ".join(esc(r.name) for r in runs)
+    configs = "".join(f"<details><summary>{esc(r.name)}: config.yaml</summary><pre>"
+                      f"{esc(yaml.safe_dump(r.config, sort_keys=False))}</pre></details>"
+                      for r in runs if r.config)
+    figures = "".join(figure(p) for p in plots) or (
+        f'<p class="muted">{esc(note or "No plots.")}</p>')
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>leantune report: {names}</title><style>{CSS}</style></head><body>"
+            f"<h1>leantune report</h1><p class='muted'>{names} · written {when}"
+            + "".join(f"<br>{esc(r.name)}: {esc(r.path.resolve())}" for r in runs) + "</p>"
+            f"<h2>Summary</h2>{summary_table(runs)}"
+            f"<h2>Curves</h2>{figures}"
+            f"<h2>Held-out data sets</h2>{eval_table(runs)}"
+            f"{ff_table(runs)}{replay_table(runs)}{samples_section(runs)}"
+            f"<h2>Configuration</h2>{configs or '<p class=muted>none</p>'}"
+            "</body></html>\n")

@@ -1,0 +1,202 @@
+"""The report's figures, drawn headless with matplotlib (the ``plot`` extra). Every figure
+overlays all the runs given, one colour per run, so several runs compare at a glance.
+
+Each ``*_figure(runs)`` returns a matplotlib Figure, or None when no run logged what it
+shows (no Fast Forward stage, say); :func:`write_plots` saves them as PNGs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from leantune.report.runs import AXES, RunLog
+
+
+@dataclass
+class Plot:
+    """A saved figure: its file, and the title and caption the page shows with it."""
+
+    path: Path
+    title: str
+    caption: str
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers or CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def colour(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def loss_figure(runs: list[RunLog]):
+    """Training loss (line) and main held-out loss (dots) against steps, tokens, FLOPs and
+    seconds: the same curves, with cost on the x-axis."""
+    if not any(r.steps for r in runs):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    for ax, axis in zip(axes.flat, AXES):
+        for i, run in enumerate(runs):
+            steps, loss = run.series("loss")
+            xs = _positions_of(run, axis, steps)
+            ax.plot(xs, loss, color=colour(i), lw=1, alpha=0.8, label=f"{run.name} train")
+            evals = [e for e in run.evals if e.get("eval_loss") is not None]
+            if evals:
+                ax.plot(run.position(axis, evals), [e["eval_loss"] for e in evals], "o--",
+                        color=colour(i), ms=4, lw=0.8, label=f"{run.name} held-out")
+        ax.set(xlabel=AXES[axis][1], ylabel="loss (nats/token)")
+        ax.grid(alpha=0.3)
+        if axis in ("flops", "tokens"):
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("training and held-out loss against steps, tokens, compute and time")
+    return fig
+
+
+def _positions_of(run: RunLog, axis: str, steps):
+    """The x positions of the training-step lines at ``steps`` on ``axis``."""
+    if axis == "step":
+        return steps
+    known, values = run.axis(axis)
+    lookup = dict(zip(known, values))
+    return [lookup.get(s, float("nan")) for s in steps]
+
+
+def eval_sets_figure(runs: list[RunLog]):
+    """Held-out loss of every data set against steps: in continual pre-training, the old
+    corpus (forgetting) beside the new one (adaptation)."""
+    if not any(r.evals for r in runs):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
+        names = sorted({n for e in run.evals for n in e["eval_sets"]})
+        for j, name in enumerate(names):
+            points = [(e["step"], e["eval_sets"][name]["loss"]) for e in run.evals
+                      if name in e["eval_sets"] and e["eval_sets"][name]["loss"] is not None]
+            if points:
+                ax.plot(*zip(*points), styles[j % len(styles)], marker="o", ms=3,
+                        color=colour(i), label=f"{run.name}: {name}")
+    ax.set(xlabel="optimizer step", ylabel="held-out loss (nats/token)",
+           title="held-out loss per data set")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def lr_figure(runs: list[RunLog]):
+    """The LR schedule as planned (line) and as used (dots), Fast Forward stages marked."""
+    if not any(r.steps for r in runs):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for i, run in enumerate(runs):
+        schedule, peak = run.schedule, run.peak_lr
+        if schedule is not None and peak is not None:
+            # lr(step) is the LR of the step about to be taken; it is logged after it.
+            ax.plot(range(1, schedule.total + 1), [peak * m for m in schedule.values()],
+                    color=colour(i), lw=1, alpha=0.5, label=f"{run.name} planned ({schedule.kind})")
+        steps, lrs = run.series("lr")
+        ax.plot(steps, lrs, ".", color=colour(i), ms=4, label=f"{run.name} used")
+        for stage in run.ff:
+            ax.axvline(stage["step"], color=colour(i), lw=0.6, ls=":", alpha=0.7)
+    ax.set(xlabel="optimizer step", ylabel="learning rate",
+           title="learning-rate schedule (dotted lines: Fast Forward stages)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def fast_forward_figure(runs: list[RunLog]):
+    """Where Fast Forward fired, how many steps each stage accepted, and the FF-set loss
+    before and after each stage."""
+    if not any(r.ff for r in runs):
+        return None
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.2), sharex=True)
+    n = sum(1 for r in runs if r.ff)
+    width = 0.8 / n
+    for k, (i, run) in enumerate((i, r) for i, r in enumerate(runs) if r.ff):
+        steps = [s["step"] + (k - (n - 1) / 2) * width for s in run.ff]  # side by side
+        top.bar(steps, [s["ff_accepted"] for s in run.ff], width=width, color=colour(i),
+                label=run.name)
+        for s in run.ff:
+            bottom.plot([s["step"], s["step"]], [s["ff_loss_before"], s["ff_loss_after"]],
+                        color=colour(i), lw=2)
+        bottom.plot([s["step"] for s in run.ff], [s["ff_loss_after"] for s in run.ff], "v",
+                    color=colour(i), ms=5)
+    top.set(ylabel="steps accepted", title="Fast Forward stages")
+    bottom.set(xlabel="optimizer step the stage followed",
+               ylabel="FF-set loss (before → ▼ after)")
+    top.legend(fontsize=7)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def system_figure(runs: list[RunLog]):
+    """Tokens/s, padding fraction, peak memory and gradient norm against steps."""
+    panels = [("tokens_per_second", "tokens/s (running)", 1),
+              ("padding_fraction", "padding fraction (running)", 1),
+              ("peak_memory_bytes", "peak memory (GiB)", 2**-30),
+              ("grad_norm", "gradient norm (before clipping)", 1)]
+    if not any(run.series(key)[0].size for run in runs for key, _, _ in panels):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharex=True)
+    for ax, (key, label, scale) in zip(axes.flat, panels):
+        for i, run in enumerate(runs):
+            steps, values = run.series(key)
+            ax.plot(steps, values * scale, color=colour(i), lw=1, label=run.name)
+        if not ax.lines or not any(len(line.get_xdata()) for line in ax.lines):
+            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center",
+                    transform=ax.transAxes, color="0.5")
+        ax.set(ylabel=label)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set(xlabel="optimizer step")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("throughput, padding, memory and gradient norm")
+    return fig
+
+
+FIGURES = [
+    ("loss.png", "Loss", loss_figure,
+     "Training loss (lines) and the main held-out loss (dots) against optimizer steps, "
+     "tokens, FLOPs and seconds spent in steps and Fast Forward."),
+    ("eval_sets.png", "Held-out loss per data set", eval_sets_figure,
+     "Every held-out set, one line style each: the replay or old corpus shows forgetting, "
+     "the new data shows adaptation."),
+    ("lr.png", "Learning-rate schedule", lr_figure,
+     "The schedule as planned (line) and the LR each step used (dots)."),
+    ("fast_forward.png", "Fast Forward", fast_forward_figure,
+     "Steps each stage accepted (bars) and the FF-set loss before and after it."),
+    ("system.png", "Throughput, padding, memory", system_figure,
+     "Running tokens/s and padding fraction since the start, the process's peak memory "
+     "(CUDA allocated on GPU, resident set on CPU), and the gradient norm."),
+]
+
+
+def write_plots(runs: list[RunLog], out_dir: Path) -> list[Plot]:
+    """Draw every figure some run has data for into ``out_dir``; returns what was saved."""
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for name, title, draw, caption in FIGURES:
+        fig = draw(runs)
+        if fig is None:
+            (out_dir / name).unlink(missing_ok=True)  # a stale plot from an earlier report
+            continue
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        saved.append(Plot(out_dir / name, title, caption))
+    return saved

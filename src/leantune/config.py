@@ -273,6 +273,13 @@ class FastForwardConfig:
 @dataclass
 class LoggingConfig:
     level: Literal["debug", "info", "warning"] = opt("info", "Console log level.")
+    tensorboard: bool = opt(
+        False, "Also log to TensorBoard, in OUTPUT_DIR/tensorboard (needs `tensorboard`: pip "
+        "install 'leantune[tensorboard]'); metrics.jsonl is always written.")
+    wandb: bool = opt(
+        False, "Also log to Weights & Biases through Accelerate's tracker (needs `wandb`, "
+        "logged in; WANDB_MODE=offline keeps it local).")
+    project: str = opt("leantune", "The W&B project the run is logged under.")
 
 
 @dataclass

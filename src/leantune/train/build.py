@@ -25,6 +25,7 @@ from leantune.train.data import TrainData, build_data
 from leantune.train.fast_forward import FastForward
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, PeakMemory
+from leantune.train.trackers import project_configuration, start_trackers, tracker_names
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
@@ -68,7 +69,9 @@ def build_run(cfg: Config) -> Run:
     started = time.time()
     # Accelerate only turns a multi-process CPU launch (torchrun) into gloo DDP when told
     # it is on CPU.
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    trackers = tracker_names(cfg)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                      project_config=project_configuration(cfg) if trackers else None)
     check_backend(acc)
     set_seed(cfg.train.seed)
     check_start(cfg)
@@ -107,8 +110,10 @@ def build_run(cfg: Config) -> Run:
     state.planned_steps = steps
     if start.kind != "fresh":
         acc.print(f"{start.describe()} (step {state.step} of {steps})")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process,
-                         state.step if start.kind == "resume" else None)
+    resume_step = state.step if start.kind == "resume" else None
+    start_trackers(acc, cfg, resume_step)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", acc.is_main_process, resume_step,
+                         acc if trackers else None)
     acc.print(f"model {cfg.model.name_or_path}: {params[0]:,} trainable / {params[1]:,} "
               f"parameters ({100 * params[0] / params[1]:.3f} %), {data.num_train}, "
               f"{sum(len(s.examples) for s in data.eval_sets)} eval examples, "

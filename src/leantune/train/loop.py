@@ -223,4 +223,6 @@ def finish(run: Run, prompts, replies_before: list[str]) -> dict:
         write_json(run.run_dir / "summary.json", summary)
         report(run)
     run.acc.wait_for_everyone()
+    for tracker in run.acc.trackers:  # TensorBoard/W&B, if asked for. Not end_training():
+        tracker.finish()              # it also tears down the process group
     return summary

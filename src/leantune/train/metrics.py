@@ -29,10 +29,15 @@ def _jsonable(value: Any) -> Any:
 class MetricsLog:
     """Appends to ``metrics.jsonl``; on resume, drops lines past the checkpoint's step so
     the file reads as one uninterrupted run. Without a checkpoint to resume from
-    (``resume_step=None``) the run starts over, so an earlier partial log is dropped."""
+    (``resume_step=None``) the run starts over, so an earlier partial log is dropped.
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
-        self.path, self.enabled = path, enabled
+    With ``tracker`` (an Accelerator with trackers started), each line is also logged
+    there as scalars (:func:`leantune.train.trackers.scalars`) at its step.
+    """
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None,
+                 tracker=None):
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         if enabled and path.exists():
             kept = [] if resume_step is None else [
                 line for line in path.read_text().splitlines()
@@ -43,6 +48,10 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(_jsonable(record)) + "\n")
+        if self.tracker is not None:  # Accelerate logs on the main process only
+            from leantune.train.trackers import scalars
+
+            self.tracker.log(scalars(record), step=record["step"])
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -61,6 +61,8 @@ eval:
     out = capsys.readouterr().out
     assert f"run directory: {run_dir}" in out and "held-out loss: before" in out
     assert "reply after training:" in out
+    assert f"report: {run_dir / 'report' / 'index.html'}" in out
+    assert "loss.png" in (run_dir / "report" / "index.html").read_text()
 
     resolved = load_config(run_dir / "config.yaml")
     assert resolved == load_config(config, ["eval.batch_size=3"])

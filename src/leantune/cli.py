@@ -84,6 +84,9 @@ def _print_summary(s: dict, run_dir: str) -> None:
         print(f"\nheld-out prompt:\n{sample['prompt'].strip()}")
         print(f"\nreply before training:\n{sample['before']}")
         print(f"\nreply after training:\n{sample['after']}")
+    page = Path(run_dir) / "report" / "index.html"
+    if page.is_file():
+        print(f"\nreport: {page} (open it in a browser)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

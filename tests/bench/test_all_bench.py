@@ -1,0 +1,62 @@
+"""``leantune bench all``: every bench in BENCHMARKS.md's order with its documented
+settings, each writing into the chosen directory; one failing does not stop the rest."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from leantune.bench.all import BENCHES, run_all
+from leantune.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_documented_bench_command_is_run_with_its_settings():
+    """The commands BENCHMARKS.md shows are the ones `bench all` runs."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    shown = {re.sub(r"\s+", " ", m.strip()) for m in re.findall(
+        r"^(?:leantune bench|python benchmarks/)([^#\n]*)", text, flags=re.M)} - {"all"}
+    ran = set()
+    for name, args in BENCHES:
+        first = args[0].removeprefix("script:")
+        ran.add(" ".join([first, *args[1:]]))
+    assert ran == shown
+
+
+def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
+    calls = []
+
+    def fake(argv):
+        calls.append(argv)
+        args = build_parser().parse_args(["bench", *argv])  # every argv is a valid command
+        print(f"table of {argv[0]}")
+        if argv[0] == "adapters":
+            raise RuntimeError("out of memory")
+        assert Path(args.out).parent == tmp_path
+        return 0
+
+    record = run_all(fake, tmp_path, scripts=tmp_path / "none")
+    assert [c[0] for c in calls] == ["packing", "fast-forward", "adapters", "reft", "continual"]
+    assert calls[2][:3] == ["adapters", "--rounds", "2"]
+    assert "--plot" in calls[1] and calls[1][calls[1].index("--plot") + 1] == str(
+        tmp_path / "fast_forward.png")
+    status = {b["name"]: b.get("status", b.get("skipped")) for b in record["benches"]}
+    assert status == {"packing": 0, "pack_lengths": "script not found", "fast_forward": 0,
+                      "adapters": 1, "reft": 0, "continual": 0,
+                      "corpus_scale": "script not found"}
+    assert json.loads((tmp_path / "all.json").read_text())["benches"] == record["benches"]
+    tables = (tmp_path / "TABLES.md").read_text()
+    assert "table of reft" in tables and "error: RuntimeError: out of memory" in tables
+    assert "All together:" in tables
+
+
+def test_only_a_subset_and_unknown_names(tmp_path):
+    calls = []
+    run_all(lambda argv: calls.append(argv) or 0, tmp_path, only=["reft"])
+    assert [c[0] for c in calls] == ["reft"]
+    with pytest.raises(ValueError, match="unknown bench nope; choose from packing"):
+        run_all(lambda argv: 0, tmp_path, only=["nope"])

@@ -35,6 +35,14 @@ def colour(i: int) -> str:
     return f"C{i % 10}"
 
 
+def _style(ax, legend: bool = True, **labels) -> None:
+    """Labels, a light grid and (optionally) a small legend: every panel looks alike."""
+    ax.set(**labels)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+
+
 def loss_figure(runs: list[RunLog]):
     """Training loss (line) and main held-out loss (dots) against steps, tokens, FLOPs and
     seconds: the same curves, with cost on the x-axis."""
@@ -51,8 +59,7 @@ def loss_figure(runs: list[RunLog]):
             if evals:
                 ax.plot(run.position(axis, evals), [e["eval_loss"] for e in evals], "o--",
                         color=colour(i), ms=4, lw=0.8, label=f"{run.name} held-out")
-        ax.set(xlabel=AXES[axis][1], ylabel="loss (nats/token)")
-        ax.grid(alpha=0.3)
+        _style(ax, legend=False, xlabel=AXES[axis][1], ylabel="loss (nats/token)")
         if axis in ("flops", "tokens"):
             ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     axes.flat[0].legend(fontsize=7)
@@ -85,10 +92,8 @@ def eval_sets_figure(runs: list[RunLog]):
             if points:
                 ax.plot(*zip(*points), styles[j % len(styles)], marker="o", ms=3,
                         color=colour(i), label=f"{run.name}: {name}")
-    ax.set(xlabel="optimizer step", ylabel="held-out loss (nats/token)",
+    _style(ax, xlabel="optimizer step", ylabel="held-out loss (nats/token)",
            title="held-out loss per data set")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     return fig
 
 
@@ -108,10 +113,8 @@ def lr_figure(runs: list[RunLog]):
         ax.plot(steps, lrs, ".", color=colour(i), ms=4, label=f"{run.name} used")
         for stage in run.ff:
             ax.axvline(stage["step"], color=colour(i), lw=0.6, ls=":", alpha=0.7)
-    ax.set(xlabel="optimizer step", ylabel="learning rate",
+    _style(ax, xlabel="optimizer step", ylabel="learning rate",
            title="learning-rate schedule (dotted lines: Fast Forward stages)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     return fig
 
 
@@ -133,12 +136,9 @@ def fast_forward_figure(runs: list[RunLog]):
                         color=colour(i), lw=2)
         bottom.plot([s["step"] for s in run.ff], [s["ff_loss_after"] for s in run.ff], "v",
                     color=colour(i), ms=5)
-    top.set(ylabel="steps accepted", title="Fast Forward stages")
-    bottom.set(xlabel="optimizer step the stage followed",
-               ylabel="FF-set loss (before → ▼ after)")
-    top.legend(fontsize=7)
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
+    _style(top, ylabel="steps accepted", title="Fast Forward stages")
+    _style(bottom, legend=False, xlabel="optimizer step the stage followed",
+           ylabel="FF-set loss (before → ▼ after)")
     return fig
 
 
@@ -159,8 +159,7 @@ def system_figure(runs: list[RunLog]):
         if not ax.lines or not any(len(line.get_xdata()) for line in ax.lines):
             ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center",
                     transform=ax.transAxes, color="0.5")
-        ax.set(ylabel=label)
-        ax.grid(alpha=0.3)
+        _style(ax, legend=False, ylabel=label)
     for ax in axes[1]:
         ax.set(xlabel="optimizer step")
     axes.flat[0].legend(fontsize=7)

@@ -2,17 +2,17 @@
 ``summary.json`` (absent while the run is going or if it crashed), ``config.yaml``.
 
 Every line of ``metrics.jsonl`` carries ``step``; besides it:
-- a training step: ``loss``, ``lr``, ``grad_norm``, ``tokens``, ``train_flops``,
-  ``ff_flops``, ``compute_seconds``, ``tokens_per_second``, ``padding_fraction``,
-  ``peak_memory_bytes`` (running figures since the start of the run);
+- a training step: ``loss``, ``lr``, ``grad_norm``, ``train_flops``, ``ff_flops``,
+  ``tokens_per_second``, ``padding_fraction``, ``peak_memory_bytes`` (running figures
+  since the start of the run);
 - a held-out evaluation: ``tag`` (before | periodic | after), ``eval_loss``,
   ``eval_sets`` {name: {loss, perplexity, target_tokens}};
 - a Fast Forward stage: ``tag: fast_forward``, ``ff_accepted``, ``ff_loss_before``,
-  ``ff_loss_after``, ``ff_evaluations``, ``ff_flops`` (the stage's), ``ff_seconds``.
+  ``ff_loss_after``, ``ff_evaluations``, ``ff_flops`` (the stage's), ``ff_seconds``;
 
-Logs written before the x-axis fields were added (``tokens``, FLOPs and
-``compute_seconds`` on evaluation lines) are read too: those positions are then
-interpolated between the neighbouring training steps.
+and every kind its place on the x-axes: ``tokens``, ``flops`` (steps + Fast Forward so
+far) and ``compute_seconds``. Logs written before those were added are read too: an
+evaluation's place is then interpolated between the neighbouring training steps.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class RunLog:
 
 
 def _axis_value(record: dict, axis: str) -> float | None:
-    if axis == "flops":
-        if record.get("train_flops") is None:
+    if axis == "flops" and "flops" not in record and "loss" in record:
+        if record.get("train_flops") is None:  # an older log's training step
             return None
         return record["train_flops"] + (record.get("ff_flops") or 0)
     if axis == "seconds" and "compute_seconds" not in record:

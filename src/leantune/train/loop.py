@@ -114,10 +114,11 @@ def fast_forward(run: Run) -> None:
 
 def progress(run: Run) -> dict:
     """Where the run stands, for the report's x-axes: tokens trained on, FLOPs spent on
-    steps and Fast Forward, and seconds spent in them (both carried across a resume)."""
+    steps and Fast Forward together, and seconds spent in them (all carried across a
+    resume)."""
     state = run.state
-    return {"tokens": state.real_tokens, "train_flops": state.train_flops,
-            "ff_flops": state.ff_flops, "compute_seconds": state.train_seconds + state.ff_seconds}
+    return {"tokens": state.real_tokens, "flops": state.train_flops + state.ff_flops,
+            "compute_seconds": state.train_seconds + state.ff_seconds}
 
 
 def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
@@ -130,7 +131,8 @@ def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
     if state.step % run.cfg.train.log_every == 0 or state.step == run.steps:
         run.metrics.write({
             "step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-            "target_tokens": state.target_tokens, **progress(run),
+            "target_tokens": state.target_tokens, "train_flops": state.train_flops,
+            "ff_flops": state.ff_flops, **progress(run),
             "ff_steps_accepted": state.ff_steps_accepted,
             "tokens_per_second": state.tokens_per_second,
             "padding_fraction": state.padding_fraction,

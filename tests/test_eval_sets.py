@@ -96,6 +96,10 @@ def test_every_method_scores_what_its_run_logged(method, trained, capsys):
     assert scored["generated"] == scored["examples"] == 6
     assert 0.0 <= scored["exact_match"] <= scored["contains_match"] <= 1.0
     assert len(scored["samples"]) == 3 and scored["samples"][0]["reference"]
+    # The run's report now carries the same figures.
+    assert f"report: {run / 'report' / 'index.html'}" in out
+    page = (run / "report" / "index.html").read_text()
+    assert "<h2>leantune eval</h2>" in page and f"<td>{scored['loss']:.4f}</td>" in page
 
 
 def test_accuracy_counts_replies_against_references(trained, monkeypatch):

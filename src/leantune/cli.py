@@ -125,6 +125,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(format_table(results))
     print(f"results: {out}")
+    if out == target / "eval.json" and (target / "metrics.jsonl").is_file():
+        from leantune.report import write_report  # the run's page shows these results too
+
+        print(f"report: {write_report([target])}")
     return 0
 
 

@@ -134,6 +134,21 @@ def _sets_from_log(run: RunLog) -> dict:
     return sets
 
 
+def evaluation_table(runs: list[RunLog]) -> str:
+    """``leantune eval RUN_DIR`` results (``eval.json``), when the run has them."""
+    lines = [f"<tr><td>{esc(run.name)}</td><td>{esc(name)}</td>"
+             f"<td>{fmt(r.get('examples'), 'int')}</td><td>{fmt(r.get('target_tokens'), 'int')}</td>"
+             f"<td>{fmt(r.get('loss'), 'loss')}</td><td>{fmt(r.get('perplexity'), 'sci')}</td>"
+             f"<td>{fmt(r.get('exact_match'), 'pct')}</td><td>{fmt(r.get('contains_match'), 'pct')}"
+             f"</td><td>{fmt(r.get('generated'), 'int')}</td></tr>"
+             for run in runs for name, r in ((run.evaluation or {}).get("datasets") or {}).items()]
+    if not lines:
+        return ""
+    return ("<h2>leantune eval</h2><table><tr><th>run</th><th>data set</th><th>examples</th>"
+            "<th>target tokens</th><th>loss</th><th>perplexity</th><th>exact match</th>"
+            "<th>contains match</th><th>generated</th></tr>" + "".join(lines) + "</table>")
+
+
 def ff_table(runs: list[RunLog]) -> str:
     lines = [f"<tr><td>{esc(run.name)}</td><td>{s['step']}</td><td>{s['ff_accepted']}</td>"
              f"<td>{_before_after(s.get('ff_loss_before'), s.get('ff_loss_after'))}</td>"
@@ -196,7 +211,7 @@ def render(runs: list[RunLog], plots: list[Plot], note: str = "") -> str:
             + "".join(f"<br>{esc(r.name)}: {esc(r.path.resolve())}" for r in runs) + "</p>"
             f"<h2>Summary</h2>{summary_table(runs)}"
             f"<h2>Curves</h2>{figures}"
-            f"<h2>Held-out data sets</h2>{eval_table(runs)}"
+            f"<h2>Held-out data sets</h2>{eval_table(runs)}{evaluation_table(runs)}"
             f"{ff_table(runs)}{replay_table(runs)}{samples_section(runs)}"
             f"<h2>Configuration</h2>{configs or '<p class=muted>none</p>'}"
             "</body></html>\n")

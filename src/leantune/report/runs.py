@@ -48,6 +48,7 @@ class RunLog:
     ff: list[dict] = field(default_factory=list)
     summary: dict | None = None
     config: dict = field(default_factory=dict)
+    evaluation: dict | None = None  # eval.json, written by `leantune eval RUN_DIR`
 
     @property
     def schedule(self) -> Schedule | None:
@@ -125,7 +126,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunLog:
         elif "loss" in record:
             run.steps.append(record)
     for file, attr, parse in (("summary.json", "summary", json.loads),
-                              ("config.yaml", "config", yaml.safe_load)):
+                              ("config.yaml", "config", yaml.safe_load),
+                              ("eval.json", "evaluation", json.loads)):
         if (path / file).is_file():
             try:
                 setattr(run, attr, parse((path / file).read_text()) or getattr(run, attr))

@@ -62,9 +62,22 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def peak_memory_bytes() -> int:
-    """Peak GPU memory allocated when on CUDA, else the process's peak resident set."""
+    """Peak GPU memory allocated when on CUDA, else this process's peak resident set.
+
+    On Linux the resident peak is ``VmHWM`` from ``/proc/self/status``, which starts
+    afresh with the program. ``ru_maxrss`` does not: it keeps the parent's peak across
+    ``fork`` and ``execve``, so a run launched from a large process (a benchmark, a
+    notebook) would report that process's memory as its own.
+    """
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

@@ -325,7 +325,7 @@ def add_bench_parsers(sub) -> None:
     cp.add_argument("--plot", default="benchmarks/results/continual.png")
     cp.set_defaults(func=cmd_bench_continual)
     al = which.add_parser("all", help="every bench in turn with BENCHMARKS.md's settings "
-                                      "(about 2 h on 2 cores)")
+                                      "(2 h on 2 cores)")
     al.add_argument("--out-dir", default="benchmarks/results",
                     help="where every bench writes; also all.json and TABLES.md")
     al.add_argument("--only", help="comma-separated subset: packing, pack_lengths, "

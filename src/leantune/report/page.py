@@ -104,25 +104,32 @@ def summary_table(runs: list[RunLog]) -> str:
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
+def table(columns: list[str], rows: list[list[str]], heading: str = "", empty: str = "") -> str:
+    """An HTML table (cells are HTML already), under an ``<h2>`` when ``heading`` is given;
+    ``empty`` when there are no rows."""
+    if not rows:
+        return empty
+    head = "".join(f"<th>{c}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return (f"<h2>{heading}</h2>" if heading else "") + f"<table><tr>{head}</tr>{body}</table>"
+
+
 def eval_table(runs: list[RunLog]) -> str:
     """Every held-out set of every run: role, size, loss before and after, and the change
     (forgetting on old data shows as a rise)."""
-    lines = []
+    rows = []
     for run in runs:
         sets = (run.summary or {}).get("eval_sets") or _sets_from_log(run)
         for name, row in sets.items():
             before, after = (row.get("before") or {}), (row.get("after") or {})
-            lines.append(
-                f"<tr><td>{esc(run.name)}</td><td>{esc(name)}</td><td>{fmt(row.get('role'))}</td>"
-                f"<td>{fmt(row.get('examples'), 'int')}</td>"
-                f"<td>{fmt(before.get('target_tokens') or after.get('target_tokens'), 'int')}</td>"
-                f"<td>{_before_after(before.get('loss'), after.get('loss'))}</td>"
-                f"<td>{fmt(after.get('perplexity'), 'sci')}</td></tr>")
-    if not lines:
-        return '<p class="muted">No held-out evaluation was logged.</p>'
-    return ("<table><tr><th>run</th><th>data set</th><th>role</th><th>examples</th>"
-            "<th>target tokens</th><th>loss before → after</th><th>perplexity after</th></tr>"
-            + "".join(lines) + "</table>")
+            rows.append([esc(run.name), esc(name), fmt(row.get("role")),
+                         fmt(row.get("examples"), "int"),
+                         fmt(before.get("target_tokens") or after.get("target_tokens"), "int"),
+                         _before_after(before.get("loss"), after.get("loss")),
+                         fmt(after.get("perplexity"), "sci")])
+    return table(["run", "data set", "role", "examples", "target tokens", "loss before → after",
+                  "perplexity after"], rows,
+                 empty='<p class="muted">No held-out evaluation was logged.</p>')
 
 
 def _sets_from_log(run: RunLog) -> dict:
@@ -136,46 +143,31 @@ def _sets_from_log(run: RunLog) -> dict:
 
 def evaluation_table(runs: list[RunLog]) -> str:
     """``leantune eval RUN_DIR`` results (``eval.json``), when the run has them."""
-    lines = [f"<tr><td>{esc(run.name)}</td><td>{esc(name)}</td>"
-             f"<td>{fmt(r.get('examples'), 'int')}</td><td>{fmt(r.get('target_tokens'), 'int')}</td>"
-             f"<td>{fmt(r.get('loss'), 'loss')}</td><td>{fmt(r.get('perplexity'), 'sci')}</td>"
-             f"<td>{fmt(r.get('exact_match'), 'pct')}</td><td>{fmt(r.get('contains_match'), 'pct')}"
-             f"</td><td>{fmt(r.get('generated'), 'int')}</td></tr>"
-             for run in runs for name, r in ((run.evaluation or {}).get("datasets") or {}).items()]
-    if not lines:
-        return ""
-    return ("<h2>leantune eval</h2><table><tr><th>run</th><th>data set</th><th>examples</th>"
-            "<th>target tokens</th><th>loss</th><th>perplexity</th><th>exact match</th>"
-            "<th>contains match</th><th>generated</th></tr>" + "".join(lines) + "</table>")
+    rows = [[esc(run.name), esc(name), fmt(r.get("examples"), "int"),
+             fmt(r.get("target_tokens"), "int"), fmt(r.get("loss"), "loss"),
+             fmt(r.get("perplexity"), "sci"), fmt(r.get("exact_match"), "pct"),
+             fmt(r.get("contains_match"), "pct"), fmt(r.get("generated"), "int")]
+            for run in runs for name, r in ((run.evaluation or {}).get("datasets") or {}).items()]
+    return table(["run", "data set", "examples", "target tokens", "loss", "perplexity",
+                  "exact match", "contains match", "generated"], rows, "leantune eval")
 
 
 def ff_table(runs: list[RunLog]) -> str:
-    lines = [f"<tr><td>{esc(run.name)}</td><td>{s['step']}</td><td>{s['ff_accepted']}</td>"
-             f"<td>{_before_after(s.get('ff_loss_before'), s.get('ff_loss_after'))}</td>"
-             f"<td>{fmt(s.get('ff_evaluations'), 'int')}</td><td>{fmt(s.get('ff_flops'), 'sci')}"
-             f"</td><td>{fmt(s.get('ff_seconds'), 's')}</td></tr>"
-             for run in runs for s in run.ff]
-    if not lines:
-        return ""
-    return ("<h2>Fast Forward stages</h2><table><tr><th>run</th><th>after step</th>"
-            "<th>steps accepted</th><th>FF-set loss</th><th>evaluations</th><th>FLOPs</th>"
-            "<th>time</th></tr>" + "".join(lines) + "</table>")
+    rows = [[esc(run.name), str(s["step"]), str(s["ff_accepted"]),
+             _before_after(s.get("ff_loss_before"), s.get("ff_loss_after")),
+             fmt(s.get("ff_evaluations"), "int"), fmt(s.get("ff_flops"), "sci"),
+             fmt(s.get("ff_seconds"), "s")]
+            for run in runs for s in run.ff]
+    return table(["run", "after step", "steps accepted", "FF-set loss", "evaluations", "FLOPs",
+                  "time"], rows, "Fast Forward stages")
 
 
 def replay_table(runs: list[RunLog]) -> str:
-    lines = []
-    for run in runs:
-        r = (run.summary or {}).get("replay")
-        if r:
-            lines.append(f"<tr><td>{esc(run.name)}</td><td>{esc(r['path'])}</td>"
-                         f"<td>{fmt(r['ratio'], 'pct')} ({esc(r['schedule'])})</td>"
-                         f"<td>{fmt(r['fraction'], 'pct')}</td>"
-                         f"<td>{esc(json.dumps(r['windows']))}</td></tr>")
-    if not lines:
-        return ""
-    return ("<h2>Replay</h2><table><tr><th>run</th><th>replayed from</th><th>asked</th>"
-            "<th>replayed (counted)</th><th>windows per stream</th></tr>"
-            + "".join(lines) + "</table>")
+    rows = [[esc(run.name), esc(r["path"]), f"{fmt(r['ratio'], 'pct')} ({esc(r['schedule'])})",
+             fmt(r["fraction"], "pct"), esc(json.dumps(r["windows"]))]
+            for run in runs if (r := (run.summary or {}).get("replay"))]
+    return table(["run", "replayed from", "asked", "replayed (counted)", "windows per stream"],
+                 rows, "Replay")
 
 
 def samples_section(runs: list[RunLog], limit: int = 3) -> str:

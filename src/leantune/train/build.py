@@ -25,10 +25,10 @@ from leantune.train.data import TrainData, build_data
 from leantune.train.fast_forward import FastForward
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, PeakMemory
-from leantune.train.trackers import project_configuration, start_trackers, tracker_names
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
+from leantune.train.trackers import project_configuration, start_trackers, tracker_names
 from leantune.train.state import TrainState, change_world
 
 log = logging.getLogger(__name__)

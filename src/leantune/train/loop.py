@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from leantune.config import Config
 from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
-from leantune.report import write_report
 from leantune.generate import generate
+from leantune.report import write_report
 from leantune.train.build import Run, build_run, eval_mode
 from leantune.train.checkpoint import (accelerate_format, sharded, latest_checkpoint,
                                        save_accelerate_checkpoint, save_checkpoint, save_output)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -130,8 +131,6 @@ def _minutes(seconds: float) -> str:
 
 
 def machine() -> dict:
-    import os
-
     import torch
 
     summary = (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "

@@ -52,9 +52,9 @@ def loss_figure(runs: list[RunLog]):
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
     for ax, axis in zip(axes.flat, AXES):
         for i, run in enumerate(runs):
-            steps, loss = run.series("loss")
-            xs = _positions_of(run, axis, steps)
-            ax.plot(xs, loss, color=colour(i), lw=1, alpha=0.8, label=f"{run.name} train")
+            trained = [r for r in run.steps if r.get("loss") is not None]
+            ax.plot(run.position(axis, trained), [r["loss"] for r in trained], color=colour(i),
+                    lw=1, alpha=0.8, label=f"{run.name} train")
             evals = [e for e in run.evals if e.get("eval_loss") is not None]
             if evals:
                 ax.plot(run.position(axis, evals), [e["eval_loss"] for e in evals], "o--",
@@ -65,15 +65,6 @@ def loss_figure(runs: list[RunLog]):
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("training and held-out loss against steps, tokens, compute and time")
     return fig
-
-
-def _positions_of(run: RunLog, axis: str, steps):
-    """The x positions of the training-step lines at ``steps`` on ``axis``."""
-    if axis == "step":
-        return steps
-    known, values = run.axis(axis)
-    lookup = dict(zip(known, values))
-    return [lookup.get(s, float("nan")) for s in steps]
 
 
 def eval_sets_figure(runs: list[RunLog]):

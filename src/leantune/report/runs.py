@@ -81,10 +81,7 @@ class RunLog:
         return np.array([k if o is None else o for o, k in zip(own, known)], float)
 
     def axis(self, axis: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, positions on ``axis``) of the training-step lines."""
-        if axis == "step":
-            steps, _ = self.series("loss")
-            return steps, steps
+        """(steps, positions on ``axis``, not ``step``) of the training-step lines."""
         points = [(r["step"], v) for r in self.steps if (v := _axis_value(r, axis)) is not None]
         if not points:
             return np.array([]), np.array([])

@@ -1,5 +1,6 @@
 """Optional experiment trackers (TensorBoard, Weights & Biases) through Accelerate's own
-tracker API: ``Accelerator(log_with=...)``, ``init_trackers``, ``log``, ``end_training``.
+tracker API: ``Accelerator(log_with=...)``, ``init_trackers``, ``log`` and each tracker's
+``finish`` (not ``end_training``, which also destroys the process group).
 ``metrics.jsonl`` stays the record of a run; a tracker gets the same lines as scalars.
 
 Scalar names: ``train/<key>`` for a training step, ``eval/<data set>/<loss|perplexity>``

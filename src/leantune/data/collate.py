@@ -9,8 +9,10 @@ Two layouts, both with ``labels`` aligned to ``input_ids`` (the loss shifts them
   example and NO ``attention_mask``, so transformers builds a block-causal mask from the
   position restarts (eager/sdpa/flex) or takes the varlen path (flash-attention). Each
   example's first label is -100: it would be predicted from the previous example.
-  Rows shorter than the longest are filled with pad tokens whose positions restart at
-  0 too, so they form a segment of their own that no real token attends to.
+  Rows shorter than the longest are filled with pad tokens in segments of their own
+  (positions restarting at 0) that no real token attends to. No pad position exceeds the
+  longest example's last one: models that read the batch's largest position (Phi-3's
+  long-RoPE switch, dynamic NTK scaling) then choose what they would choose padded.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def collate_packed(examples: list[Encoded], bins: list[list[int]], pad_id: int,
             kinds += _kinds(e, intervene) if intervene is not None else []
         rows.append((ids, labels, pos, kinds))
     longest = max(len(r[0]) for r in rows)
+    cap = max(len(examples[i].input_ids) for b in bins for i in b)  # the longest example
     out = {k: torch.full((len(rows), longest), v, dtype=torch.long)
            for k, v in (("input_ids", pad_id), ("labels", IGNORE), ("position_ids", 0))}
     if intervene is not None:
@@ -122,11 +125,22 @@ def collate_packed(examples: list[Encoded], bins: list[list[int]], pad_id: int,
         out["input_ids"][r, :n] = torch.tensor(ids)
         out["labels"][r, :n] = torch.tensor(labels)
         out["position_ids"][r, :n] = torch.tensor(pos)
-        out["position_ids"][r, n:] = torch.arange(longest - n)  # pads: a segment of their own
+        out["position_ids"][r, n:] = pad_positions(longest - n, cap)
         if intervene is not None:
             out["intervention_mask"][r, :n] = torch.tensor(kinds)
         token_mask[r, :n] = True
     return out | {"token_mask": token_mask, "num_examples": torch.tensor(sum(map(len, bins)))}
+
+
+def pad_positions(n: int, cap: int) -> torch.Tensor:
+    """Positions of an ``n``-token pad tail: ``0 .. cap-1`` repeated (the last run cut short).
+
+    Every restart begins a new segment (transformers starts one wherever a position does
+    not follow the one before), so each pad segment attends only to itself, and the
+    largest position stays ``cap - 1``: a pad tail longer than every example cannot raise
+    the batch's maximum position, which some models read (``max(position_ids) + 1``).
+    """
+    return torch.arange(n) % cap
 
 
 def collate_rows(rows: list[list[Encoded]], pad_id: int, restart_positions: bool = True,

@@ -36,9 +36,10 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Weight dtype. auto: float32 on CPU (bf16 is 14-24x slower there), bfloat16 on GPU."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = opt(
-        "sdpa", "Attention backend passed to transformers."
-    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2",
+                                 "flex_attention"] = opt(
+        "auto", "Attention backend passed to transformers. auto: transformers' choice (sdpa "
+        "where the architecture supports it, else eager).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     trust_remote_code: bool = opt(False, "Run model code shipped with the checkpoint (off: safer).")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) when loading a hub id.")
@@ -98,7 +99,9 @@ class DataConfig:
         "none: pad each batch; online: pack each batch's examples into rows of at most "
         "max_length with restarting position_ids (same steps and loss as none, no pad "
         "waste); offline: pack the whole set ahead of time (fewer steps); naive: packing "
-        "without restarts (attention crosses examples; benchmarks only).",
+        "without restarts (attention crosses examples; benchmarks only). Before the first "
+        "step a probe compares packed with padded rows (logits, loss, gradients) on the "
+        "run's first batch and at max_length; a model that does not match trains padded.",
     )
     packing_strategy: Literal["bfd", "ffd", "greedy"] = opt(
         "bfd", "Offline bin packing: best-fit-decreasing, first-fit-decreasing or greedy."

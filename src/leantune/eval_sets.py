@@ -23,6 +23,7 @@ from leantune.data.dataset import DataStats, encode_all, load_examples
 from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
 from leantune.serve import generate_rendered, load_target
+from leantune.train.probe import probe_batches, resolve_packing
 
 
 def normalize(text: str) -> str:
@@ -39,9 +40,19 @@ def match_scores(replies: list[str], references: list[str]) -> dict[str, float |
             "contains_match": sum(bool(ref) and ref in r for r, ref in pairs) / n if n else None}
 
 
-def score_set(model, tokenizer, path: str, data: DataConfig, mode: str, batch_size: int,
-              intervene: tuple[int, int] | None, accelerator, generate_n: int | None,
-              max_new_tokens: int) -> dict:
+def eval_packing(model, adapter, encoded: list, data: DataConfig, batch_size: int,
+                 pad_id: int, accelerator) -> dict:
+    """``online`` when packed rows equal padded ones on this set's widest batch and at
+    ``data.max_length`` (a forward-only probe: eval takes no gradient), else ``none``."""
+    widest = sorted(encoded, key=lambda e: len(e.input_ids))[-batch_size:]
+    batcher = Batcher.build(widest, "online", data.max_length, pad_id)
+    rows = batcher.packed_rows(list(range(len(widest))))
+    return resolve_packing("online", model, adapter, probe_batches(rows, data.max_length),
+                           pad_id, data.max_length, backward=False, acc=accelerator)
+
+
+def score_set(model, tokenizer, path: str, data: DataConfig, adapter, batch_size: int,
+              accelerator, generate_n: int | None, max_new_tokens: int) -> dict:
     """Loss, perplexity and (for up to ``generate_n`` rows with a reference, all if None)
     match accuracy of ``model`` on the rows of ``path``."""
     stats = DataStats()
@@ -49,10 +60,14 @@ def score_set(model, tokenizer, path: str, data: DataConfig, mode: str, batch_si
     if data.max_examples is not None:
         examples = examples[: data.max_examples]
     encoded, sources = encode_all(examples, tokenizer, data, stats)
+    # Packed whenever exact here (the probe decides): the same loss as padding, less compute.
+    packing = eval_packing(model, adapter, encoded, data, batch_size, tokenizer.pad_token_id,
+                           accelerator) if encoded else {"used": "none"}
+    mode = packing["used"]
     batcher = Batcher.build([], mode, data.max_length, tokenizer.pad_token_id,
-                            intervene=intervene)
+                            intervene=adapter.positions if adapter else None)
     result = {"path": path, "format": fmt, "rows": stats.rows_read, "examples": len(encoded),
-              "truncated": stats.truncated,
+              "truncated": stats.truncated, "packing": mode,
               "dropped": stats.dropped_too_long + stats.dropped_no_target,
               **evaluate(model, encoded, batch_size,
                          lambda b: batcher.collate_examples(b, mode), accelerator)}
@@ -75,22 +90,20 @@ def evaluate_target(target: Path, paths: list[str], overrides: dict | None = Non
     options (e.g. ``{"max_length": 1024}``), by default the run's own (or the defaults)."""
     from accelerate import Accelerator
 
-    from leantune.train.build import resolve_packing
     from leantune.train.data import set_name
 
     model, tokenizer, cfg, adapter = load_target(target)
     cfg = cfg or Config(model=ModelConfig(name_or_path=str(target)))
     data = dataclasses.replace(cfg.data, **(overrides or {}))
     accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu")
-    # Packed whenever exact here (the probe decides): the same loss as padding, less compute.
-    mode = resolve_packing("online", model, adapter)["used"]
     taken: set[str] = set()
     sets = {set_name(path, taken): score_set(
-        model, tokenizer, path, data, mode, batch_size or cfg.eval.batch_size,
-        adapter.positions if adapter else None, accelerator, generate_n,
-        max_new_tokens or cfg.eval.max_new_tokens) for path in paths}
+        model, tokenizer, path, data, adapter, batch_size or cfg.eval.batch_size, accelerator,
+        generate_n, max_new_tokens or cfg.eval.max_new_tokens) for path in paths}
+    modes = {r["packing"] for r in sets.values()}
     return {"target": str(target), "method": cfg.adapter.method if adapter else None,
-            "packing": mode, "max_length": data.max_length, "datasets": sets}
+            "packing": modes.pop() if len(modes) == 1 else "per set",
+            "max_length": data.max_length, "datasets": sets}
 
 
 def format_table(results: dict) -> str:

@@ -10,6 +10,8 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -161,7 +163,8 @@ def load_model(cfg: ModelConfig, source: str | None = None, quantization=None,
         log.warning("trust_remote_code=true: running model code shipped with %s", source)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            source, dtype=resolve_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
+            source, dtype=resolve_dtype(cfg.dtype),
+            attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, use_safetensors=None,
             output_loading_info=True, **extra)
     except OSError as e:
@@ -198,10 +201,25 @@ def check_causal_lm(model: PreTrainedModel, source: str, missing: list[str]) -> 
     if missing:
         log.warning("%s: %d weights are missing from the checkpoint and were initialised at "
                     "random (e.g. %s)", source, len(missing), ", ".join(missing[:3]))
-    if future_leak(model) > packing_tolerance(model):
+    if future_leak(model) > leak_tolerance(model):
         raise ModelError(f"{source}: {type(model).__name__} ({arch}) lets each token see the "
                          "tokens after it: it is not a causal LM and cannot be trained to "
                          "predict the next token")
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, then every module back in the mode it was in.
+
+    ``model.train(was_training)`` would not do: PEFT marks its wrapper as training while
+    the base's dropout layers stay in eval, and ``train(True)`` would switch them on."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @torch.no_grad()
@@ -214,12 +232,8 @@ def future_leak(model: torch.nn.Module) -> float:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 6), generator=g)
     ids[1, :4] = ids[0, :4]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :4].float()
-    finally:
-        model.train(was_training)
     return float((logits[0] - logits[1]).abs().max() / logits.abs().max().clamp_min(1e-12))
 
 
@@ -237,33 +251,7 @@ def keep_4bit_compute(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-@torch.no_grad()
-def packing_error(model: torch.nn.Module) -> float:
-    """How far packed inputs stray from unpacked ones on this very model and backend.
-
-    Runs a 5-token sequence alone and after a 7-token one in the same row with
-    ``position_ids`` restarting, and returns ``max |Δ logits| / max |logits|`` over its
-    tokens. Architectures or attention backends that cannot keep packed examples apart
-    (linear-attention or convolution mixers, a backend that ignores position restarts)
-    give a large value; exact ones give float rounding only.
-    """
-    vocab = model.config.get_text_config().vocab_size
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(0)
-    first = torch.randint(0, vocab, (1, 7), generator=g).to(device)
-    second = torch.randint(0, vocab, (1, 5), generator=g).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        alone = model(input_ids=second, use_cache=False).logits.float()
-        positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
-        packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions,
-                       use_cache=False).logits[:, 7:].float()
-    finally:
-        model.train(was_training)
-    return float((alone - packed).abs().max() / alone.abs().max().clamp_min(1e-12))
-
-
-def packing_tolerance(model: torch.nn.Module) -> float:
-    """Largest :func:`packing_error` that is float rounding rather than contamination."""
+def leak_tolerance(model: torch.nn.Module) -> float:
+    """Largest :func:`future_leak` that is float rounding rather than a token seeing later
+    ones."""
     return 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2

@@ -17,9 +17,8 @@ from leantune.adapters import build_adapter
 from leantune.config import AdapterConfig, load_config
 from leantune.data.collate import collate_packed, collate_padded
 from leantune.data.encode import IGNORE, Encoded
-from leantune.model import packing_error, packing_tolerance
 from leantune.train import loop
-from leantune.train.build import resolve_packing
+from leantune.train.probe import resolve_packing, run_probe
 from leantune.train.step import loss_sum
 from conftest import save_tiny_model
 
@@ -103,10 +102,18 @@ def test_naive_packing_contaminates(arch_dir):
     assert (naive[0] - exact[0]).abs().max() > 1e-3  # example 0 follows example 4 in row 2
 
 
+def as_rows(examples, bins):
+    return [[examples[i] for i in b] for b in bins]
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_probe_passes_exact_models(arch_dir, attn):
     model = lora(arch_dir, attn)
-    assert packing_error(model) <= packing_tolerance(model)
+    examples = make_examples(model.config.vocab_size)
+    report = run_probe(model, [as_rows(examples, BINS)], pad_id=0, intervene=None)
+    assert report["exact"] and report["finite"], report
+    assert report["errors"]["grads"] < report["tolerance"]["grads"]
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients
 
 
 class PositionBlindLM(nn.Module):
@@ -116,7 +123,8 @@ class PositionBlindLM(nn.Module):
     def __init__(self, vocab: int = 50, width: int = 8):
         super().__init__()
         self.config = type("Config", (), {"get_text_config": lambda self: self,
-                                          "vocab_size": vocab})()
+                                          "vocab_size": vocab, "num_hidden_layers": 1,
+                                          "hidden_size": width})()
         self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
 
     def forward(self, input_ids, position_ids=None, use_cache=False, attention_mask=None):
@@ -127,9 +135,10 @@ class PositionBlindLM(nn.Module):
 def test_probe_catches_position_blind_mixers_and_falls_back(caplog):
     torch.manual_seed(0)
     model = PositionBlindLM()
-    assert packing_error(model) > 100 * packing_tolerance(model)
+    batches = [as_rows(make_examples(50), BINS)]
+    assert run_probe(model, batches, 0, None)["errors"]["logits"] > 1e-2
     with caplog.at_level(logging.WARNING):
-        decision = resolve_packing("online", model)
+        decision = resolve_packing("online", model, None, batches, 0, max_length=64)
     assert decision["used"] == "none" and not decision["exact"]
     assert "falling back to data.packing=none" in caplog.text
 

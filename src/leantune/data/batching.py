@@ -135,10 +135,18 @@ class Batcher:
     def collate(self, unit_ids: list[int]) -> dict[str, torch.Tensor]:
         """The micro-batch made of ``units[unit_ids]``."""
         if self.mode == "offline":
-            rows = [[self.examples[i] for i in self.units[u]] for u in unit_ids]
-            return collate_rows(rows, self.pad_id, intervene=self.intervene)
+            return collate_rows(self.packed_rows(unit_ids), self.pad_id, intervene=self.intervene)
         return self.collate_examples([self.examples[self.units[u][0]] for u in unit_ids],
                                      self.mode)
+
+    def packed_rows(self, unit_ids: list[int]) -> list[list[Encoded]]:
+        """The examples of each row the micro-batch ``units[unit_ids]`` has when packed
+        (``offline``: the units' own bins; otherwise :func:`pack_batch`'s)."""
+        if self.mode == "offline":
+            return [[self.examples[i] for i in self.units[u]] for u in unit_ids]
+        examples = [self.examples[self.units[u][0]] for u in unit_ids]
+        bins = pack_batch([len(e.input_ids) for e in examples], self.max_length)
+        return [[examples[i] for i in b] for b in bins]
 
     def collate_examples(self, examples: list[Encoded], mode: str) -> dict[str, torch.Tensor]:
         """Lay out ``examples`` as one micro-batch: padded, or packed per ``mode``."""

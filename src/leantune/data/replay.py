@@ -25,6 +25,7 @@ import torch
 
 from leantune.config import ReplayConfig
 from leantune.data.collate import collate_padded, collate_rows
+from leantune.data.encode import Encoded
 from leantune.data.windows import Windows
 
 STREAMS = ("data", "replay")  # data.path (D1), data.replay.path (D0)
@@ -102,9 +103,13 @@ class CorpusFeed:
         not add steps: it takes a share of them)."""
         return max(1, math.ceil(epochs * len(self.windows["data"]) / per_step))
 
+    def packed_rows(self, units: list[tuple[str, int]]) -> list[list[Encoded]]:
+        """The document pieces of each window ``units`` (``(stream, window index)`` pairs)."""
+        return [self.windows[s].examples(i) for s, i in units]
+
     def collate(self, units: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
         """The micro-batch of windows ``units`` (``(stream, window index)`` pairs)."""
-        per_window = [self.windows[s].examples(i) for s, i in units]
+        per_window = self.packed_rows(units)
         if self.mode == "none":
             return collate_padded([e for w in per_window for e in w], self.pad_id, self.intervene)
         return collate_rows(per_window, self.pad_id, restart_positions=self.mode != "naive",

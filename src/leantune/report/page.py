@@ -76,6 +76,7 @@ def summary_rows(run: RunLog) -> list[tuple[str, str]]:
         ("wall time", fmt(s.get("wall_seconds", last.get("elapsed_seconds")), "s")),
         ("tokens/s (training)", fmt(s.get("tokens_per_second", last.get("tokens_per_second")),
                                     "sci")),
+        ("packing", packing_cell(s.get("packing"))),
         ("padding", fmt(s.get("padding_fraction", last.get("padding_fraction")), "pct")),
         ("peak memory", fmt(s.get("peak_memory_bytes", last.get("peak_memory_bytes")), "gib")),
         ("trainable / total params", fmt(
@@ -86,6 +87,21 @@ def summary_rows(run: RunLog) -> list[tuple[str, str]]:
         ("final training loss", fmt(s.get("final_train_loss", last.get("loss")), "loss")),
         ("non-finite steps skipped", fmt(s.get("nonfinite_skipped"), "int")),
     ]
+
+
+def packing_cell(packing: dict | None) -> str:
+    """The layout used, why when it is not the one asked for, and the probe's cost."""
+    if not packing:
+        return fmt(None)
+    cell = esc(packing["used"])
+    if packing["used"] != packing["requested"]:
+        cell += f' <span class="worse">(asked {esc(packing["requested"])}: ' \
+                f'{esc(packing.get("reason"))})</span>'
+    probe = packing.get("probe")
+    if probe:
+        cell += (f'<br><span class="muted">probe: {"exact" if probe["exact"] else "inexact"}, '
+                 f'{probe["seconds"]:.1f} s, {probe["flops"]:.3g} FLOPs</span>')
+    return cell
 
 
 def _before_after(before, after) -> str:

@@ -19,12 +19,12 @@ from leantune.adapters import (Adapter, build_adapter, count_parameters, load_ba
 from leantune.adapters.base import unique_parameters
 from leantune.config import Config, ConfigError
 from leantune.evaluate import evaluate
-from leantune.model import (load_tokenizer, packing_error, packing_tolerance, resolve_dtype,
-                            resolve_local)
+from leantune.model import load_tokenizer, resolve_dtype, resolve_local
 from leantune.train.data import TrainData, build_data
 from leantune.train.fast_forward import FastForward
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, PeakMemory
+from leantune.train.probe import first_rows, probe_batches, resolve_packing
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
@@ -93,8 +93,8 @@ def build_run(cfg: Config) -> Run:
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    packing = resolve_packing(cfg.data.packing, acc.unwrap_model(model), adapter)
-    data = build_data(cfg, tokenizer, packing["used"], adapter.positions, acc)
+    data, packing = build_packed_data(cfg, tokenizer, acc.unwrap_model(model), adapter, acc,
+                                      flop_model)
     ff = build_fast_forward(cfg, model, data, packing, flop_model, acc)
     state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys,
                            acc)
@@ -155,28 +155,21 @@ def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int,
     return steps, Schedule.of(s, steps, state.anneal_at, state.anneal_start)
 
 
-def resolve_packing(requested: str, model: torch.nn.Module, adapter: Adapter | None = None
-                    ) -> dict:
-    """The packing mode to use: the requested one when this model and backend keep packed
-    examples apart (probed, see :func:`~leantune.model.packing_error`), else padding,
-    with a warning. Never contaminates silently."""
-    if requested == "none":
-        return {"requested": "none", "used": "none", "probe_error": None, "exact": False}
-    if adapter is not None and not adapter.packs:
-        log.warning("adapter.method=%s adds tokens to each row, not to each example: packed "
-                    "rows would share them; using data.packing=none", adapter.name)
-        return {"requested": requested, "used": "none", "probe_error": None, "exact": False,
-                "reason": f"adapter.method={adapter.name} does not pack"}
-    error = packing_error(model)
-    exact = error <= packing_tolerance(model)
-    used = requested
-    if requested == "naive":
-        log.warning("data.packing=naive: attention crosses example boundaries")
-    elif not exact:
-        used = "none"
-        log.warning("this model/attention backend does not keep packed examples apart (relative "
-                    "logit error %.2e); falling back to data.packing=none", error)
-    return {"requested": requested, "used": used, "probe_error": error, "exact": exact}
+def build_packed_data(cfg: Config, tokenizer, model: torch.nn.Module, adapter: Adapter,
+                      acc: Accelerator, flop_model: FlopModel) -> tuple[TrainData, dict]:
+    """The run's data, laid out in ``data.packing`` when the probe finds it exact on the
+    run's own first micro-batch and at full width (:mod:`leantune.train.probe`), else
+    padded; and the decision (``summary.json``'s ``packing``)."""
+    requested = cfg.data.packing
+    packs = requested != "none" and adapter.packs
+    data = build_data(cfg, tokenizer, requested if packs else "none", adapter.positions, acc)
+    batches = (probe_batches(first_rows(data, cfg, acc.num_processes), cfg.data.max_length)
+               if packs else [])
+    packing = resolve_packing(requested, model, adapter, batches, tokenizer.pad_token_id,
+                              cfg.data.max_length, acc=acc, flop_model=flop_model)
+    if packs and packing["used"] == "none":
+        data.use_padding()
+    return data, packing
 
 
 def eval_mode(packing: dict) -> str:

@@ -73,6 +73,15 @@ class TrainData:
         return self.feed.micro_batches(state, t.batch_size, t.grad_accum, acc.num_processes,
                                        acc.process_index, total_steps, t.seed, acc.device)
 
+    def use_padding(self) -> None:
+        """Lay every training micro-batch out padded (the packing probe found packing
+        inexact on this model)."""
+        b = self.batcher
+        self.batcher = Batcher.build(b.examples, "none", b.max_length, b.pad_id,
+                                     intervene=b.intervene)
+        if self.feed is not None:
+            self.feed.mode = "none"
+
     @property
     def num_train(self) -> str:
         if self.feed is None:

@@ -97,10 +97,20 @@ def check_finite(run: Run, result: StepResult) -> None:
         log.warning("optimizer step %d: non-finite %s; its update was dropped (%d so far)",
                     step, what, len(run.state.nonfinite_steps))
         return
+    packed = run.packing["used"] != "none"
+    padding_fails_too = run.packing["probe"] and not run.packing["probe"]["padded_finite"]
+    if packed and step == 1 and not padding_fails_too:  # no update yet: not the LR's doing
+        raise FloatingPointError(
+            f"non-finite {what} at optimizer step 1 with data.packing={run.packing['used']} "
+            "(no update was made): packed rows are the likely cause (the packing probe "
+            "passed on the first micro-batch, so another batch's layout differs); retry with "
+            "data.packing=none, and if that fails too, the model or data is at fault "
+            "(train.on_nonfinite=skip drops such steps)")
     raise FloatingPointError(
         f"non-finite {what} at optimizer step {step} (no update was made); the last good "
-        f"checkpoint is {latest_checkpoint(run.run_dir)}; lower optim.lr, or set "
-        "train.on_nonfinite=skip to drop such steps and go on")
+        f"checkpoint is {latest_checkpoint(run.run_dir)}; lower optim.lr"
+        + (", or try data.packing=none" if packed else "")
+        + ", or set train.on_nonfinite=skip to drop such steps and go on")
 
 
 def fast_forward(run: Run) -> None:

@@ -29,11 +29,19 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens and their count.
+    """Summed next-token cross-entropy over target tokens and their count."""
+    _, loss, n = forward_loss(model, batch)
+    return loss, n
 
-    Shapes: logits [B, T, V]; position t predicts labels[t + 1]; -100 is ignored. A
-    model that prepends ``n`` virtual tokens (prompt tuning) returns [B, n + T, V]; the
-    last T are the ones aligned with the labels.
+
+def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Logits [B, T, V], the summed next-token cross-entropy over target tokens, and their
+    count.
+
+    Position t predicts labels[t + 1]; -100 is ignored. A model that prepends ``n``
+    virtual tokens (prompt tuning) returns [B, n + T, V]; the last T are the ones aligned
+    with the labels, and the ones returned.
     """
     logits = model(**model_inputs(batch)).logits
     if logits.shape[1] != batch["labels"].shape[1]:
@@ -42,7 +50,7 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                            ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    return logits, loss, int((labels != IGNORE).sum())
 
 
 @dataclass

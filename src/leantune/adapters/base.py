@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from leantune.config import AdapterConfig
+from leantune.model import evaluating
 
 
 class NotMergeable(ValueError):
@@ -124,3 +125,12 @@ def _quant_constants(params: list[nn.Parameter]) -> int:
             total += state.absmax.nbytes
             state = getattr(state, "state2", None)
     return total
+
+
+@torch.no_grad()
+def smoke_forward(model: nn.Module) -> None:
+    """One forward of 4 tokens in eval mode; raises whatever the model raises."""
+    vocab = model.config.get_text_config().vocab_size
+    device = next(model.parameters()).device
+    with evaluating(model):
+        model(input_ids=torch.arange(4, device=device).unsqueeze(0) % vocab, use_cache=False)

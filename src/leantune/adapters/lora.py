@@ -17,15 +17,17 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from torch import nn
 
 from leantune.adapters.peft_adapter import PeftAdapter
-from leantune.adapters.targets import preset_targets
+from leantune.adapters.targets import all_linear_targets, preset_targets
 
 
-def lora_targets(model: nn.Module, spec: list[str] | str) -> list[str] | str:
-    """PEFT ``target_modules`` for ``adapter.target_modules`` (auto = all-linear)."""
+def lora_targets(model: nn.Module, spec: list[str] | str) -> list[str]:
+    """PEFT ``target_modules`` for ``adapter.target_modules`` (auto = all-linear: every
+    linear layer but the output head and mixture-of-experts routers; PEFT's own
+    ``all-linear`` would wrap the routers too)."""
     if isinstance(spec, list):
         return spec
     if spec in ("auto", "all-linear"):
-        return "all-linear"  # PEFT's own: every linear layer except the output head
+        return all_linear_targets(model)
     return preset_targets(model, spec)
 
 

@@ -12,7 +12,10 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
-from leantune.adapters.base import Adapter
+from leantune.adapters.base import Adapter, smoke_forward
+from leantune.adapters.targets import linear_layers
+from leantune.config import ConfigError
+from leantune.model import first_line
 
 
 class PeftAdapter(Adapter):
@@ -22,7 +25,35 @@ class PeftAdapter(Adapter):
         raise NotImplementedError
 
     def apply(self, model: nn.Module) -> nn.Module:
-        return get_peft_model(model, self.peft_config(model))
+        """``model`` wrapped by PEFT, after one 4-token forward to prove the wrapped model
+        still runs (PEFT can wrap a module whose output it then mishandles).
+
+        Raises:
+            ConfigError: PEFT refuses the targets or the wrapped model fails: one line with
+                the modules tried, PEFT's words and the fix.
+        """
+        config = self.peft_config(model)
+        # Before PEFT touches the model: a refusal can leave it half wrapped.
+        facts = type(model).__name__, sorted({n.rsplit(".", 1)[-1] for n in linear_layers(model)})
+        try:
+            wrapped = get_peft_model(model, config)
+        except Exception as e:  # noqa: BLE001 - PEFT raises ValueError, TypeError, ...
+            raise self._cannot_wrap(*facts, config, "PEFT refused them", e) from None
+        try:
+            smoke_forward(wrapped)
+        except Exception as e:  # noqa: BLE001 - any failure here is the wrapping's
+            raise self._cannot_wrap(*facts, config, "the wrapped model fails its first forward",
+                                    e) from None
+        return wrapped
+
+    def _cannot_wrap(self, arch: str, leaves: list[str], config: PeftConfig, what: str,
+                     error: BaseException) -> ConfigError:
+        targets = getattr(config, "target_modules", None)  # prompt tuning has none
+        tried = ", ".join(sorted(targets)) if isinstance(targets, (set, list)) else targets
+        return ConfigError(
+            f"adapter.method={self.name}: PEFT cannot wrap {arch}'s modules [{tried}]: {what} "
+            f"({first_line(error)}); set adapter.target_modules to a list of the ones it takes "
+            f"(its linear layers: {', '.join(leaves) or 'none'}), or use adapter.method=full")
 
     def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)

@@ -1,0 +1,71 @@
+"""Default targets on mixture-of-experts models leave routers and gates alone, and a model
+PEFT cannot wrap fails in one line that says what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, Llama4TextConfig, MambaConfig, MixtralConfig,
+                          Qwen2MoeConfig)
+
+from leantune import cli
+from leantune.adapters import build_adapter
+from leantune.adapters.targets import all_linear_targets, linear_layers
+from leantune.config import AdapterConfig
+from conftest import make_tokenizer
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=300, pad_token_id=0)
+MOE = {
+    "mixtral": (MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
+                {"mlp.gate"}),
+    "qwen2_moe": (Qwen2MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=16, shared_expert_intermediate_size=16),
+                  {"mlp.gate", "mlp.shared_expert_gate"}),
+    "llama4_text": (Llama4TextConfig(**SMALL, intermediate_size_mlp=64, head_dim=8,
+                                     num_local_experts=4, num_experts_per_tok=1),
+                    {"feed_forward.router"}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_lora_defaults_skip_moe_routers_and_the_wrapped_model_runs(arch):
+    config, routers = MOE[arch]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    router_names = {n for n, _ in base.named_modules() if any(n.endswith("." + r)
+                                                              for r in routers)}
+    assert router_names  # the test model does have them (a Linear or not)
+    names = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = set(linear_layers(base))
+    assert kept == names - router_names - {"lm_head"}
+    targets = all_linear_targets(base)
+    model = build_adapter(AdapterConfig(method="lora", target_modules="all-linear")).apply(base)
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules()
+               if hasattr(m, "lora_A")}
+    assert wrapped == kept, targets
+    out = model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), use_cache=False)
+    assert out.logits.isfinite().all()
+
+
+def test_peft_refusal_is_one_line_with_the_fix(tmp_path, capsys):
+    """Mamba with LoRA's default targets: PEFT refuses out_proj; exit 2, no traceback."""
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(MambaConfig(
+        hidden_size=32, num_hidden_layers=2, vocab_size=len(tok), state_size=4, pad_token_id=0,
+        bos_token_id=1, eos_token_id=4)).save_pretrained(tmp_path / "mamba")
+    tok.save_pretrained(tmp_path / "mamba")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": " b"}\n' * 8)
+    rc = cli.main(["train", f"model.name_or_path={tmp_path / 'mamba'}", f"data.path={data}",
+                   f"train.output_dir={tmp_path / 'run'}", "train.progress=false"])
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("leantune: error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err
+    line = errors[0]
+    for part in ("adapter.method=lora", "PEFT cannot wrap MambaForCausalLM", "out_proj",
+                 "incompatible", "adapter.target_modules", "adapter.method=full",
+                 "in_proj, out_proj, x_proj"):
+        assert part in line, (part, line)
+    assert "base_layer" not in line  # the layers listed are the model's own, not PEFT's

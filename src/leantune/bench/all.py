@@ -24,11 +24,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from leantune.bench.common import cpu_info
+
 # (name, the arguments after `leantune bench`, or a script under benchmarks/) in the order
 # BENCHMARKS.md reads; the settings are those its tables were measured with.
 BENCHES: list[tuple[str, list[str]]] = [
     ("packing", ["packing"]),
     ("pack_lengths", ["script:pack_lengths.py"]),
+    ("packing_architectures", ["script:packing_architectures.py"]),
     ("fast_forward", ["fast-forward"]),
     ("adapters", ["adapters", "--rounds", "2"]),
     ("reft", ["reft", "--rounds", "2"]),
@@ -133,8 +136,9 @@ def _minutes(seconds: float) -> str:
 def machine() -> dict:
     import torch
 
-    summary = (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+    cpu = cpu_info()
+    summary = (f"{cpu['cores']} cores ({cpu['model']}; {', '.join(cpu['flags']) or 'no AVX2'}), "
                f"torch {torch.__version__}, python {platform.python_version()}, "
                + ("GPU: " + torch.cuda.get_device_name() if torch.cuda.is_available()
                   else "no GPU"))
-    return {"summary": summary, "cores": os.cpu_count(), "torch": torch.__version__}
+    return {"summary": summary, "cores": os.cpu_count(), "cpu": cpu, "torch": torch.__version__}

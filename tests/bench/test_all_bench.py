@@ -46,7 +46,8 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
     assert "--plot" in calls[1] and calls[1][calls[1].index("--plot") + 1] == str(
         tmp_path / "fast_forward.png")
     status = {b["name"]: b.get("status", b.get("skipped")) for b in record["benches"]}
-    assert status == {"packing": 0, "pack_lengths": "script not found", "fast_forward": 0,
+    assert status == {"packing": 0, "pack_lengths": "script not found",
+                      "packing_architectures": "script not found", "fast_forward": 0,
                       "adapters": 1, "reft": 0, "continual": 0,
                       "corpus_scale": "script not found"}
     assert json.loads((tmp_path / "all.json").read_text())["benches"] == record["benches"]

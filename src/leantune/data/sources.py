@@ -50,6 +50,11 @@ def read_rows(path: str, split: str = "train",
 
         yield from sharegpt_rows()
         return
+    if path.startswith("task:"):
+        from leantune.data.tasks import task_rows
+
+        yield from task_rows(path, split)
+        return
     p = Path(path)
     if p.suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet") and not p.is_file():
         raise FileNotFoundError(f"no such data file: {p}")

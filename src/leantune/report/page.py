@@ -168,6 +168,38 @@ def evaluation_table(runs: list[RunLog]) -> str:
                   "exact match", "contains match", "generated"], rows, "leantune eval")
 
 
+def _acc(r: dict | None, key: str = "acc") -> str:
+    if not r:
+        return fmt(None)
+    lo, hi = r[f"{key}_ci"]
+    return f'{100 * r[key]:.1f} % <span class="muted">[{100 * lo:.1f}, {100 * hi:.1f}]</span>'
+
+
+def task_table(runs: list[RunLog]) -> str:
+    """Multiple-choice accuracy (95 % intervals): ``eval.tasks`` before and after training
+    (``summary.json``), and ``leantune eval`` on choice sets and tasks (``eval.json``)."""
+    rows = []
+    for run in runs:
+        acc = (run.summary or {}).get("task_accuracy") or {}
+        before, after = acc.get("before") or {}, acc.get("after") or {}
+        names = list((after or before).get("tasks", {}))
+        for name in names + (["macro"] if names else []):
+            b = before.get("macro") if name == "macro" else before.get("tasks", {}).get(name)
+            a = after.get("macro") if name == "macro" else after.get("tasks", {}).get(name)
+            docs = None if name == "macro" else (a or b)["docs"]
+            rows.append([esc(run.name), "training", esc(name), fmt(docs, "int"), _acc(b),
+                         _acc(a), _acc(b, "acc_norm"), _acc(a, "acc_norm")])
+        evaluation = run.evaluation or {}
+        scored = dict(evaluation.get("choices") or {})
+        if scored:
+            scored["macro"] = evaluation["macro"] | {"docs": None}
+        for name, r in scored.items():
+            rows.append([esc(run.name), "leantune eval", esc(name), fmt(r.get("docs"), "int"),
+                         fmt(None), _acc(r), fmt(None), _acc(r, "acc_norm")])
+    return table(["run", "scored by", "task", "documents", "acc before", "acc after",
+                  "acc_norm before", "acc_norm after"], rows, "Task accuracy")
+
+
 def ff_table(runs: list[RunLog]) -> str:
     rows = [[esc(run.name), str(s["step"]), str(s["ff_accepted"]),
              _before_after(s.get("ff_loss_before"), s.get("ff_loss_after")),
@@ -220,6 +252,7 @@ def render(runs: list[RunLog], plots: list[Plot], note: str = "") -> str:
             f"<h2>Summary</h2>{summary_table(runs)}"
             f"<h2>Curves</h2>{figures}"
             f"<h2>Held-out data sets</h2>{eval_table(runs)}{evaluation_table(runs)}"
+            f"{task_table(runs)}"
             f"{ff_table(runs)}{replay_table(runs)}{samples_section(runs)}"
             f"<h2>Configuration</h2>{configs or '<p class=muted>none</p>'}"
             "</body></html>\n")

@@ -18,8 +18,10 @@ from leantune.adapters import (Adapter, build_adapter, count_parameters, load_ba
                                memory_footprint)
 from leantune.adapters.base import unique_parameters
 from leantune.config import Config, ConfigError
+from leantune.data.tasks import ChoiceDoc, subset, task_names
 from leantune.evaluate import evaluate
 from leantune.model import load_tokenizer, resolve_dtype, resolve_local
+from leantune.multiple_choice import ChoiceScorer
 from leantune.train.data import TrainData, build_data
 from leantune.train.fast_forward import FastForward
 from leantune.train.flops import FlopModel
@@ -57,6 +59,8 @@ class Run:
     metrics: MetricsLog
     started: float
     ff: FastForward | None
+    tasks: dict[str, list[ChoiceDoc]]  # eval.tasks: multiple-choice documents per task
+    scorer: ChoiceScorer | None
     train_memory: PeakMemory | None = None
 
     @property
@@ -96,6 +100,7 @@ def build_run(cfg: Config) -> Run:
     data, packing = build_packed_data(cfg, tokenizer, acc.unwrap_model(model), adapter, acc,
                                       flop_model)
     ff = build_fast_forward(cfg, model, data, packing, flop_model, acc)
+    tasks, scorer = build_tasks(cfg, tokenizer, packing, adapter, acc, flop_model)
     state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys,
                            acc)
     saved_world = state.world
@@ -119,7 +124,8 @@ def build_run(cfg: Config) -> Run:
               f"{sum(len(s.examples) for s in data.eval_sets)} eval examples, "
               f"{steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
-               params, base_memory, packing, steps, schedule, state, start, metrics, started, ff)
+               params, base_memory, packing, steps, schedule, state, start, metrics, started, ff,
+               tasks, scorer)
 
 
 def check_backend(acc: Accelerator) -> None:
@@ -170,6 +176,17 @@ def build_packed_data(cfg: Config, tokenizer, model: torch.nn.Module, adapter: A
     if packs and packing["used"] == "none":
         data.use_padding()
     return data, packing
+
+
+def build_tasks(cfg: Config, tokenizer, packing: dict, adapter: Adapter, acc: Accelerator,
+                flop_model: FlopModel) -> tuple[dict[str, list[ChoiceDoc]], ChoiceScorer | None]:
+    """``eval.tasks``' documents (``eval.task_examples`` of each validation split) and the
+    scorer that lays them out like the held-out sets (packed when exact)."""
+    if cfg.eval.tasks is None:
+        return {}, None
+    docs = {name: subset(name, cfg.eval.task_examples) for name in task_names(cfg.eval.tasks)}
+    return docs, ChoiceScorer(tokenizer, cfg.data.max_length, cfg.eval.batch_size,
+                              eval_mode(packing), adapter.positions, acc, flop_model)
 
 
 def eval_mode(packing: dict) -> str:

@@ -20,6 +20,7 @@ from leantune.config import Config
 from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
 from leantune.generate import generate
+from leantune.multiple_choice import macro
 from leantune.report import write_report
 from leantune.train.build import Run, build_run, eval_mode
 from leantune.train.checkpoint import (accelerate_format, sharded, latest_checkpoint,
@@ -42,6 +43,7 @@ def train(cfg: Config) -> dict:
     if not run.resumed:  # a resumed run starts from a checkpoint, not from the base
         if cfg.eval.before:
             state.eval_loss_before = (evaluate_and_log(run, "before") or {}).get("loss")
+            score_tasks(run, "before")
         replies_before = sample_replies(run, prompts)
 
     batches = run.data.micro_batches(cfg, state, acc, run.steps)
@@ -174,6 +176,22 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
     return main
 
 
+def score_tasks(run: Run, tag: str) -> dict | None:
+    """Multiple-choice accuracy on every task of ``eval.tasks`` now, appended to the task
+    history and ``metrics.jsonl`` (None when there are none)."""
+    if not run.tasks:
+        return None
+    results = {name: run.scorer.score(run.model, docs) for name, docs in run.tasks.items()}
+    run.state.eval_flops += sum(r["flops"] for r in results.values())
+    keep = ("docs", "acc", "acc_ci", "acc_norm", "acc_norm_ci")
+    record = {"step": run.state.step, "tag": "tasks", "when": tag,
+              "tasks": {name: {k: r[k] for k in keep} for name, r in results.items()},
+              "macro": macro(results)}
+    run.state.task_history.append(record)
+    run.metrics.write(record | progress(run))
+    return record
+
+
 def checkpoint(run: Run) -> None:
     """Save ``checkpoints/step-N`` (main process; every process waits for it)."""
     if accelerate_format(run.cfg.checkpoint.format, run.acc):
@@ -222,6 +240,7 @@ def sample_replies(run: Run, prompts: list[tuple[str, str, bool]]) -> list[str]:
 def finish(run: Run, prompts, replies_before: list[str]) -> dict:
     """Evaluate after, save the last checkpoint and the adapter, write ``summary.json``."""
     after = evaluate_and_log(run, "after")
+    score_tasks(run, "after")
     replies_after = sample_replies(run, prompts)
     every = run.cfg.checkpoint.every
     if not (every and run.state.step % every == 0):  # the loop saved this step already

@@ -98,7 +98,7 @@ def restore(cfg: Config, run_dir: Path, adapter: Adapter, model: torch.nn.Module
         state = TrainState(**_load(ckpt, adapter, model, optimizer, "schedule.anneal_from",
                                    acc=acc))
         # The earlier run's evals live in its own directory; this one starts its own log.
-        state.eval_history, state.eval_loss_before = [], None
+        state.eval_history, state.task_history, state.eval_loss_before = [], [], None
         state.anneal_at = state.step
         state.anneal_start = (state.last_lr or cfg.optim.lr) / cfg.optim.lr
         start = Start("anneal", ckpt)

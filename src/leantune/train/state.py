@@ -40,6 +40,7 @@ class TrainState:
     last_loss: float = math.nan
     eval_loss_before: float | None = None
     eval_history: list[dict] = field(default_factory=list)  # every eval record so far
+    task_history: list[dict] = field(default_factory=list)  # multiple-choice accuracy records
     ff_accepted_per_stage: list[int] = field(default_factory=list)  # one entry per FF stage
     ff_flops: int = 0
     ff_seconds: float = 0.0

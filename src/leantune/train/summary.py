@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from leantune.train.build import Run
 from leantune.train.metrics import peak_memory_bytes
@@ -41,6 +42,7 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "eval_loss": {"before": state.eval_loss_before, "after": after and after["loss"]},
         "eval_sets": eval_table(run),
         "eval_history": state.eval_history,
+        "task_accuracy": {r["when"]: r for r in state.task_history} or None,
         "final_train_loss": state.last_loss,
         "nonfinite_skipped": len(state.nonfinite_steps),
         "nonfinite_steps": state.nonfinite_steps,
@@ -83,3 +85,54 @@ def replay_summary(run: Run) -> dict:
             "final_ratio": r.final_ratio, "windows": dict(windows),
             "tokens": {k: v * length for k, v in windows.items()},
             "fraction": windows.get("replay", 0) / total if total else 0.0}
+
+
+def _loss(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _acc(r: dict | None) -> str:
+    return "n/a" if r is None else (f"{100 * r['acc']:.1f} [{100 * r['acc_ci'][0]:.1f}, "
+                                    f"{100 * r['acc_ci'][1]:.1f}]")
+
+
+def task_lines(accuracy: dict | None) -> list[str]:
+    """``eval.tasks``' accuracy before -> after, one task per line, then the macro."""
+    if not accuracy or "after" not in accuracy:
+        return []
+    before, after = accuracy.get("before") or {}, accuracy["after"]
+    lines = ["task accuracy (acc % [95 % interval]):"]
+    for name, r in after["tasks"].items():
+        lines.append(f"  {name}: {_acc(before.get('tasks', {}).get(name))} -> {_acc(r)}")
+    lines.append(f"  macro: {_acc(before.get('macro'))} -> {_acc(after['macro'])}")
+    return lines
+
+
+def summary_text(s: dict, run_dir: str) -> str:
+    """What ``leantune train`` prints at the end: where the run is and its headline figures."""
+    lines = [f"\nrun directory: {run_dir}",
+             f"held-out loss: before {_loss(s['eval_loss']['before'])} -> after "
+             f"{_loss(s['eval_loss']['after'])}"]
+    if len(s["eval_sets"]) > 1:
+        for name, row in s["eval_sets"].items():
+            before, after = (row[k] and row[k]["loss"] for k in ("before", "after"))
+            lines.append(f"  {name} ({row['role']}, {row['tokens']:,} tokens): "
+                         f"{_loss(before)} -> {_loss(after)}")
+    if "replay" in s and s["replay"]["path"]:
+        lines.append(f"replayed: {s['replay']['fraction']:.1%} of the windows "
+                     f"({s['replay']['windows']})")
+    lines += task_lines(s.get("task_accuracy"))
+    lines.append(f"parameters: {s['trainable_params']:,} trainable / {s['total_params']:,} "
+                 f"total ({100 * s['trainable_params'] / s['total_params']:.3f} %)")
+    lines.append(f"throughput: {s['tokens_per_second']:.1f} tokens/s over "
+                 f"{s['optimizer_steps']} steps ({s['train_tokens']['total']:,} tokens, padding "
+                 f"{100 * s['padding_fraction']:.1f} %), wall {s['wall_seconds']:.0f} s, peak "
+                 f"memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
+    for sample in s["samples"]:
+        lines += [f"\nheld-out prompt:\n{sample['prompt'].strip()}",
+                  f"\nreply before training:\n{sample['before']}",
+                  f"\nreply after training:\n{sample['after']}"]
+    page = Path(run_dir) / "report" / "index.html"
+    if page.is_file():
+        lines.append(f"\nreport: {page} (open it in a browser)")
+    return "\n".join(lines)

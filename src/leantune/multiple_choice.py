@@ -1,0 +1,180 @@
+"""Multiple-choice accuracy by log-likelihood, with lm-evaluation-harness's definitions.
+
+Each choice ``i`` of a document is one request ``(context_i, continuation_i)``, tokenized
+as lm-evaluation-harness tokenizes it for a causal LM: trailing spaces of the context move
+to the continuation, ``whole = tok(context + continuation)``, ``ctx = tok(context)`` and
+the continuation is ``whole[len(ctx):]``; a request longer than ``max_length`` loses
+tokens from the left of its context. Its score is
+
+    ll_i = sum over continuation tokens t of log p(t | everything before it)
+
+and, over the ``n`` documents of a task,
+
+- ``acc = mean(argmax_i ll_i == gold)``;
+- ``acc_norm = mean(argmax_i ll_i / len(choice_i) == gold)``, ``len`` in characters of
+  the bare choice text (lm-evaluation-harness's ``acc_norm``);
+- each with a 95 % Wilson score interval, and the macro average over tasks with a normal
+  interval from the tasks' standard errors (``sqrt(sum SE_t^2) / T``).
+
+Requests are batched longest first and packed into rows when the packing probe finds
+packing exact on the model (one forward-only probe per call), else padded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from leantune.data.batching import pack_batch
+from leantune.data.collate import collate_padded, collate_rows
+from leantune.data.encode import IGNORE, Encoded
+from leantune.data.tasks import ChoiceDoc
+from leantune.model import evaluating
+from leantune.train.flops import FlopModel
+from leantune.train.step import model_inputs
+
+Z95 = 1.959964
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """``(context ids, continuation ids)`` split as lm-evaluation-harness splits them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def requests(docs: list[ChoiceDoc], tokenizer, max_length: int) -> list[Encoded]:
+    """One :class:`Encoded` per (document, choice), in order: labels are the continuation's
+    ids, -100 over the context."""
+    out = []
+    for d in docs:
+        for context, continuation in zip(d.contexts, d.continuations, strict=True):
+            ctx, cont = encode_pair(tokenizer, context, continuation)
+            ids = (ctx + cont)[-max_length:]
+            n_cont = min(len(cont), len(ids) - 1)  # the first token is never predicted
+            out.append(Encoded(ids, [IGNORE] * (len(ids) - n_cont) + ids[len(ids) - n_cont:]))
+    return out
+
+
+def target_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, T]``: at position t, ``log p(labels[t + 1] | ..., t)`` where that label is a
+    target, 0 elsewhere (float64). Only the targets' logits get a softmax."""
+    logits = model(**model_inputs(batch)).logits
+    length = batch["labels"].shape[1]
+    logits = logits[:, -length:]  # prompt tuning prepends virtual tokens
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    mask = labels != IGNORE
+    picked = logits[mask].float().log_softmax(-1).gather(-1, labels[mask][:, None])[:, 0]
+    out = torch.zeros(labels.shape, dtype=torch.float64, device=logits.device)
+    out[mask] = picked.double()
+    return out
+
+
+@torch.no_grad()
+def loglikelihoods(model: torch.nn.Module, encoded: list[Encoded], batch_size: int,
+                   mode: str, max_length: int, pad_id: int,
+                   intervene: tuple[int, int] | None, acc: Accelerator) -> list[float]:
+    """The summed target log-probability of every request (sharded over processes, the
+    result gathered on all of them), ``batch_size`` requests per forward, laid out
+    ``online`` (packed) or ``none`` (padded)."""
+    device = next(model.parameters()).device
+    rank, world = acc.process_index, acc.num_processes
+    mine = sorted(range(len(encoded))[rank::world], key=lambda i: -len(encoded[i].input_ids))
+    scores: dict[int, float] = {}
+    with evaluating(model):
+        for k in range(0, len(mine), batch_size):
+            ids = mine[k:k + batch_size]
+            if mode == "none":
+                rows = [[i] for i in ids]
+                batch = collate_padded([encoded[i] for i in ids], pad_id, intervene)
+            else:
+                bins = pack_batch([len(encoded[i].input_ids) for i in ids], max_length)
+                rows = [[ids[j] for j in b] for b in bins]
+                batch = collate_rows([[encoded[i] for i in r] for r in rows], pad_id,
+                                     intervene=intervene)
+            lp = target_logprobs(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+            for r, row in enumerate(rows):
+                offset = 0
+                for i in row:
+                    n = len(encoded[i].input_ids)
+                    scores[i] = float(lp[r, offset:offset + n].sum())
+                    offset += n
+    if world > 1:
+        merged: dict[int, float] = {}
+        for part in gather_object([scores]):
+            merged |= part
+        scores = merged
+    return [scores[i] for i in range(len(encoded))]
+
+
+def wilson(p: float, n: int, z: float = Z95) -> list[float]:
+    """The Wilson score interval of a proportion ``p`` of ``n`` trials."""
+    if n == 0:
+        return [math.nan, math.nan]
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def score_docs(docs: list[ChoiceDoc], lls: list[float]) -> dict:
+    """``acc``, ``acc_norm`` (with 95 % intervals) and the per-document predictions from
+    the requests' log-likelihoods ``lls`` (in :func:`requests`' order)."""
+    k, hits, hits_norm, preds = 0, 0, 0, []
+    for d in docs:
+        ll = lls[k:k + len(d.choices)]
+        k += len(d.choices)
+        pred = max(range(len(ll)), key=ll.__getitem__)
+        pred_norm = max(range(len(ll)), key=lambda i: ll[i] / max(len(d.choices[i]), 1))
+        hits += pred == d.gold
+        hits_norm += pred_norm == d.gold
+        preds.append(pred)
+    n = len(docs)
+    acc, acc_norm = hits / max(n, 1), hits_norm / max(n, 1)
+    return {"docs": n, "acc": acc, "acc_ci": wilson(acc, n), "acc_norm": acc_norm,
+            "acc_norm_ci": wilson(acc_norm, n), "predictions": preds}
+
+
+def macro(tasks: dict[str, dict]) -> dict:
+    """Unweighted mean of the tasks' ``acc`` and ``acc_norm``, with a normal 95 % interval
+    from their standard errors ``sqrt(p (1 - p) / n)``."""
+    out = {"tasks": len(tasks)}
+    for key in ("acc", "acc_norm"):
+        ps = [(t[key], t["docs"]) for t in tasks.values() if t["docs"]]
+        if not ps:
+            out[key], out[f"{key}_ci"] = math.nan, [math.nan, math.nan]
+            continue
+        mean = sum(p for p, _ in ps) / len(ps)
+        se = math.sqrt(sum(p * (1 - p) / n for p, n in ps)) / len(ps)
+        out[key], out[f"{key}_ci"] = mean, [mean - Z95 * se, mean + Z95 * se]
+    return out
+
+
+@dataclass
+class ChoiceScorer:
+    """Scores lists of documents on one model: its tokenizer, row length, layout."""
+
+    tokenizer: object
+    max_length: int
+    batch_size: int
+    mode: str                       # online | none
+    intervene: tuple[int, int] | None
+    acc: Accelerator
+    flop_model: FlopModel | None = None  # to count the forwards' FLOPs
+
+    def score(self, model: torch.nn.Module, docs: list[ChoiceDoc]) -> dict:
+        """:func:`score_docs` of ``docs``, plus ``tokens`` scored and their forward
+        ``flops`` (each request counted alone, as :meth:`FlopModel.forward_each` does)."""
+        encoded = requests(docs, self.tokenizer, self.max_length)
+        lls = loglikelihoods(model, encoded, self.batch_size, self.mode, self.max_length,
+                             self.tokenizer.pad_token_id, self.intervene, self.acc)
+        lengths = [len(e.input_ids) for e in encoded]
+        flops = self.flop_model.forward_each(lengths) if self.flop_model else None
+        return score_docs(docs, lls) | {"tokens": sum(lengths), "flops": flops}

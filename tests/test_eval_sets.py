@@ -188,6 +188,15 @@ def test_choice_loglikelihoods_equal_lm_evaluation_harness(method, trained, llam
         disable_tqdm=True)]
     assert lm_eval is not None and len(theirs) == len(ours) == 22
     assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-4)
+    if adapter is None or adapter.virtual_tokens == 0:  # one tree row per shared context
+        from leantune.choice_trees import build_trees, tree_loglikelihoods
+
+        trees = build_trees(docs, tokenizer, 128)
+        assert [t is None for t in trees] == [False] * 7 + [True]  # WinoGrande-style: no
+        branches = tree_loglikelihoods(model, trees[:7], 3, 128, tokenizer.pad_token_id,
+                                       adapter and adapter.positions, Accelerator(cpu=True))
+        assert [x for b in branches for x in b] == pytest.approx(theirs[:20], rel=1e-5,
+                                                                 abs=1e-4)
 
 
 def test_choice_file_and_tasks_are_scored_with_intervals(trained, tmp_path, capsys):
@@ -254,3 +263,32 @@ def test_a_run_scores_its_tasks_as_leantune_eval_does(llama_dir, olmo, tmp_path,
         assert scored[name]["acc_norm"] == after[name]["acc_norm"]
     page = (out / "report" / "index.html").read_text()
     assert "<h2>Task accuracy</h2>" in page and "leantune eval" in page
+
+
+def test_shared_context_rows_fall_back_where_a_model_ignores_the_mask(llama_dir, caplog):
+    """A model that does not honour a custom 4D mask must not get tree rows: the check
+    on the first documents sees the difference and scores one row per choice."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from leantune.multiple_choice import ChoiceScorer
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    tokenizer = serve.load_target(Path(llama_dir))[1]
+    scorer = ChoiceScorer(tokenizer, 128, 4, "online", None, Accelerator(cpu=True))
+    honest = scorer.score(model, choice_docs())
+    assert scorer.share_context  # llama + sdpa honours it
+
+    class MaskBlind(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, attention_mask=None, **kw):  # drops the mask: attends causally
+            return self.inner(**kw)
+
+    blind = ChoiceScorer(tokenizer, 128, 4, "none", None, Accelerator(cpu=True))
+    with caplog.at_level("WARNING"):
+        fallback = blind.score(MaskBlind(), choice_docs())
+    assert not blind.share_context and "one row per choice" in caplog.text
+    assert fallback["predictions"] == honest["predictions"]

@@ -103,7 +103,8 @@ def choice_scorer(model, tokenizer, adapter, docs: list[ChoiceDoc], data: DataCo
     mode = eval_packing(model, adapter, encoded, data, batch_size, tokenizer.pad_token_id,
                         accelerator)["used"] if encoded else "none"
     return ChoiceScorer(tokenizer, data.max_length, batch_size, mode,
-                        adapter.positions if adapter else None, accelerator)
+                        adapter.positions if adapter else None, accelerator,
+                        share_context=adapter is None or adapter.virtual_tokens == 0)
 
 
 def score_choices(model, tokenizer, adapter, docs: list[ChoiceDoc], data: DataConfig,

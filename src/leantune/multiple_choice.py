@@ -16,12 +16,15 @@ and, over the ``n`` documents of a task,
 - each with a 95 % Wilson score interval, and the macro average over tasks with a normal
   interval from the tasks' standard errors (``sqrt(sum SE_t^2) / T``).
 
-Requests are batched longest first and packed into rows when the packing probe finds
-packing exact on the model (one forward-only probe per call), else padded.
+The choices of a document that share a context are scored in one row (the context once,
+each continuation a branch: :mod:`leantune.choice_trees`); the other requests are batched
+longest first and packed into rows when the packing probe finds packing exact on the
+model, else padded.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from leantune.choice_trees import build_trees, tree_loglikelihoods
 from leantune.data.batching import pack_batch
 from leantune.data.collate import collate_padded, collate_rows
 from leantune.data.encode import IGNORE, Encoded
@@ -37,6 +41,8 @@ from leantune.data.tasks import ChoiceDoc
 from leantune.model import evaluating
 from leantune.train.flops import FlopModel
 from leantune.train.step import model_inputs
+
+log = logging.getLogger(__name__)
 
 Z95 = 1.959964
 
@@ -159,22 +165,74 @@ def macro(tasks: dict[str, dict]) -> dict:
 
 @dataclass
 class ChoiceScorer:
-    """Scores lists of documents on one model: its tokenizer, row length, layout."""
+    """Scores lists of documents on one model: its tokenizer, row length, layout.
+
+    ``share_context``: documents whose choices share a context are scored as one tree row
+    each (:mod:`leantune.choice_trees`), once checked on this model to give the same
+    log-likelihoods as one row per choice (checked on the first call; a mismatch turns it
+    off with a warning). Off for prompt tuning, whose virtual tokens a custom mask does not
+    cover.
+    """
 
     tokenizer: object
     max_length: int
     batch_size: int
-    mode: str                       # online | none
+    mode: str                       # online | none: the layout of one row per choice
     intervene: tuple[int, int] | None
     acc: Accelerator
     flop_model: FlopModel | None = None  # to count the forwards' FLOPs
+    share_context: bool = True
+    _checked: bool = False
 
     def score(self, model: torch.nn.Module, docs: list[ChoiceDoc]) -> dict:
         """:func:`score_docs` of ``docs``, plus ``tokens`` scored and their forward
         ``flops`` (each request counted alone, as :meth:`FlopModel.forward_each` does)."""
         encoded = requests(docs, self.tokenizer, self.max_length)
-        lls = loglikelihoods(model, encoded, self.batch_size, self.mode, self.max_length,
-                             self.tokenizer.pad_token_id, self.intervene, self.acc)
+        starts = [0]
+        for d in docs:
+            starts.append(starts[-1] + len(d.choices))
+        trees = (build_trees(docs, self.tokenizer, self.max_length) if self.share_context
+                 else [None] * len(docs))
+        if not self._checked and any(trees):
+            self._check(model, docs, trees, encoded, starts)
+        lls: list[float | None] = [None] * len(encoded)
+        if self.share_context:
+            shared = [i for i, t in enumerate(trees) if t is not None]
+            for i, branch in zip(shared, tree_loglikelihoods(
+                    model, [trees[i] for i in shared], self.batch_size, self.max_length,
+                    self.tokenizer.pad_token_id, self.intervene, self.acc)):
+                lls[starts[i]:starts[i + 1]] = branch
+        rest = [j for j, ll in enumerate(lls) if ll is None]
+        for j, ll in zip(rest, self._flat(model, [encoded[j] for j in rest])):
+            lls[j] = ll
         lengths = [len(e.input_ids) for e in encoded]
         flops = self.flop_model.forward_each(lengths) if self.flop_model else None
         return score_docs(docs, lls) | {"tokens": sum(lengths), "flops": flops}
+
+    def _flat(self, model: torch.nn.Module, encoded: list[Encoded]) -> list[float]:
+        return loglikelihoods(model, encoded, self.batch_size, self.mode, self.max_length,
+                              self.tokenizer.pad_token_id, self.intervene, self.acc)
+
+    def _check(self, model, docs, trees, encoded, starts, n: int = 8) -> None:
+        """Tree rows against one row per choice on the first ``n`` shared documents."""
+        self._checked = True
+        picked = [i for i, t in enumerate(trees) if t is not None][:n]
+        ref = self._flat(model, [encoded[j] for i in picked for j in range(starts[i],
+                                                                           starts[i + 1])])
+        try:
+            got = tree_loglikelihoods(model, [trees[i] for i in picked], self.batch_size,
+                                      self.max_length, self.tokenizer.pad_token_id,
+                                      self.intervene, self.acc)
+        except Exception as e:  # noqa: BLE001 - a backend without custom masks (flash-attn)
+            log.warning("this model cannot score choices on a shared context (%s: %s); "
+                        "scoring one row per choice", type(e).__name__, e)
+            self.share_context = False
+            return
+        got = [x for branch in got for x in branch]
+        tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+        worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, ref))
+        if worst > tol:
+            log.warning("scoring choices on a shared context differs from one row per "
+                        "choice on this model (%.1e relative); scoring one row per choice",
+                        worst)
+            self.share_context = False

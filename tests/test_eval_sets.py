@@ -16,7 +16,7 @@ from leantune.config import DataConfig, ModelConfig
 from leantune.data.dataset import DataStats, encode_all, load_examples
 from leantune.data.sources import DataError
 from leantune.data.tasks import ChoiceDoc
-from leantune.eval_sets import evaluate_target, match_scores, normalize
+from leantune.eval_sets import evaluate_target, extract_answer, match_scores, normalize
 from leantune.model import load_tokenizer
 
 METHODS = ["lora", "dora", "qlora", "ia3", "prompt_tuning", "full", "loreft", "direft"]
@@ -35,8 +35,15 @@ def test_normalize_and_match_scores():
     assert normalize("  The Answer is  7.\n") == "the answer is 7"
     scores = match_scores(["The answer is 7.", "It is 7, I think", "8"],
                           ["the answer is 7", "7", "7"])
-    assert scores == {"generated": 3, "exact_match": 1 / 3, "contains_match": 2 / 3}
-    assert match_scores([], []) == {"generated": 0, "exact_match": None, "contains_match": None}
+    assert scores == {"generated": 3, "exact_match": 1 / 3, "contains_match": 2 / 3,
+                      "answer_match": 0.0}  # "the answer is 7" extracts to "7"
+    assert match_scores([], []) == {"generated": 0, "exact_match": None, "contains_match": None,
+                                    "answer_match": None}
+    # Answer extraction: the first line, after an answer lead-in.
+    assert extract_answer("\nThe correct answer is: Paris.\nBecause it is.") == "paris"
+    assert extract_answer("Answer: true") == "true" and extract_answer("7 apples") == "7 apples"
+    got = match_scores(["The answer is 7.\nIt is.", "answer: 8", "7 or 8"], ["7", "7", "7"])
+    assert (got["answer_match"], got["exact_match"], got["contains_match"]) == (1 / 3, 0, 2 / 3)
 
 
 def test_loss_equals_each_example_scored_alone(llama_dir, tmp_path):

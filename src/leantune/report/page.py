@@ -162,10 +162,12 @@ def evaluation_table(runs: list[RunLog]) -> str:
     rows = [[esc(run.name), esc(name), fmt(r.get("examples"), "int"),
              fmt(r.get("target_tokens"), "int"), fmt(r.get("loss"), "loss"),
              fmt(r.get("perplexity"), "sci"), fmt(r.get("exact_match"), "pct"),
-             fmt(r.get("contains_match"), "pct"), fmt(r.get("generated"), "int")]
+             fmt(r.get("contains_match"), "pct"), fmt(r.get("answer_match"), "pct"),
+             fmt(r.get("generated"), "int")]
             for run in runs for name, r in ((run.evaluation or {}).get("datasets") or {}).items()]
     return table(["run", "data set", "examples", "target tokens", "loss", "perplexity",
-                  "exact match", "contains match", "generated"], rows, "leantune eval")
+                  "exact match", "contains match", "answer match", "generated"], rows,
+                 "leantune eval")
 
 
 def _acc(r: dict | None, key: str = "acc") -> str:

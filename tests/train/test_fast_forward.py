@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 import leantune.train.loop as loop
 from leantune.config import FastForwardConfig, load_config
 from leantune.model import load_model
-from leantune.train.fast_forward import FastForward, run_stage, stage_due
+from leantune.config import ConfigError
+from leantune.evaluate import evaluate
+from leantune.train.fast_forward import (FastForward, FFLoss, ff_set_size, halves_loss,
+                                         run_stage, split_halves, stage_due)
 
 
 def quadratic(params: list[torch.Tensor], target: list[torch.Tensor]):
@@ -99,6 +102,96 @@ def test_fast_forward_uses_the_last_update_and_accounts_its_cost():
     assert torch.allclose(params[0], 4 * delta[0])
 
 
+def two_minima(params, delta, near: float, far: float):
+    """An FF set whose halves have their minima ``near`` and ``far`` steps along delta."""
+    a, b = ([k * d for d in delta] for k in (near, far))
+    half_a, half_b = quadratic(params, a), quadratic(params, b)
+
+    def loss() -> FFLoss:
+        la, lb = half_a(), half_b()
+        return FFLoss((la + lb) / 2, (la, lb))
+
+    return loss
+
+
+def test_a_step_is_kept_only_when_both_halves_improve():
+    # Halves with minima 2 and 7 steps away: the whole set's loss falls until 4.5 steps,
+    # but the near half's stops falling after 2 (2.5 - 1/2): the gain past there is one
+    # half's alone, as when a tiny FF set's mean "improves" on noise.
+    params, delta, _ = toy(0.0)
+    stage = run_stage(params, delta, two_minima(params, delta, 2.0, 7.0), max_steps=100)
+    assert stage.accepted == 2 and stage.stopped == "disagree"
+    assert stage.losses[3] < stage.losses[2]  # the whole set still improved at step 3
+    assert torch.equal(params[0], torch.zeros(3, 4).add(delta[0], alpha=2))
+    # Where the halves agree, the rule is the plain one.
+    params, delta, _ = toy(0.0)
+    agree = run_stage(params, delta, two_minima(params, delta, 4.0, 4.2), max_steps=100)
+    assert agree.accepted == 4 and agree.stopped == "worse"
+
+
+def test_evaluation_budget_bounds_a_stage_and_can_skip_it():
+    params, delta, target = toy(50.0)
+    stage = run_stage(params, delta, quadratic(params, target), max_steps=100, max_evaluations=5)
+    assert (stage.accepted, stage.evaluations, stage.stopped) == (4, 5, "cost")
+    assert stage.writes == 4  # ended on an accepted point: nothing to revert
+    params, delta, target = toy(50.0)
+    skipped = run_stage(params, delta, quadratic(params, target), max_steps=100,
+                        max_evaluations=1)
+    assert (skipped.accepted, skipped.evaluations, skipped.writes) == (0, 0, 0)
+    assert skipped.stopped == "skipped" and all(not p.any() for p in params)
+
+
+def test_stage_cost_never_exceeds_max_cost_times_the_interval_training():
+    params, delta, target = toy(60.0)
+    numel = sum(p.numel() for p in params)
+    for max_cost, step_flops in [(1.0, 10_000), (0.5, 10_000), (2.0, 3_000), (1.0, 500)]:
+        ps = [p.clone() for p in params]
+        ff = FastForward(FastForwardConfig(enabled=True, interval=2, max_cost=max_cost), ps,
+                         quadratic(ps, target), eval_flops=1000)
+        ff.before_step(2)
+        for p, d in zip(ps, delta):
+            p.add_(d)
+        record = ff.after_step(step_flops)
+        assert record["ff_budget"] == math.floor(max_cost * 2 * step_flops / (1000 + numel))
+        assert record["ff_flops"] <= max_cost * 2 * step_flops
+        assert record["ff_evaluations"] == (record["ff_budget"] if record["ff_budget"] >= 2
+                                            else 0)
+    # No step FLOPs given (or max_cost null): no bound, the stage runs to the minimum.
+    ff = FastForward(FastForwardConfig(enabled=True, interval=1), params,
+                     quadratic(params, target), eval_flops=1000)
+    ff.before_step(1)
+    for p, d in zip(params, delta):
+        p.add_(d)
+    assert ff.after_step()["ff_accepted"] == 59
+
+
+@pytest.mark.parametrize("per_step, expected", [(4, 8), (64, 8), (128, 8), (300, 19),
+                                                (512, 32), (4096, 32)])
+def test_ff_set_size_follows_the_step(per_step, expected):
+    assert ff_set_size(FastForwardConfig(), per_step) == expected
+    assert ff_set_size(FastForwardConfig(eval_examples=5), per_step) == 5
+
+
+def test_halves_balance_targets_and_weigh_to_the_whole_set():
+    sizes = [9, 1, 4, 4, 7, 2, 3]
+    halves = split_halves(sizes, lambda n: n)
+    assert sorted(halves[0] + halves[1]) == sorted(sizes)
+    assert abs(sum(halves[0]) - sum(halves[1])) <= max(sizes)
+    assert split_halves([5], lambda n: n) == [[5]]
+    # A stand-in evaluation: each example's loss is its size, weighted by its size.
+    measure = lambda ex: {"loss": sum(n * n for n in ex) / sum(ex), "target_tokens": sum(ex)}
+    got = halves_loss(halves, measure)()
+    assert got.loss == pytest.approx(measure(sizes)["loss"], rel=1e-12)
+    assert got.parts == tuple(measure(h)["loss"] for h in halves)
+
+
+@pytest.mark.parametrize("key, value", [("fast_forward.max_cost", "0"),
+                                        ("fast_forward.eval_examples", "0")])
+def test_bad_ff_settings_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [f"{key}={value}"])
+
+
 # ---------------------------------------------------------------------------------------
 # In the training loop
 
@@ -179,3 +272,25 @@ def test_ff_set_is_disjoint_from_train_and_eval(llama_dir, sums, tmp_path):
                                  run.data.eval_sets[0].examples))
     assert len(ff) == 6 and len(train) + len(held) + len(ff) == 48
     assert not ff & train and not ff & held
+
+
+def test_ff_loss_is_the_whole_sets_and_default_size_follows_the_batch(llama_dir, sums, tmp_path):
+    # eval_examples unset: the default, ceil(4 / 16) held to at least 8.
+    cfg = config(llama_dir, sums, tmp_path / "run", "fast_forward.eval_examples=null")
+    run = loop.build_run(cfg)
+    assert len(run.data.ff) == 8
+    got = run.ff.loss_fn()
+    whole = evaluate(run.model, run.data.ff, 3, lambda b: run.data.batcher.collate_examples(
+        b, "none"), run.acc)["loss"]
+    assert len(got.parts) == 2 and got.loss == pytest.approx(whole, rel=1e-6)
+
+
+def test_loop_passes_step_flops_to_the_stage_budget(llama_dir, sums, tmp_path):
+    cfg = config(llama_dir, sums, tmp_path / "run", "train.max_steps=6",
+                 "fast_forward.max_cost=1e-6")
+    summary = loop.train(cfg)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r.get("tag") == "fast_forward"]
+    assert [r["ff_stopped"] for r in records] == ["skipped", "skipped"]
+    assert summary["ff_flops"] == 0 and summary["ff_steps_accepted"] == 0
+    assert all(r["ff_budget"] == 0 and r["ff_evaluations"] == 0 for r in records)

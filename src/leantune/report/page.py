@@ -206,10 +206,10 @@ def ff_table(runs: list[RunLog]) -> str:
     rows = [[esc(run.name), str(s["step"]), str(s["ff_accepted"]),
              _before_after(s.get("ff_loss_before"), s.get("ff_loss_after")),
              fmt(s.get("ff_evaluations"), "int"), fmt(s.get("ff_flops"), "sci"),
-             fmt(s.get("ff_seconds"), "s")]
+             fmt(s.get("ff_seconds"), "s"), esc(s.get("ff_stopped") or "–")]
             for run in runs for s in run.ff]
     return table(["run", "after step", "steps accepted", "FF-set loss", "evaluations", "FLOPs",
-                  "time"], rows, "Fast Forward stages")
+                  "time", "stopped"], rows, "Fast Forward stages")
 
 
 def replay_table(runs: list[RunLog]) -> str:

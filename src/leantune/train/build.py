@@ -23,7 +23,7 @@ from leantune.evaluate import evaluate
 from leantune.model import load_tokenizer, resolve_dtype, resolve_local
 from leantune.multiple_choice import ChoiceScorer
 from leantune.train.data import TrainData, build_data
-from leantune.train.fast_forward import FastForward
+from leantune.train.fast_forward import FastForward, halves_loss, split_halves
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, PeakMemory
 from leantune.train.probe import first_rows, probe_batches, resolve_packing
@@ -197,14 +197,17 @@ def eval_mode(packing: dict) -> str:
 
 def build_fast_forward(cfg: Config, model: torch.nn.Module, data: TrainData, packing: dict,
                        flop_model: FlopModel, acc: Accelerator) -> FastForward | None:
-    """The Fast Forward stage over every trainable tensor, judged on the FF set."""
+    """The Fast Forward stage over every trainable tensor, judged on the FF set's two
+    halves (both must improve)."""
     if not cfg.fast_forward.enabled:
         return None
     mode = eval_mode(packing)
 
-    def ff_loss() -> float:
-        return evaluate(model, data.ff, cfg.eval.batch_size,
-                        lambda b: data.batcher.collate_examples(b, mode), acc)["loss"]
+    def measure(examples: list) -> dict:
+        return evaluate(model, examples, cfg.eval.batch_size,
+                        lambda b: data.batcher.collate_examples(b, mode), acc)
 
+    halves = split_halves(data.ff, lambda e: e.num_targets)
     return FastForward(cfg.fast_forward, [p for p in model.parameters() if p.requires_grad],
-                       ff_loss, flop_model.forward_each(len(e.input_ids) for e in data.ff))
+                       halves_loss(halves, measure),
+                       flop_model.forward_each(len(e.input_ids) for e in data.ff))

@@ -31,6 +31,7 @@ from leantune.data.formats import Example
 from leantune.data.replay import CorpusFeed
 from leantune.data.sources import DataError
 from leantune.data.windows import TokenCorpus, Windows, document_chunks, held_out
+from leantune.train.fast_forward import ff_set_size
 from leantune.train.state import TrainState, epoch_plan, micro_batches
 
 
@@ -106,7 +107,9 @@ def build_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | N
                acc: Accelerator) -> TrainData:
     """Everything the loop reads, for ``cfg.data.mode``; ``mode`` is the packing mode in
     use (after the model's probe)."""
-    d, ff_n = cfg.data, cfg.fast_forward.eval_examples if cfg.fast_forward.enabled else 0
+    d = cfg.data
+    ff_n = (ff_set_size(cfg.fast_forward, cfg.train.batch_size * cfg.train.grad_accum)
+            if cfg.fast_forward.enabled else 0)
     taken: set[str] = set()
     if d.mode == "corpus":
         data = corpus_data(cfg, tokenizer, mode, intervene, ff_n, taken, acc)

@@ -68,8 +68,9 @@ def train_steps(run: Run, batches, bar: tqdm) -> None:
             run.ff.before_step(state.step + 1)
         result = train_step(run.model, run.optimizer, micro, acc, cfg.optim.max_grad_norm)
         check_finite(run, result)
+        flops = state.train_flops
         state.account(micro, result, run.flop_model, acc, time.perf_counter() - tick)
-        fast_forward(run)
+        fast_forward(run, state.train_flops - flops)
         log_step(run, result, lr, bar)
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < run.steps:
             evaluate_and_log(run, "periodic")
@@ -115,9 +116,10 @@ def check_finite(run: Run, result: StepResult) -> None:
         + ", or set train.on_nonfinite=skip to drop such steps and go on")
 
 
-def fast_forward(run: Run) -> None:
-    """Run the Fast Forward stage due after this step, if any, and log it."""
-    record = run.ff.after_step() if run.ff is not None else None
+def fast_forward(run: Run, step_flops: int) -> None:
+    """Run the Fast Forward stage due after this step (``step_flops``: its training FLOPs,
+    all processes, which bound the stage's), if any, and log it."""
+    record = run.ff.after_step(step_flops) if run.ff is not None else None
     if record is not None:
         run.state.account_ff(record)
         run.metrics.write({"step": run.state.step, "tag": "fast_forward", **record,

@@ -166,6 +166,16 @@ def _plot_path(path: str) -> Path | None:
     return Path(path)
 
 
+def _setting(pair: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with the value read as YAML (numbers, null, true)."""
+    import yaml
+
+    key, sep, value = pair.partition("=")
+    if not sep:
+        raise SystemExit(f"--ff {pair!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
 def cmd_bench_fast_forward(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     from leantune.bench.fast_forward import bench_fast_forward, format_summary
@@ -174,7 +184,8 @@ def cmd_bench_fast_forward(args: argparse.Namespace) -> int:
     results = bench_fast_forward(args.model, args.steps, args.batch_size, args.max_length,
                                  args.lr, args.r, args.alpha, args.ff_examples,
                                  args.test_examples, args.interval, args.test_every,
-                                 args.method, out=Path(args.out), plot=plot)
+                                 args.method, out=Path(args.out), plot=plot, data=args.data,
+                                 ff_settings=dict(_setting(kv) for kv in args.ff))
     print(format_summary(results))
     print(f"results: {args.out}" + (f", plot: {plot}" if plot else ""))
     return 0
@@ -259,6 +270,9 @@ def add_bench_parsers(sub) -> None:
     pk.set_defaults(func=cmd_bench_packing)
     ff = which.add_parser("fast-forward", help="plain LoRA vs LoRA + Fast Forward to equal loss")
     ff.add_argument("--model", default="embedded:smollm2")
+    ff.add_argument("--data", default="sharegpt",
+                    help="sharegpt (single exchanges) or task:NAMES (train/FF rows from the "
+                         "train splits, test rows from validation)")
     ff.add_argument("--steps", type=int, default=20, help="the plain run's optimizer steps")
     ff.add_argument("--batch-size", type=int, default=64)
     ff.add_argument("--max-length", type=int, default=64)
@@ -266,11 +280,15 @@ def add_bench_parsers(sub) -> None:
     ff.add_argument("--method", choices=["lora", "dora", "full"], default="lora")
     ff.add_argument("--r", type=int, default=16)
     ff.add_argument("--alpha", type=float, default=32.0)
-    ff.add_argument("--ff-examples", type=int, default=8,
-                    help="FF-set size (paper: 32 against 512-sequence steps)")
+    ff.add_argument("--ff-examples", type=int, default=None,
+                    help="FF-set size (default: fast_forward.eval_examples's default; "
+                         "paper: 32 against 512-sequence steps)")
     ff.add_argument("--test-examples", type=int, default=32)
-    ff.add_argument("--interval", type=int, default=3, help="optimizer steps between stages")
+    ff.add_argument("--interval", type=int, default=None,
+                    help="optimizer steps between stages (default: fast_forward.interval's)")
     ff.add_argument("--test-every", type=int, default=2, help="plain run's test-loss points")
+    ff.add_argument("--ff", action="append", default=[], metavar="KEY=VALUE",
+                    help="a fast_forward setting for the FF run (repeatable): max_cost=2, …")
     ff.add_argument("--out", default="benchmarks/results/fast_forward.json")
     ff.add_argument("--plot", default="benchmarks/results/fast_forward.png")
     ff.set_defaults(func=cmd_bench_fast_forward)
@@ -302,7 +320,8 @@ def add_bench_parsers(sub) -> None:
     tk.add_argument("--tasks", default="arc_easy,piqa,socialiqa,boolq",
                     help="trained on (interleaved train splits) and scored on (validation)")
     tk.add_argument("--variants", default="lora_r8,dora_r8,ia3,prompt_tuning,loreft,direft,full",
-                    help="also lora_r8_lr1e-3 (LoRA r8 at 1e-3 instead of its default 2e-4)")
+                    help="also lora_r8_lr1e-3 (LoRA r8 at 1e-3); NAME@SECTION.KEY=VALUE[@...] "
+                         "changes a setting (a sweep: loreft@optim.lr=3e-3,loreft@adapter.r=4)")
     tk.add_argument("--examples", type=int, default=2000, help="training rows read")
     tk.add_argument("--eval-docs", type=int, default=100, help="validation documents per task")
     tk.add_argument("--batch-size", type=int, default=8)

@@ -41,15 +41,17 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
         return 0
 
     record = run_all(fake, tmp_path, scripts=tmp_path / "none")
-    assert [c[0] for c in calls] == ["packing", "fast-forward", "adapters", "reft", "tasks",
-                                     "continual"]
-    assert calls[2][:3] == ["adapters", "--rounds", "2"]
+    assert [c[0] for c in calls] == ["packing", "fast-forward", "fast-forward", "adapters",
+                                     "reft", "tasks", "tasks", "continual"]
+    assert calls[3][:3] == ["adapters", "--rounds", "2"]
+    assert calls[2][calls[2].index("--data") + 1].startswith("task:")
     assert "--plot" in calls[1] and calls[1][calls[1].index("--plot") + 1] == str(
         tmp_path / "fast_forward.png")
     status = {b["name"]: b.get("status", b.get("skipped")) for b in record["benches"]}
     assert status == {"packing": 0, "pack_lengths": "script not found",
                       "packing_architectures": "script not found", "fast_forward": 0,
-                      "adapters": 1, "reft": 0, "tasks": 0, "continual": 0,
+                      "fast_forward_tasks": 0, "adapters": 1, "reft": 0, "tasks": 0,
+                      "tasks_sweep": 0, "continual": 0,
                       "corpus_scale": "script not found"}
     assert json.loads((tmp_path / "all.json").read_text())["benches"] == record["benches"]
     tables = (tmp_path / "TABLES.md").read_text()

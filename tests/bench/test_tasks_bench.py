@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from leantune.bench.tasks import bench_tasks, format_table
+from leantune.bench.tasks import VARIANTS, bench_tasks, format_table, variant_overrides
 
 
 def test_variants_share_rows_steps_and_documents(llama_dir, olmo, tmp_path):
@@ -37,6 +37,16 @@ def test_variants_share_rows_steps_and_documents(llama_dir, olmo, tmp_path):
     assert table.count("\n") == 4 and "| base (before) |" in table and "| loreft | 0.0009 |" in table
 
 
-def test_unknown_variants_are_named():
-    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['lorax'\]"):
-        bench_tasks(variants=["lorax"])
+@pytest.mark.parametrize("bad", ["lorax", "loreft@optim.lr", "lorax@optim.lr=1"])
+def test_unknown_variants_are_named(bad):
+    with pytest.raises(ValueError, match=f"unknown variant '{bad}'"):
+        bench_tasks(variants=["lora_r8", bad])
+
+
+def test_a_variant_takes_overrides_after_its_name():
+    # Later overrides win in load_config, so the sweep's setting replaces the variant's.
+    got = variant_overrides("loreft@optim.lr=3e-3@adapter.r=4")
+    assert got == [*VARIANTS["loreft"], "optim.lr=3e-3", "adapter.r=4"]
+    from leantune.config import load_config
+    cfg = load_config(None, got)
+    assert cfg.optim.lr == 3e-3 and cfg.adapter.r == 4 and cfg.adapter.method == "loreft"

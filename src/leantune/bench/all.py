@@ -33,13 +33,19 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("pack_lengths", ["script:pack_lengths.py"]),
     ("packing_architectures", ["script:packing_architectures.py"]),
     ("fast_forward", ["fast-forward"]),
+    ("fast_forward_tasks", ["fast-forward", "--data", "task:arc_easy,piqa,socialiqa,boolq",
+                            "--batch-size", "16", "--max-length", "256", "--lr", "1e-3",
+                            "--steps", "40", "--r", "8", "--alpha", "16",
+                            "--test-examples", "64"]),
     ("adapters", ["adapters", "--rounds", "2"]),
     ("reft", ["reft", "--rounds", "2"]),
     ("tasks", ["tasks"]),
+    ("tasks_sweep", ["tasks", "--variants",
+                     "lora_r8_lr1e-3,loreft@optim.lr=3e-3,loreft@adapter.r=32"]),
     ("continual", ["continual"]),
     ("corpus_scale", ["script:corpus_scale.py", "--gigabytes", "1", "--rounds", "2"]),
 ]
-PLOTTED = {"fast_forward", "continual"}
+PLOTTED = {"fast_forward", "fast_forward_tasks", "continual"}
 
 
 def bench_argv(name: str, args: list[str], out_dir: Path) -> list[str]:

@@ -22,13 +22,13 @@ import torch
 from accelerate import Accelerator
 
 from leantune.adapters import build_adapter
-from leantune.bench.common import sharegpt_exchanges
+from leantune.bench.common import cpu_info, sharegpt_exchanges, task_examples
 from leantune.config import AdapterConfig, FastForwardConfig, ModelConfig
 from leantune.data.batching import Batcher, epoch_batches
 from leantune.data.encode import Encoded
 from leantune.evaluate import evaluate
 from leantune.model import load_model, load_tokenizer, resolve_local
-from leantune.train.fast_forward import FastForward
+from leantune.train.fast_forward import FastForward, ff_set_size, halves_loss, split_halves
 from leantune.train.flops import FlopModel
 from leantune.train.step import train_step
 
@@ -46,7 +46,7 @@ def train_run(model, init: dict, batches: list[dict], lr: float, flop_model: Flo
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     model.train()
     ledger = {"steps": 0, "train_flops": 0, "ff_flops": 0, "seconds": 0.0, "ff_seconds": 0.0,
-              "ff_accepted_per_stage": [], "reached": False}
+              "ff_accepted_per_stage": [], "ff_stopped": [], "reached": False}
     curve = [{"step": 0, "flops": 0, "seconds": 0.0, "test_loss": test_loss()}]
     reached = (lambda loss: loss <= target) if target is not None else (lambda loss: False)
 
@@ -77,19 +77,21 @@ def train_run(model, init: dict, batches: list[dict], lr: float, flop_model: Flo
             ff.before_step(step)
         train_step(model, optimizer, [batch], acc, max_grad_norm=1.0)
         ledger["seconds"] += time.perf_counter() - tick
-        ledger["train_flops"] += flop_model.train(*batch["input_ids"].shape)
+        step_flops = flop_model.train(*batch["input_ids"].shape)
+        ledger["train_flops"] += step_flops
         ledger["steps"] = step
         due = ff is not None and ff.pending
         if (step % test_every == 0 or due or step == len(batches)) and measure(step):
             break
         watched[0] = 0.0
-        record = ff.after_step() if ff is not None else None
+        record = ff.after_step(step_flops) if ff is not None else None
         if record is not None:  # the stage's own seconds, FF-set evaluations included
             record["ff_seconds"] -= watched[0]
             ledger["seconds"] += record["ff_seconds"]
             ledger["ff_seconds"] += record["ff_seconds"]
             ledger["ff_flops"] += record["ff_flops"]
             ledger["ff_accepted_per_stage"].append(record["ff_accepted"])
+            ledger["ff_stopped"].append(record["ff_stopped"])
             if measure(step, f", FF +{record['ff_accepted']}"):
                 break
     return ledger | {"total_flops": ledger["train_flops"] + ledger["ff_flops"],
@@ -103,47 +105,79 @@ def trainable_model(model_cfg: ModelConfig, source: str, method: str, r: int, al
     return build_adapter(cfg).apply(load_model(model_cfg, source))
 
 
+def bench_sets(tokenizer, data: str, n_train: int, ff_examples: int, test_examples: int,
+               max_length: int) -> tuple[list[Encoded], list[Encoded], list[Encoded]]:
+    """Train, FF and test sets, disjoint. ``sharegpt``: single exchanges of the embedded
+    ShareGPT, loss on the reply. ``task:SPEC``: train and FF rows from the tasks' train
+    splits, test rows from their validation splits, loss on the answer."""
+    if data == "sharegpt":
+        rows = sharegpt_exchanges(tokenizer, n_train + ff_examples + test_examples, max_length,
+                                  train_on="completion")
+        return (rows[:n_train], rows[n_train:n_train + ff_examples],
+                rows[n_train + ff_examples:])
+    if not data.startswith("task:"):
+        raise ValueError(f"--data: sharegpt or task:NAMES, got {data!r}")
+    rows = task_examples(tokenizer, data.removeprefix("task:"), "train",
+                         n_train + ff_examples, max_length)
+    test = task_examples(tokenizer, data.removeprefix("task:"), "validation", test_examples,
+                         max_length)
+    return rows[:n_train], rows[n_train:], test
+
+
 def bench_fast_forward(model_name: str = "embedded:smollm2", steps: int = 20,
                        batch_size: int = 64, max_length: int = 64, lr: float = 1e-4,
-                       r: int = 16, alpha: float = 32.0, ff_examples: int = 8,
-                       test_examples: int = 32, interval: int = 3, test_every: int = 2,
+                       r: int = 16, alpha: float = 32.0, ff_examples: int | None = None,
+                       test_examples: int = 32, interval: int | None = None, test_every: int = 2,
                        method: str = "lora", out: Path | None = None,
-                       plot: Path | None = None) -> dict:
+                       plot: Path | None = None, data: str = "sharegpt",
+                       ff_settings: dict | None = None) -> dict:
     """Plain training for ``steps``, then training + FF until its test loss; see the
-    module doc. ``method``: lora, dora or full (every weight trainable)."""
+    module doc. ``method``: lora, dora or full (every weight trainable).
+    ``ff_examples`` / ``interval`` None: ``leantune train``'s defaults for this step size
+    (:func:`~leantune.train.fast_forward.ff_set_size`, ``fast_forward.interval``); the
+    stage budget (``fast_forward.max_cost``) and two-half rule are the defaults too."""
     torch.manual_seed(0)
+    ff_cfg = FastForwardConfig(enabled=True, eval_examples=ff_examples)
+    for key, value in (ff_settings or {}).items():  # fast_forward.* settings by name
+        if key not in vars(ff_cfg):
+            raise ValueError(f"--ff {key}: not a fast_forward setting ({sorted(vars(ff_cfg))})")
+        setattr(ff_cfg, key, value)
+    if interval is not None:
+        ff_cfg.interval = interval
+    ff_examples, interval = ff_set_size(ff_cfg, batch_size), ff_cfg.interval
     acc = Accelerator(cpu=not torch.cuda.is_available())
     model_cfg = ModelConfig(name_or_path=model_name)
     source = resolve_local(model_cfg)
     tokenizer = load_tokenizer(model_cfg, source)
     n_train = steps * batch_size
-    data = sharegpt_exchanges(tokenizer, n_train + ff_examples + test_examples, max_length,
-                              train_on="completion")
-    train, ff_set, test = (data[:n_train], data[n_train : n_train + ff_examples],
-                           data[n_train + ff_examples :])
+    train, ff_set, test = bench_sets(tokenizer, data, n_train, ff_examples, test_examples,
+                                     max_length)
     model = trainable_model(model_cfg, source, method, r, alpha)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     flop_model = FlopModel.of(model)
     batcher = Batcher.build(train, "online", max_length, tokenizer.pad_token_id)
     batches = [batcher.collate(b) for b in epoch_batches(len(train), batch_size, 0, 0)]
 
-    def loss_on(examples: list[Encoded]):
-        return lambda: evaluate(model, examples, 8,
-                                lambda b: batcher.collate_examples(b, "online"), acc)["loss"]
+    def measure(examples: list[Encoded]) -> dict:
+        return evaluate(model, examples, 8, lambda b: batcher.collate_examples(b, "online"), acc)
 
-    setup = {"model": model_name,
+    def loss_on(examples: list[Encoded]):
+        return lambda: measure(examples)["loss"]
+
+    setup = {"model": model_name, "data": data, "machine": cpu_info(),
              "method": "full" if method == "full" else f"{method} r{r} alpha{alpha:g} all-linear",
              "optimizer": f"AdamW lr {lr:g} constant, no weight decay, clip 1.0",
              "steps": steps, "batch_size": batch_size, "max_length": max_length,
              "train_examples": len(train), "ff_examples": len(ff_set),
-             "test_examples": len(test), "interval": interval,
+             "test_examples": len(test), "interval": interval, "max_cost": ff_cfg.max_cost,
+             "rule": "two halves must agree",
              "threads": torch.get_num_threads()}
     plain = train_run(model, init, batches, lr, flop_model, acc, loss_on(test),
                       test_every=test_every, name="plain")
     print(f"plain: {plain['steps']} steps, test loss {plain['test_loss']:.4f}, "
           f"{plain['seconds']:.0f} s", flush=True)
-    ff_cfg = FastForwardConfig(enabled=True, interval=interval, eval_examples=ff_examples)
-    ff = FastForward(ff_cfg, [p for p in model.parameters() if p.requires_grad], loss_on(ff_set),
+    ff = FastForward(ff_cfg, [p for p in model.parameters() if p.requires_grad],
+                     halves_loss(split_halves(ff_set, lambda e: e.num_targets), measure),
                      flop_model.forward_each(len(e.input_ids) for e in ff_set))
     fast = train_run(model, init, batches, lr, flop_model, acc, loss_on(test), ff=ff,
                      target=plain["test_loss"], test_every=1, name="fast forward")

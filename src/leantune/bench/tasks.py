@@ -58,10 +58,21 @@ def task_overrides(model: str, tasks: str, examples: int, eval_docs: int, batch_
             "schedule.warmup_ratio=0.1", "optim.lr=null", "checkpoint.every=null"]
 
 
+def variant_overrides(variant: str) -> list[str]:
+    """A named variant's overrides, then those after each ``@``: ``loreft@optim.lr=3e-3``
+    is LoReFT at 3e-3, ``loreft@adapter.r=16@optim.lr=2e-3`` changes two settings (a
+    sweep, in one command)."""
+    name, *extra = variant.split("@")
+    if name not in VARIANTS or any("=" not in e for e in extra):
+        raise ValueError(f"unknown variant {variant!r}: one of {list(VARIANTS)}, optionally "
+                         "followed by @SECTION.KEY=VALUE overrides")
+    return [*VARIANTS[name], *extra]
+
+
 def run_variant(variant: str, setup: list[str], work: Path, seed: int, before: bool) -> dict:
     """Train one variant in a fresh process; its figures and task accuracy."""
-    out = work / f"{variant}-{seed}"
-    cmd = [sys.executable, "-m", "leantune", "train", *setup, *VARIANTS[variant],
+    out = work / f"run{len(list(work.iterdir()))}-{seed}"
+    cmd = [sys.executable, "-m", "leantune", "train", *setup, *variant_overrides(variant),
            f"eval.before={str(before).lower()}", f"train.output_dir={out}",
            f"train.seed={seed}"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
@@ -84,9 +95,8 @@ def bench_tasks(model: str = "embedded:smollm2", tasks: str = DEFAULT_TASKS,
         ``{"setup", "machine", "base", "runs": {variant: [per-seed figures]},
         "summary": {variant: ...}}``.
     """
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    for v in variants:
+        variant_overrides(v)  # refuse a bad name before the first run
     setup = task_overrides(model, tasks, examples, eval_docs, batch_size, max_length, steps)
     results = {"setup": {"model": model, "tasks": tasks, "examples": examples,
                          "eval_docs": eval_docs, "batch_size": batch_size,
@@ -129,9 +139,10 @@ def summarize(results: dict) -> dict:
             "macro_acc_mean": statistics.mean(a["macro"]["acc"] for a in after),
             "tasks": {t: statistics.mean(a["tasks"][t]["acc"] for a in after)
                       for t in after[0]["tasks"]}}
-    if "lora_r8" in out:
+    lora = next((m for v, m in out.items() if v.split("@")[0].startswith("lora_r8")), None)
+    if lora is not None:
         for m in out.values():
-            m["params_vs_lora_r8"] = out["lora_r8"]["trainable_params"] / m["trainable_params"]
+            m["params_vs_lora_r8"] = lora["trainable_params"] / m["trainable_params"]
     return out
 
 

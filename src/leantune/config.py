@@ -282,7 +282,7 @@ class FastForwardConfig:
         "(1.0: at most half the compute); null: no bound.")
     max_steps_per_stage: int = opt(100, "Safety bound on the FF steps one stage may accept.")
     min_improvement: float = opt(
-        0.0, "A step is kept only if it lowers the FF-set loss by more than this.")
+        0.0, "A step is kept only if it lowers the FF-set loss, and each half's, by more than this.")
 
 
 @dataclass

@@ -189,3 +189,17 @@ def test_epoch_batches():
     assert epoch_batches(10, 3, seed=1, epoch=0) != batches
     assert epoch_batches(10, 16, seed=0, epoch=0) == [flat]  # one short batch, same order
     assert epoch_batches(0, 3, seed=0, epoch=0) == []
+
+
+def test_ff_set_holds_the_usable_rows_it_asks_for(tmp_path, tokenizer):
+    # Every other row's prompt fills max_length, so it encodes to no target: the FF set
+    # skips those (to no split) and still gets 6 usable rows, disjoint from train.
+    rows = [qa(i) if i % 2 else {"prompt": f"Q{i}:" + " word" * 200, "completion": "A."}
+            for i in range(N)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    got = build_splits(DataConfig(path=path, max_length=32, eval_fraction=0.0), tokenizer, 0,
+                       ff_examples=6)
+    assert len(got.ff) == 6 and all(e.num_targets > 0 for e in got.ff)
+    ff, train = ids_of(tokenizer, got.ff), ids_of(tokenizer, got.train)
+    assert not set(ff) & set(train) and len(ff) + len(train) == N // 2
+    assert got.stats.ff_examples == 6 and got.stats.dropped_no_target == N // 2

@@ -120,8 +120,8 @@ def nothing_left(stats: DataStats, cfg: DataConfig) -> str:
 def build_splits(cfg: DataConfig, tokenizer, seed: int, ff_examples: int = 0) -> Splits:
     """Load, subsample, split (seeded) and encode the data of ``cfg``.
 
-    The shuffled rows go: eval (unless ``eval_path``), then ``ff_examples`` rows for the
-    Fast Forward set, then train; the three never share a row.
+    The shuffled rows go: eval (unless ``eval_path``), then rows for the Fast Forward set
+    until it holds ``ff_examples`` usable ones, then train; the three never share a row.
 
     Raises:
         DataError: a malformed row (unless ``skip_bad_rows``), or nothing left to train on.
@@ -142,10 +142,14 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, ff_examples: int = 0) ->
         if cfg.eval_examples is not None:
             n_eval = min(n_eval, cfg.eval_examples)
         eval_ex = [examples[i] for i in order[:n_eval]]
-    ff_ex = [examples[i] for i in order[n_eval : n_eval + ff_examples]]
-    train_ex = [examples[i] for i in order[n_eval + ff_examples :]]
+    # The FF set takes rows in order until it holds ff_examples usable ones: a row encoding
+    # to no target (a long prompt) would otherwise leave it smaller than asked, or empty.
+    ff, taken = [], n_eval
+    while len(ff) < ff_examples and taken < len(order):
+        ff += encode_all([examples[order[taken]]], tokenizer, cfg, stats)[0]
+        taken += 1
+    train_ex = [examples[i] for i in order[taken:]]
     train, _ = encode_all(train_ex, tokenizer, cfg, stats)
-    ff, _ = encode_all(ff_ex, tokenizer, cfg, stats)
     if ff_examples and not ff:
         raise DataError(cfg.path, "file", None, "no usable row left for the Fast Forward set "
                         "(fast_forward.eval_examples)")

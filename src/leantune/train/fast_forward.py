@@ -104,7 +104,8 @@ def run_stage(params: list[torch.Tensor], delta: list[torch.Tensor],
         loss_fn: the FF-set loss at the current ``params``: a float, or an
             :class:`FFLoss` whose every part must fall too for a step to be kept.
         max_steps: most steps accepted (a safety bound).
-        min_improvement: a step must lower the loss by more than this to be kept.
+        min_improvement: a step must lower the loss (and each part's) by more than this
+            to be kept.
         on_accept: called with the count after each accepted step; True ends the stage
             there (a benchmark stops once its target is met).
         max_evaluations: most calls of ``loss_fn`` (the opening one included); under 2
@@ -122,7 +123,7 @@ def run_stage(params: list[torch.Tensor], delta: list[torch.Tensor],
         _set(params, anchor, delta, accepted + 1)
         now = as_ff_loss(loss_fn())
         losses.append(now.loss)
-        halves_fell = all(a < b for a, b in zip(now.parts, best.parts))
+        halves_fell = all(a < b - min_improvement for a, b in zip(now.parts, best.parts))
         if not (now.loss < best.loss - min_improvement and halves_fell):
             _set(params, anchor, delta, accepted)  # revert the step that did not help
             stopped = "worse" if not now.loss < best.loss - min_improvement else "disagree"

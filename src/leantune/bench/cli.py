@@ -41,16 +41,6 @@ def _plot_path(path: str) -> Path | None:
     return Path(path)
 
 
-def _setting(pair: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with the value read as YAML (numbers, null, true)."""
-    import yaml
-
-    key, sep, value = pair.partition("=")
-    if not sep:
-        raise SystemExit(f"--ff {pair!r}: expected KEY=VALUE")
-    return key, yaml.safe_load(value)
-
-
 def cmd_bench_fast_forward(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     from leantune.bench.fast_forward import bench_fast_forward, format_summary
@@ -60,7 +50,7 @@ def cmd_bench_fast_forward(args: argparse.Namespace) -> int:
                                  args.lr, args.r, args.alpha, args.ff_examples,
                                  args.test_examples, args.interval, args.test_every,
                                  args.method, out=Path(args.out), plot=plot, data=args.data,
-                                 ff_settings=dict(_setting(kv) for kv in args.ff))
+                                 ff_overrides=args.ff)
     print(format_summary(results))
     print(f"results: {args.out}" + (f", plot: {plot}" if plot else ""))
     return 0

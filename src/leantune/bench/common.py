@@ -46,16 +46,13 @@ def task_examples(tokenizer, spec: str, split: str, n: int, max_length: int,
                   seed: int = 0) -> list[Encoded]:
     """``n`` prompt/completion rows of ``task:SPEC`` (its ``split``), shuffled by ``seed``,
     encoded with the loss on the answer (the gold continuation and EOS)."""
+    from leantune.data.formats import to_example
     from leantune.data.sources import read_rows
 
-    rows = [r.record for r in read_rows(f"task:{spec}:{split}")]
+    rows = list(read_rows(f"task:{spec}:{split}"))
     random.Random(seed).shuffle(rows)
-    out = []
-    for rec in rows[:n]:
-        ex = Example(f"task:{spec}", segments=[(rec["prompt"], False),
-                                               (rec["completion"], True)])
-        out.append(encode(ex, tokenizer, max_length, "completion")[0])
-    return out
+    return [encode(to_example(row, "prompt_completion", False), tokenizer, max_length,
+                   "completion")[0] for row in rows[:n]]
 
 
 # The CPU features that decide which kernels and precisions are fast here.

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from leantune.adapters import build_adapter
 from leantune.bench.common import cpu_info, sharegpt_exchanges, task_examples
-from leantune.config import AdapterConfig, FastForwardConfig, ModelConfig
+from leantune.config import AdapterConfig, ModelConfig, load_config
 from leantune.data.batching import Batcher, epoch_batches
 from leantune.data.encode import Encoded
 from leantune.evaluate import evaluate
@@ -130,18 +130,19 @@ def bench_fast_forward(model_name: str = "embedded:smollm2", steps: int = 20,
                        test_examples: int = 32, interval: int | None = None, test_every: int = 2,
                        method: str = "lora", out: Path | None = None,
                        plot: Path | None = None, data: str = "sharegpt",
-                       ff_settings: dict | None = None) -> dict:
+                       ff_overrides: list[str] = ()) -> dict:
     """Plain training for ``steps``, then training + FF until its test loss; see the
     module doc. ``method``: lora, dora or full (every weight trainable).
     ``ff_examples`` / ``interval`` None: ``leantune train``'s defaults for this step size
     (:func:`~leantune.train.fast_forward.ff_set_size`, ``fast_forward.interval``); the
-    stage budget (``fast_forward.max_cost``) and two-half rule are the defaults too."""
+    stage budget (``fast_forward.max_cost``) and two-half rule are the defaults too.
+    ``ff_overrides``: ``KEY=VALUE`` settings of ``fast_forward``, read and checked as
+    ``leantune train`` reads ``fast_forward.KEY=VALUE``."""
     torch.manual_seed(0)
-    ff_cfg = FastForwardConfig(enabled=True, eval_examples=ff_examples)
-    for key, value in (ff_settings or {}).items():  # fast_forward.* settings by name
-        if key not in vars(ff_cfg):
-            raise ValueError(f"--ff {key}: not a fast_forward setting ({sorted(vars(ff_cfg))})")
-        setattr(ff_cfg, key, value)
+    ff_cfg = load_config(None, ["fast_forward.enabled=true",
+                                *(f"fast_forward.{kv}" for kv in ff_overrides)]).fast_forward
+    if ff_examples is not None:
+        ff_cfg.eval_examples = ff_examples
     if interval is not None:
         ff_cfg.interval = interval
     ff_examples, interval = ff_set_size(ff_cfg, batch_size), ff_cfg.interval
@@ -177,7 +178,7 @@ def bench_fast_forward(model_name: str = "embedded:smollm2", steps: int = 20,
     print(f"plain: {plain['steps']} steps, test loss {plain['test_loss']:.4f}, "
           f"{plain['seconds']:.0f} s", flush=True)
     ff = FastForward(ff_cfg, [p for p in model.parameters() if p.requires_grad],
-                     halves_loss(split_halves(ff_set, lambda e: e.num_targets), measure),
+                     halves_loss(split_halves(ff_set), measure),
                      flop_model.forward_each(len(e.input_ids) for e in ff_set))
     fast = train_run(model, init, batches, lr, flop_model, acc, loss_on(test), ff=ff,
                      target=plain["test_loss"], test_every=1, name="fast forward")

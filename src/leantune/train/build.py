@@ -207,7 +207,6 @@ def build_fast_forward(cfg: Config, model: torch.nn.Module, data: TrainData, pac
         return evaluate(model, examples, cfg.eval.batch_size,
                         lambda b: data.batcher.collate_examples(b, mode), acc)
 
-    halves = split_halves(data.ff, lambda e: e.num_targets)
     return FastForward(cfg.fast_forward, [p for p in model.parameters() if p.requires_grad],
-                       halves_loss(halves, measure),
+                       halves_loss(split_halves(data.ff), measure),
                        flop_model.forward_each(len(e.input_ids) for e in data.ff))

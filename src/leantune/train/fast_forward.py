@@ -123,10 +123,10 @@ def run_stage(params: list[torch.Tensor], delta: list[torch.Tensor],
         _set(params, anchor, delta, accepted + 1)
         now = as_ff_loss(loss_fn())
         losses.append(now.loss)
-        halves_fell = all(a < b - min_improvement for a, b in zip(now.parts, best.parts))
-        if not (now.loss < best.loss - min_improvement and halves_fell):
+        fell = now.loss < best.loss - min_improvement
+        if not (fell and all(a < b - min_improvement for a, b in zip(now.parts, best.parts))):
             _set(params, anchor, delta, accepted)  # revert the step that did not help
-            stopped = "worse" if not now.loss < best.loss - min_improvement else "disagree"
+            stopped = "disagree" if fell else "worse"
             break
         best, accepted = now, accepted + 1
         if on_accept is not None and on_accept(accepted):
@@ -156,9 +156,12 @@ def ff_set_size(cfg: FastForwardConfig, examples_per_step: int) -> int:
     return min(max(math.ceil(examples_per_step / 16), 8), 32)
 
 
-def split_halves(examples: Sequence, target_tokens: Callable[[object], int]) -> list[list]:
-    """Two halves of about equal target tokens (alternating down the sorted list); one
-    part when there is a single example."""
+def split_halves(examples: Sequence, target_tokens: Callable[[object], int] | None = None
+                 ) -> list[list]:
+    """Two halves of about equal target tokens (``target_tokens(example)``, default
+    ``Encoded.num_targets``; alternating down the sorted list); one part when there is a
+    single example."""
+    target_tokens = target_tokens or (lambda e: e.num_targets)
     ranked = sorted(examples, key=target_tokens, reverse=True)
     halves = [ranked[0::2], ranked[1::2]]
     return [h for h in halves if h]
@@ -194,6 +197,11 @@ class FastForward:
     on_accept: Callable[[int], bool] | None = None
     _before: list[torch.Tensor] | None = field(default=None, repr=False)
 
+    @property
+    def numel(self) -> int:
+        """Trainable scalars: what one candidate write costs."""
+        return sum(p.numel() for p in self.params)
+
     def before_step(self, step: int) -> None:
         """Call before optimizer step ``step`` (1-based)."""
         if stage_due(step, self.cfg.burn_in, self.cfg.interval):
@@ -210,7 +218,7 @@ class FastForward:
         bound) when the step's FLOPs are not given or ``max_cost`` is None."""
         if step_flops is None or self.cfg.max_cost is None:
             return None
-        per_eval = self.eval_flops + sum(p.numel() for p in self.params)
+        per_eval = self.eval_flops + self.numel
         return math.floor(self.cfg.max_cost * self.cfg.interval * step_flops / per_eval)
 
     def after_step(self, step_flops: int | None = None) -> dict | None:
@@ -225,9 +233,8 @@ class FastForward:
         budget = self.budget(step_flops)
         stage = run_stage(self.params, delta, self.loss_fn, self.cfg.max_steps_per_stage,
                           self.cfg.min_improvement, self.on_accept, budget)
-        numel = sum(p.numel() for p in self.params)
         return {"ff_accepted": stage.accepted, "ff_loss_before": stage.loss_before,
                 "ff_loss_after": stage.loss_after, "ff_evaluations": stage.evaluations,
                 "ff_stopped": stage.stopped, "ff_budget": budget,
-                "ff_flops": stage.evaluations * self.eval_flops + stage.writes * numel,
+                "ff_flops": stage.evaluations * self.eval_flops + stage.writes * self.numel,
                 "ff_seconds": time.perf_counter() - tick}

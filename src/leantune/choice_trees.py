@@ -30,6 +30,7 @@ from leantune.data.batching import pack_batch
 from leantune.data.collate import intervention_kinds
 from leantune.data.tasks import ChoiceDoc
 from leantune.model import evaluating
+from leantune.train.head import head_at
 
 
 @dataclass
@@ -139,11 +140,20 @@ def tree_loglikelihoods(model: torch.nn.Module, trees: list[Tree], batch_size: i
             order = [i for row in rows for i in row]  # the order the targets come in
             batch, targets = collate_trees([[trees[i] for i in row] for row in rows], pad_id,
                                            intervene, mask_dtype)
-            logits = model(**{key: v.to(device) for key, v in batch.items()},
-                           use_cache=False).logits
             flat = [tgt for tree in targets for branch in tree for tgt in branch]
             row_ix, at, tok = (torch.tensor(col, device=device) for col in zip(*flat))
-            lp = logits[row_ix, at].float().log_softmax(-1).gather(-1, tok[:, None])[:, 0].cpu()
+            # The head runs only where a branch token is predicted; a context's last
+            # position predicts every branch's first token, so positions repeat.
+            select = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=device)
+            select[row_ix, at] = True
+            with head_at(model, select):
+                logits = model(**{key: v.to(device) for key, v in batch.items()},
+                               use_cache=False).logits
+            if logits.dim() == 2:  # [N, V] in row-major order of ``select``
+                logits = logits[select.flatten().cumsum(0).sub(1).view(select.shape)[row_ix, at]]
+            else:
+                logits = logits[row_ix, at]
+            lp = logits.float().log_softmax(-1).gather(-1, tok[:, None])[:, 0].cpu()
             n = 0
             for i, tree in zip(order, targets):
                 scores[i] = []

@@ -40,6 +40,7 @@ from leantune.data.encode import IGNORE, Encoded
 from leantune.data.tasks import ChoiceDoc
 from leantune.model import evaluating
 from leantune.train.flops import FlopModel
+from leantune.train.head import head_at
 from leantune.train.step import model_inputs
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,14 @@ def requests(docs: list[ChoiceDoc], tokenizer, max_length: int) -> list[Encoded]
 
 def target_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[B, T]``: at position t, ``log p(labels[t + 1] | ..., t)`` where that label is a
-    target, 0 elsewhere (float64). Only the targets' logits get a softmax."""
-    logits = model(**model_inputs(batch)).logits
-    length = batch["labels"].shape[1]
-    logits = logits[:, -length:]  # prompt tuning prepends virtual tokens
+    target, 0 elsewhere (float64). The head runs at the targets' positions only."""
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
     mask = labels != IGNORE
-    picked = logits[mask].float().log_softmax(-1).gather(-1, labels[mask][:, None])[:, 0]
+    with head_at(model, mask):
+        logits = model(**model_inputs(batch)).logits
+    if logits.dim() == 3:  # the head was not reached as expected: all positions
+        logits = logits[:, -labels.shape[1]:][mask]  # prompt tuning prepends virtual tokens
+    picked = logits.float().log_softmax(-1).gather(-1, labels[mask][:, None])[:, 0]
     out = torch.zeros(labels.shape, dtype=torch.float64, device=logits.device)
     out[mask] = picked.double()
     return out
@@ -186,7 +188,8 @@ class ChoiceScorer:
 
     def score(self, model: torch.nn.Module, docs: list[ChoiceDoc]) -> dict:
         """:func:`score_docs` of ``docs``, plus ``tokens`` scored and their forward
-        ``flops`` (each request counted alone, as :meth:`FlopModel.forward_each` does)."""
+        ``flops`` (each request counted alone, the head at its continuation, as
+        :meth:`FlopModel.forward_each` does)."""
         encoded = requests(docs, self.tokenizer, self.max_length)
         starts = [0]
         for d in docs:
@@ -206,7 +209,8 @@ class ChoiceScorer:
         for j, ll in zip(rest, self._flat(model, [encoded[j] for j in rest])):
             lls[j] = ll
         lengths = [len(e.input_ids) for e in encoded]
-        flops = self.flop_model.forward_each(lengths) if self.flop_model else None
+        flops = (self.flop_model.forward_each(lengths, [e.num_targets for e in encoded])
+                 if self.flop_model else None)
         return score_docs(docs, lls) | {"tokens": sum(lengths), "flops": flops}
 
     def _flat(self, model: torch.nn.Module, encoded: list[Encoded]) -> list[float]:

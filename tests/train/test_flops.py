@@ -80,3 +80,20 @@ def test_wrapping_adds_only_the_adapter(tiny_model_dir):
     base = FlopModel.of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     wrapped = FlopModel.of(lora_model(tiny_model_dir))
     assert wrapped.frozen_matmul_params == base.trainable_matmul_params  # base: all trainable
+
+
+def test_head_counted_only_where_it_runs(tiny_model_dir):
+    """The head runs at the N target positions only: each pass it appears in (forward,
+    activation gradient, and its weight gradient when it trains) saves 2 P_h (R T - N)."""
+    _, head = matmul_shapes(AutoModelForCausalLM.from_pretrained(tiny_model_dir).config)
+    rows, length, n = 4, 32, 20
+    skipped = rows * length - n
+    lora = FlopModel.of(lora_model(tiny_model_dir))
+    assert lora.head_params == head and not lora.head_trainable
+    assert lora.forward(rows, length, n) == lora.forward(rows, length) - 2 * head * skipped
+    assert lora.train(rows, length, n) == lora.train(rows, length) - 4 * head * skipped
+    full = FlopModel.of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert full.head_trainable
+    assert full.train(rows, length, n) == full.train(rows, length) - 6 * head * skipped
+    assert full.train(rows, length, rows * length) == full.train(rows, length)
+    assert full.forward_each([5, 7], [2, 3]) == full.forward(1, 5, 2) + full.forward(1, 7, 3)

@@ -100,7 +100,9 @@ def test_one_epoch_accounts_every_example_once(llama_dir, chat_data, tmp_path):
     positions = sum(rows * length for rows, length in shapes)
     assert summary["padding_fraction"] == pytest.approx(1 - real / positions)
     fm = FlopModel.of(build_adapter(cfg.adapter).apply(load_model(cfg.model)))
-    assert summary["train_flops"] == sum(fm.train(r, t) for r, t in shapes)
+    heads = [sum(train[i].num_targets for i in b) for b in batches]  # the head's positions
+    assert summary["train_flops"] == sum(fm.train(r, t, h) for (r, t), h in zip(shapes, heads))
+    assert summary["train_flops"] < sum(fm.train(r, t) for r, t in shapes)
 
 
 def adapter_weights(run_dir) -> dict[str, torch.Tensor]:

@@ -142,6 +142,9 @@ class ReftModel(nn.Module):
     def config(self):
         return self.base.config
 
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.base.get_output_embeddings()
+
     def _hook(self, layer: int):
         def edit(module, args, output):
             if self._mask is None:

@@ -30,7 +30,7 @@ from leantune.evaluate import evaluate
 from leantune.model import load_model, load_tokenizer, resolve_local
 from leantune.train.fast_forward import FastForward, ff_set_size, halves_loss, split_halves
 from leantune.train.flops import FlopModel
-from leantune.train.step import train_step
+from leantune.train.step import targets, train_step
 
 
 def train_run(model, init: dict, batches: list[dict], lr: float, flop_model: FlopModel,
@@ -77,7 +77,7 @@ def train_run(model, init: dict, batches: list[dict], lr: float, flop_model: Flo
             ff.before_step(step)
         train_step(model, optimizer, [batch], acc, max_grad_norm=1.0)
         ledger["seconds"] += time.perf_counter() - tick
-        step_flops = flop_model.train(*batch["input_ids"].shape)
+        step_flops = flop_model.train(*batch["input_ids"].shape, heads=targets(batch))
         ledger["train_flops"] += step_flops
         ledger["steps"] = step
         due = ff is not None and ff.pending
@@ -179,7 +179,8 @@ def bench_fast_forward(model_name: str = "embedded:smollm2", steps: int = 20,
           f"{plain['seconds']:.0f} s", flush=True)
     ff = FastForward(ff_cfg, [p for p in model.parameters() if p.requires_grad],
                      halves_loss(split_halves(ff_set), measure),
-                     flop_model.forward_each(len(e.input_ids) for e in ff_set))
+                     flop_model.forward_each([len(e.input_ids) for e in ff_set],
+                                             [e.num_targets for e in ff_set]))
     fast = train_run(model, init, batches, lr, flop_model, acc, loss_on(test), ff=ff,
                      target=plain["test_loss"], test_every=1, name="fast forward")
     print(f"fast forward: {fast['steps']} steps, {sum(fast['ff_accepted_per_stage'])} FF steps "

@@ -14,6 +14,12 @@ Attention is counted over the whole row of ``T`` positions, as the dense masked 
 of CPU eager/sdpa compute it; for a packed row a varlen kernel (flash-attention) does only
 the sum of the examples' squares, so there this term is an upper bound.
 
+The LM head (``P_h`` of those weights, ``h_tr`` of them trainable) runs only at the
+``N`` positions that predict a target (:mod:`leantune.train.head`; a choice's score: its
+continuation), so its ``2 P_h R T`` forward becomes ``2 P_h N``, and likewise in the
+backward: ``2 P_h N`` for the activation gradient, ``+ 2 h_tr N`` for its weight's.
+Without ``N`` (``heads=None``) the head runs at every position.
+
 Full fine-tuning thus costs the usual ~3x a forward; a frozen base with a small adapter
 costs ~2x, because the frozen weights' gradients are never formed. A 4-bit weight counts
 by its true element count (its matmul runs in the compute dtype after dequantizing).
@@ -42,9 +48,13 @@ class FlopModel:
     layers: int
     attn_width: int
     virtual_tokens: int = 0
+    head_params: int = 0             # the LM head's weights (part of the counts above)
+    head_trainable: bool = False
 
     @classmethod
     def of(cls, model: nn.Module, virtual_tokens: int = 0) -> FlopModel:
+        from leantune.train.head import output_head
+
         frozen = trainable = 0
         for module in model.modules():
             if isinstance(module, (nn.Linear, Conv1D)):  # Conv1D: GPT-2's linear layer
@@ -53,23 +63,38 @@ class FlopModel:
                     trainable += n
                 else:
                     frozen += n
+        head = output_head(model)
+        weight = getattr(head, "weight", None)
         config = model.config
         return cls(frozen, trainable, config.num_hidden_layers, config.hidden_size,
-                   virtual_tokens)
+                   virtual_tokens, logical_numel(weight) if weight is not None else 0,
+                   bool(weight is not None and weight.requires_grad))
 
-    def forward(self, rows: int, length: int) -> int:
+    def _head_saved(self, positions: int, heads: int | None) -> int:
+        """Head weights x positions the head skips (``heads`` None: it skips none)."""
+        return 0 if heads is None else self.head_params * max(positions - heads, 0)
+
+    def forward(self, rows: int, length: int, heads: int | None = None) -> int:
+        """Forward FLOPs of ``rows`` x ``length`` positions, the head at ``heads`` of them."""
         length += self.virtual_tokens
-        weights = 2 * (self.frozen_matmul_params + self.trainable_matmul_params) * rows * length
+        params = self.frozen_matmul_params + self.trainable_matmul_params
+        weights = 2 * (params * rows * length - self._head_saved(rows * length, heads))
         return weights + 2 * self.layers * self.attn_width * rows * length**2
 
-    def forward_each(self, lengths: Iterable[int]) -> int:
-        """Forward FLOPs of sequences of these lengths, one at a time (an eval set)."""
-        return sum(self.forward(1, n) for n in lengths)
+    def forward_each(self, lengths: Iterable[int], heads: Iterable[int] | None = None) -> int:
+        """Forward FLOPs of sequences of these lengths, one at a time (an eval set), the
+        head at ``heads[i]`` positions of sequence ``i`` (None: all of them)."""
+        lengths = list(lengths)
+        heads = [None] * len(lengths) if heads is None else list(heads)
+        return sum(self.forward(1, n, h) for n, h in zip(lengths, heads, strict=True))
 
-    def train(self, rows: int, length: int) -> int:
-        """Forward + backward FLOPs of one micro-batch."""
+    def train(self, rows: int, length: int, heads: int | None = None) -> int:
+        """Forward + backward FLOPs of one micro-batch, the head at ``heads`` positions."""
         params = self.frozen_matmul_params + self.trainable_matmul_params
         n = length + self.virtual_tokens
-        backward = (2 * params + 2 * self.trainable_matmul_params) * rows * n
+        saved = self._head_saved(rows * n, heads)
+        backward = 2 * (params * rows * n - saved)
+        backward += 2 * (self.trainable_matmul_params * rows * n
+                         - (saved if self.head_trainable else 0))
         backward += 4 * self.layers * self.attn_width * rows * n**2
-        return self.forward(rows, length) + backward
+        return self.forward(rows, length, heads) + backward

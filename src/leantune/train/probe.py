@@ -164,7 +164,7 @@ def _layout(model: torch.nn.Module, batch: dict, spans: list[tuple[int, int, int
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.set_grad_enabled(backward):
-        logits, loss, _ = forward_loss(model, batch)
+        logits, loss, _ = forward_loss(model, batch, full_logits=True)
         real = torch.cat([logits[r, o:o + n].float() for r, o, n in spans]).detach()
         grads = None
         if backward and loss.grad_fn is not None:

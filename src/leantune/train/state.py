@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from leantune.config import Config
 from leantune.data.batching import Batcher, select_batches
 from leantune.train.flops import FlopModel
-from leantune.train.step import StepResult
+from leantune.train.step import StepResult, targets
 
 
 @dataclass
@@ -76,7 +76,8 @@ class TrainState:
                 flop_model: FlopModel, acc: Accelerator, seconds: float) -> None:
         """Add one optimizer step's tokens (all processes), FLOPs and time."""
         local = torch.tensor([[int(b["token_mask"].sum()), b["input_ids"].numel(),
-                               flop_model.train(*b["input_ids"].shape), b["input_ids"].shape[0],
+                               flop_model.train(*b["input_ids"].shape, heads=targets(b)),
+                               b["input_ids"].shape[0],
                                int(b["num_examples"])] for b in micro],
                              dtype=torch.float64, device=acc.device).sum(0)
         real, positions, flops, rows, examples = acc.reduce(local, "sum").tolist()

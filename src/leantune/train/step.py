@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from leantune.data.collate import MODEL_KEYS
 from leantune.data.encode import IGNORE
+from leantune.train.head import head_at
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -28,28 +29,39 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k in MODEL_KEYS} | {"use_cache": False}
 
 
+def targets(batch: dict[str, torch.Tensor]) -> int:
+    """Positions that predict a target: where the LM head runs."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens and their count."""
     _, loss, n = forward_loss(model, batch)
     return loss, n
 
 
-def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Logits [B, T, V], the summed next-token cross-entropy over target tokens, and their
-    count.
+def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                 full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Logits, the summed next-token cross-entropy over target tokens, and their count.
 
-    Position t predicts labels[t + 1]; -100 is ignored. A model that prepends ``n``
-    virtual tokens (prompt tuning) returns [B, n + T, V]; the last T are the ones aligned
-    with the labels, and the ones returned.
+    Position t predicts labels[t + 1]; -100 is ignored. The LM head runs only at the N
+    positions that predict a target (:func:`~leantune.train.head.head_at`), and the logits
+    are those, ``[N, V]`` in row-major order; with ``full_logits`` it runs everywhere and
+    they are ``[B, T, V]`` (a model that prepends ``n`` virtual tokens, prompt tuning,
+    returns ``n + T`` positions; the last T, aligned with the labels, are returned).
     """
-    logits = model(**model_inputs(batch)).logits
-    if logits.shape[1] != batch["labels"].shape[1]:
-        logits = logits[:, -batch["labels"].shape[1]:]
     # Shift the labels rather than the logits: slicing [B, T, V] logits would copy them.
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=IGNORE, reduction="sum")
+    select = None if full_logits else labels != IGNORE
+    with head_at(model, select):
+        logits = model(**model_inputs(batch)).logits
+    if logits.dim() == 2:  # [N, V]: the head ran at the selected positions only
+        targets = labels[select]
+    else:
+        logits = logits[:, -labels.shape[1]:]
+        targets = labels.flatten()
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), targets, ignore_index=IGNORE,
+                           reduction="sum")
     return logits, loss, int((labels != IGNORE).sum())
 
 
@@ -70,7 +82,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     reduced over them) makes no update at all: the gradients are dropped, so the weights
     and optimizer moments stay as they were (``applied=False``).
     """
-    local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+    local = sum(targets(b) for b in micro_batches)
     total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
     scale = accelerator.num_processes / max(total, 1)
     summed = torch.zeros((), device=accelerator.device)

@@ -272,6 +272,28 @@ def test_a_run_scores_its_tasks_as_leantune_eval_does(llama_dir, olmo, tmp_path,
     assert "<h2>Task accuracy</h2>" in page and "leantune eval" in page
 
 
+def test_tasks_every_draws_an_accuracy_curve(llama_dir, olmo, tmp_path):
+    """eval.tasks_every scores the tasks during training too: the periodic records sit
+    between before and after in metrics.jsonl and summary.json's task_curve, the curve's
+    last point is the "after" scoring, and the report plots it."""
+    out = tmp_path / "run"
+    assert main(["train", f"model.name_or_path={llama_dir}", "data.path=task:arc-e",
+                 "eval.tasks=arc-e", "eval.task_examples=6", "eval.tasks_every=2",
+                 "train.batch_size=2", "train.max_steps=5", "optim.lr=1e-2",
+                 "train.progress=false", f"train.output_dir={out}"]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    tasks = [(r["step"], r["when"]) for r in lines if r.get("tag") == "tasks"]
+    assert tasks == [(0, "before"), (2, "periodic"), (4, "periodic"), (5, "after")]
+    summary = json.loads((out / "summary.json").read_text())
+    curve = summary["task_curve"]
+    assert [p["step"] for p in curve] == [0, 2, 4, 5]
+    after = summary["task_accuracy"]["after"]
+    assert set(summary["task_accuracy"]) == {"before", "after"}
+    assert curve[-1]["macro_acc"] == after["macro"]["acc"]
+    assert curve[-1]["tasks"]["arc_easy"] == after["tasks"]["arc_easy"]["acc"]
+    assert (out / "report" / "tasks.png").is_file()
+
+
 def test_shared_context_rows_fall_back_where_a_model_ignores_the_mask(llama_dir, caplog):
     """A model that does not honour a custom 4D mask must not get tree rows: the check
     on the first documents sees the difference and scores one row per choice."""

@@ -243,6 +243,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int | None = opt(None, "Evaluate every N optimizer steps (null: only before/after).")
+    tasks_every: int | None = opt(
+        None, "Also score eval.tasks every N optimizer steps: an accuracy curve in metrics.jsonl, "
+        "summary.json (task_curve) and the report (null: only before/after). Each scoring is a "
+        "forward over every task document.")
     before: bool = opt(True, "Evaluate before training starts.")
     batch_size: int = opt(8, "Examples per eval batch.")
     generate: int = opt(0, "Held-out prompts answered before and after training (printed).")
@@ -280,6 +284,11 @@ class FastForwardConfig:
         1.0, "A stage makes at most max_cost * interval * (the last step's training FLOPs) "
         "worth of FF-set evaluations, so FF never costs more than max_cost x the training "
         "(1.0: at most half the compute); null: no bound.")
+    max_eval_cost: float | None = opt(
+        0.5, "Stages run only where one FF-set evaluation costs at most this fraction of the "
+        "last training step's FLOPs: an FF step that costs about what the step it repeats "
+        "did cannot pay for itself (small batches; raise train.batch_size or grad_accum). "
+        "null: no bound.")
     max_steps_per_stage: int = opt(100, "Safety bound on the FF steps one stage may accept.")
     min_improvement: float = opt(
         0.0, "A step is kept only if it lowers the FF-set loss, and each half's, by more than this.")

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from leantune.bench.tasks import VARIANTS, bench_tasks, format_table, variant_overrides
+from leantune.bench.tasks import (VARIANTS, bench_tasks, format_table, split_variants,
+                                   variant_overrides)
 
 
 def test_variants_share_rows_steps_and_documents(llama_dir, olmo, tmp_path):
@@ -50,3 +51,10 @@ def test_a_variant_takes_overrides_after_its_name():
     from leantune.config import load_config
     cfg = load_config(None, got)
     assert cfg.optim.lr == 3e-3 and cfg.adapter.r == 4 and cfg.adapter.method == "loreft"
+
+
+def test_variant_lists_keep_bracketed_commas():
+    got = split_variants("lora_r8,loreft@adapter.layers=[0,10,20]@optim.lr=1e-3,direft")
+    assert got == ["lora_r8", "loreft@adapter.layers=[0,10,20]@optim.lr=1e-3", "direft"]
+    from leantune.config import load_config
+    assert load_config(None, variant_overrides(got[1])).adapter.layers == [0, 10, 20]

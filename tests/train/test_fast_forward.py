@@ -141,6 +141,33 @@ def test_evaluation_budget_bounds_a_stage_and_can_skip_it():
     assert skipped.stopped == "skipped" and all(not p.any() for p in params)
 
 
+def test_stages_are_skipped_where_an_evaluation_costs_about_a_step(caplog):
+    """max_eval_cost: an FF step repeats one optimizer step, so where one FF-set
+    evaluation costs more than that fraction of the step, no stage runs (said once)."""
+    params, delta, target = toy(60.0)
+    numel = sum(p.numel() for p in params)
+    records = []
+    for step_flops in (2 * (1000 + numel) - 1, 2 * (1000 + numel), 3_000_000):
+        ps = [p.clone() for p in params]
+        ff = FastForward(FastForwardConfig(enabled=True, interval=2), ps,
+                         quadratic(ps, target), eval_flops=1000)
+        ff.before_step(2)
+        for p, d in zip(ps, delta):
+            p.add_(d)
+        with caplog.at_level("WARNING", logger="leantune.train.fast_forward"):
+            records.append(ff.after_step(step_flops))
+            ff.before_step(4)
+            ff.after_step(step_flops)  # a second stage: no second warning
+    assert [r["ff_stopped"] for r in records] == ["skipped", "cost", "worse"]
+    assert records[0]["ff_budget"] == 0 and records[0]["ff_flops"] == 0
+    assert records[1]["ff_budget"] == 4 and records[2]["ff_accepted"] == 59
+    warned = [r for r in caplog.records if "max_eval_cost" in r.getMessage()]
+    assert len(warned) == 1 and "costs 0.50 of a training step" in warned[0].getMessage()
+    null = FastForward(FastForwardConfig(enabled=True, interval=2, max_eval_cost=None),
+                       params, quadratic(params, target), eval_flops=1000)
+    assert null.budget(1000) == math.floor(2 * 1000 / (1000 + numel))
+
+
 def test_stage_cost_never_exceeds_max_cost_times_the_interval_training():
     params, delta, target = toy(60.0)
     numel = sum(p.numel() for p in params)
@@ -195,8 +222,11 @@ def test_bad_ff_settings_are_refused(key, value):
 # ---------------------------------------------------------------------------------------
 # In the training loop
 
+# Tiny steps make an FF-set evaluation cost about a step: max_eval_cost would skip every
+# stage (its own test shows that), so these tests of the stage mechanics lift it.
 FF = ["fast_forward.enabled=true", "fast_forward.interval=3", "fast_forward.eval_examples=6",
-      "schedule.kind=constant", "optim.lr=3e-3", "data.packing=none", "adapter.dropout=0"]
+      "fast_forward.max_eval_cost=null", "schedule.kind=constant", "optim.lr=3e-3",
+      "data.packing=none", "adapter.dropout=0"]
 
 
 @pytest.fixture(scope="module")

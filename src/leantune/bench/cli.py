@@ -73,9 +73,9 @@ def cmd_bench_adapters(args: argparse.Namespace) -> int:
 
 def cmd_bench_tasks(args: argparse.Namespace) -> int:
     _setup_logging("warning")
-    from leantune.bench.tasks import bench_tasks, format_table
+    from leantune.bench.tasks import bench_tasks, format_table, split_variants
 
-    results = bench_tasks(args.model, args.tasks, args.variants.split(","), args.examples,
+    results = bench_tasks(args.model, args.tasks, split_variants(args.variants), args.examples,
                           args.eval_docs, args.batch_size, args.max_length, args.steps,
                           args.seeds, out=Path(args.out))
     print(format_table(results))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,12 @@ def task_overrides(model: str, tasks: str, examples: int, eval_docs: int, batch_
             "schedule.warmup_ratio=0.1", "optim.lr=null", "checkpoint.every=null"]
 
 
+def split_variants(text: str) -> list[str]:
+    """``--variants``' comma-separated names, a comma inside brackets kept (a list value:
+    ``loreft@adapter.layers=[0,10,20]``)."""
+    return [v for v in re.split(r",(?![^\[]*\])", text) if v]
+
+
 def variant_overrides(variant: str) -> list[str]:
     """A named variant's overrides, then those after each ``@``: ``loreft@optim.lr=3e-3``
     is LoReFT at 3e-3, ``loreft@adapter.r=16@optim.lr=2e-3`` changes two settings (a
@@ -82,7 +89,7 @@ def run_variant(variant: str, setup: list[str], work: Path, seed: int, before: b
     lr = yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"]
     return {k: summary[k] for k in KEPT} | {
         "seed": seed, "lr": lr, "eval_loss_after": summary["eval_loss"]["after"],
-        "accuracy": summary["task_accuracy"]}
+        "accuracy": summary["task_accuracy"], "curve": summary.get("task_curve")}
 
 
 def bench_tasks(model: str = "embedded:smollm2", tasks: str = DEFAULT_TASKS,

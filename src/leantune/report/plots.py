@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from leantune.report.runs import AXES, RunLog
 
 
@@ -133,6 +135,26 @@ def fast_forward_figure(runs: list[RunLog]):
     return fig
 
 
+def tasks_figure(runs: list[RunLog]):
+    """``eval.tasks``' accuracy against optimizer steps (``eval.tasks_every``): each task
+    thin, the macro average thick, one colour per run."""
+    if not any(len(r.tasks) > 1 for r in runs):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    styles = ["--", ":", "-.", (0, (1, 3))]
+    for i, run in enumerate(r for r in runs if len(r.tasks) > 1):
+        steps = [t["step"] for t in run.tasks]
+        ax.plot(steps, [100 * t["macro"]["acc"] for t in run.tasks], "o-", color=colour(i),
+                lw=2, ms=4, label=f"{run.name}: macro")
+        for j, name in enumerate(run.tasks[-1]["tasks"]):
+            ax.plot(steps, [100 * t["tasks"][name]["acc"] if name in t["tasks"] else np.nan
+                            for t in run.tasks], ls=styles[j % len(styles)], color=colour(i),
+                    lw=0.8, label=f"{run.name}: {name}")
+    _style(ax, xlabel="optimizer step", ylabel="accuracy (%)", title="task accuracy")
+    return fig
+
+
 def system_figure(runs: list[RunLog]):
     """Tokens/s, padding fraction, peak memory and gradient norm against steps."""
     panels = [("tokens_per_second", "tokens/s (running)", 1),
@@ -169,6 +191,9 @@ FIGURES = [
      "The schedule as planned (line) and the LR each step used (dots)."),
     ("fast_forward.png", "Fast Forward", fast_forward_figure,
      "Steps each stage accepted (bars) and the FF-set loss before and after it."),
+    ("tasks.png", "Task accuracy", tasks_figure,
+     "eval.tasks' accuracy at every scoring (eval.tasks_every): each task thin, the macro "
+     "average thick."),
     ("system.png", "Throughput, padding, memory", system_figure,
      "Running tokens/s and padding fraction since the start, the process's peak memory "
      "(CUDA allocated on GPU, resident set on CPU), and the gradient norm."),

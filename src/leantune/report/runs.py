@@ -46,6 +46,7 @@ class RunLog:
     steps: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     ff: list[dict] = field(default_factory=list)
+    tasks: list[dict] = field(default_factory=list)  # eval.tasks' accuracy records
     summary: dict | None = None
     config: dict = field(default_factory=dict)
     evaluation: dict | None = None  # eval.json, written by `leantune eval RUN_DIR`
@@ -118,6 +119,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunLog:
             raise ReportError(f"{metrics}:{number}: not JSON ({e.msg})") from None
         if record.get("tag") == "fast_forward":
             run.ff.append(record)
+        elif record.get("tag") == "tasks":
+            run.tasks.append(record)
         elif "eval_sets" in record:
             run.evals.append(record)
         elif "loss" in record:

@@ -24,6 +24,11 @@ Two rules bound what a tiny FF set can do, by construction rather than by tuning
   "improving" on noise for up to ``max_steps_per_stage`` steps, moving the model to the
   FF set's minimum rather than the data's; where the halves disagree, the gain is noise
   and the stage stops.
+- **A stage runs only where an evaluation is cheap next to a step.** An accepted FF step
+  moves the model about as far as the optimizer step it repeats, so when one FF-set
+  evaluation (``e``) costs more than ``max_eval_cost`` (0.5) of that step's FLOPs ``F``,
+  no FF step can save what it costs and the stage is skipped (SmolLM2's quickstart:
+  4-example steps, an FF set of 8, ``e ~ F``).
 - **A stage never costs more than ``max_cost`` times the training it follows.** With
   ``F`` the FLOPs of the optimizer step just taken and ``e`` those of one FF-set
   evaluation (plus its parameter write), a stage makes at most
@@ -39,6 +44,7 @@ one add per trainable parameter.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +54,8 @@ from typing import NamedTuple
 import torch
 
 from leantune.config import FastForwardConfig
+
+log = logging.getLogger(__name__)
 
 
 class FFLoss(NamedTuple):
@@ -196,6 +204,7 @@ class FastForward:
     eval_flops: int
     on_accept: Callable[[int], bool] | None = None
     _before: list[torch.Tensor] | None = field(default=None, repr=False)
+    _warned: bool = field(default=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -214,11 +223,24 @@ class FastForward:
 
     def budget(self, step_flops: int | None) -> int | None:
         """Most FF-set evaluations a stage may make after a step of ``step_flops``:
-        ``floor(max_cost * interval * step_flops / (eval_flops + numel))``; None (no
-        bound) when the step's FLOPs are not given or ``max_cost`` is None."""
-        if step_flops is None or self.cfg.max_cost is None:
+        ``floor(max_cost * interval * step_flops / (eval_flops + numel))``, and 0 when one
+        evaluation costs more than ``max_eval_cost * step_flops``; None (no bound) when
+        the step's FLOPs are not given or both settings are None."""
+        if step_flops is None:
             return None
         per_eval = self.eval_flops + self.numel
+        limit = self.cfg.max_eval_cost
+        if limit is not None and per_eval > limit * step_flops:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "Fast Forward: one FF-set evaluation costs %.2f of a training step (more "
+                    "than fast_forward.max_eval_cost=%g), so no FF step could pay for itself "
+                    "and stages are skipped; a larger train.batch_size or train.grad_accum "
+                    "lets them run", per_eval / max(step_flops, 1), limit)
+            return 0
+        if self.cfg.max_cost is None:
+            return None
         return math.floor(self.cfg.max_cost * self.cfg.interval * step_flops / per_eval)
 
     def after_step(self, step_flops: int | None = None) -> dict | None:

@@ -74,6 +74,9 @@ def train_steps(run: Run, batches, bar: tqdm) -> None:
         log_step(run, result, lr, bar)
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < run.steps:
             evaluate_and_log(run, "periodic")
+        if (cfg.eval.tasks_every and state.step % cfg.eval.tasks_every == 0
+                and state.step < run.steps):
+            score_tasks(run, "periodic")
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
             checkpoint(run)
 

@@ -42,7 +42,9 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "eval_loss": {"before": state.eval_loss_before, "after": after and after["loss"]},
         "eval_sets": eval_table(run),
         "eval_history": state.eval_history,
-        "task_accuracy": {r["when"]: r for r in state.task_history} or None,
+        "task_accuracy": {r["when"]: r for r in state.task_history
+                          if r["when"] in ("before", "after")} or None,
+        "task_curve": task_curve(state.task_history),
         "final_train_loss": state.last_loss,
         "nonfinite_skipped": len(state.nonfinite_steps),
         "nonfinite_steps": state.nonfinite_steps,
@@ -94,6 +96,15 @@ def _loss(x: float | None) -> str:
 def _acc(r: dict | None) -> str:
     return "n/a" if r is None else (f"{100 * r['acc']:.1f} [{100 * r['acc_ci'][0]:.1f}, "
                                     f"{100 * r['acc_ci'][1]:.1f}]")
+
+
+def task_curve(history: list[dict]) -> list[dict] | None:
+    """Every scoring of ``eval.tasks`` in step order (before, periodic, after): the step,
+    each task's ``acc`` and the macro ``acc`` / ``acc_norm``; None when there was none."""
+    return [{"step": r["step"], "when": r["when"], "macro_acc": r["macro"]["acc"],
+             "macro_acc_norm": r["macro"]["acc_norm"],
+             "tasks": {name: t["acc"] for name, t in r["tasks"].items()}}
+            for r in history] or None
 
 
 def task_lines(accuracy: dict | None) -> list[str]:

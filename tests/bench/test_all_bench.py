@@ -42,7 +42,7 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
 
     record = run_all(fake, tmp_path, scripts=tmp_path / "none")
     assert [c[0] for c in calls] == ["packing", "fast-forward", "fast-forward", "adapters",
-                                     "reft", "tasks", "tasks", "continual"]
+                                     "reft", "tasks", "tasks", "tasks", "continual"]
     assert calls[3][:3] == ["adapters", "--rounds", "2"]
     assert calls[2][calls[2].index("--data") + 1].startswith("task:")
     assert "--plot" in calls[1] and calls[1][calls[1].index("--plot") + 1] == str(

@@ -42,6 +42,10 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("tasks", ["tasks"]),
     ("tasks_sweep", ["tasks", "--variants",
                      "lora_r8_lr1e-3,loreft@optim.lr=3e-3,loreft@adapter.r=32"]),
+    ("tasks_curves", ["tasks", "--variants",
+                      "lora_r8_lr1e-3@train.max_steps=120@eval.tasks_every=40,"
+                      "loreft@train.max_steps=120@eval.tasks_every=40,"
+                      "loreft@adapter.positions=l1"]),
     ("continual", ["continual"]),
     ("corpus_scale", ["script:corpus_scale.py", "--gigabytes", "1", "--rounds", "2"]),
 ]

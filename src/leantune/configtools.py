@@ -168,3 +168,20 @@ def option_lines(cls: type, prefix: str) -> list[tuple[str, Any, str, str]]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         rows.append((f"{prefix}{f.name}", default, type_name(tp), f.metadata["help"]))
     return rows
+
+
+def yaml_fields(cls: type, indent: str) -> list[str]:
+    """Every field of ``cls`` as a ``# help  [type]`` comment over ``key: default`` YAML,
+    nested dataclass sections indented under their name."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{indent}{f.name}:")
+            lines += yaml_fields(hints[f.name], indent + "  ")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"{indent}# {f.metadata['help']}  [{type_name(hints[f.name])}]")
+        dumped = yaml.safe_dump({f.name: default}, default_flow_style=True, width=1000)
+        lines.append(f"{indent}{dumped.strip()[1:-1]}")
+    return lines

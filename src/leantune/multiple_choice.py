@@ -189,7 +189,7 @@ class ChoiceScorer:
     def score(self, model: torch.nn.Module, docs: list[ChoiceDoc]) -> dict:
         """:func:`score_docs` of ``docs``, plus ``tokens`` scored and their forward
         ``flops`` (each request counted alone, the head at its continuation, as
-        :meth:`FlopModel.forward_each` does)."""
+        :meth:`FlopModel.forward_examples` does)."""
         encoded = requests(docs, self.tokenizer, self.max_length)
         starts = [0]
         for d in docs:
@@ -208,10 +208,9 @@ class ChoiceScorer:
         rest = [j for j, ll in enumerate(lls) if ll is None]
         for j, ll in zip(rest, self._flat(model, [encoded[j] for j in rest])):
             lls[j] = ll
-        lengths = [len(e.input_ids) for e in encoded]
-        flops = (self.flop_model.forward_each(lengths, [e.num_targets for e in encoded])
-                 if self.flop_model else None)
-        return score_docs(docs, lls) | {"tokens": sum(lengths), "flops": flops}
+        flops = self.flop_model.forward_examples(encoded) if self.flop_model else None
+        return score_docs(docs, lls) | {"tokens": sum(len(e.input_ids) for e in encoded),
+                                        "flops": flops}
 
     def _flat(self, model: torch.nn.Module, encoded: list[Encoded]) -> list[float]:
         return loglikelihoods(model, encoded, self.batch_size, self.mode, self.max_length,

@@ -48,8 +48,7 @@ def test_ff_run_stops_at_the_plain_runs_loss_and_accounts_both(llama_dir, tmp_pa
     # max_eval_cost would refuse; lifted to test the bench's bookkeeping.
     ff = FastForward(FastForwardConfig(enabled=True, interval=2, max_eval_cost=None),
                      [p for p in model.parameters() if p.requires_grad], loss_on(ff_set),
-                     flop_model.forward_each([len(e.input_ids) for e in ff_set],
-                                             [e.num_targets for e in ff_set]))
+                     flop_model.forward_examples(ff_set))
     fast = train_run(model, init, batches, 1e-3, flop_model, acc, loss_on(test), ff=ff,
                      target=plain["test_loss"])
     assert fast["curve"][0]["test_loss"] == plain["curve"][0]["test_loss"]  # same start

@@ -179,8 +179,7 @@ def bench_fast_forward(model_name: str = "embedded:smollm2", steps: int = 20,
           f"{plain['seconds']:.0f} s", flush=True)
     ff = FastForward(ff_cfg, [p for p in model.parameters() if p.requires_grad],
                      halves_loss(split_halves(ff_set), measure),
-                     flop_model.forward_each([len(e.input_ids) for e in ff_set],
-                                             [e.num_targets for e in ff_set]))
+                     flop_model.forward_examples(ff_set))
     fast = train_run(model, init, batches, lr, flop_model, acc, loss_on(test), ff=ff,
                      target=plain["test_loss"], test_every=1, name="fast forward")
     print(f"fast forward: {fast['steps']} steps, {sum(fast['ff_accepted_per_stage'])} FF steps "

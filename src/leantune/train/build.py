@@ -209,5 +209,4 @@ def build_fast_forward(cfg: Config, model: torch.nn.Module, data: TrainData, pac
 
     return FastForward(cfg.fast_forward, [p for p in model.parameters() if p.requires_grad],
                        halves_loss(split_halves(data.ff), measure),
-                       flop_model.forward_each([len(e.input_ids) for e in data.ff],
-                                               [e.num_targets for e in data.ff]))
+                       flop_model.forward_examples(data.ff))

@@ -32,13 +32,15 @@ on the embedded default).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from leantune.adapters.base import logical_numel
+from leantune.data.encode import Encoded
+from leantune.train.head import output_head
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,6 @@ class FlopModel:
 
     @classmethod
     def of(cls, model: nn.Module, virtual_tokens: int = 0) -> FlopModel:
-        from leantune.train.head import output_head
-
         frozen = trainable = 0
         for module in model.modules():
             if isinstance(module, (nn.Linear, Conv1D)):  # Conv1D: GPT-2's linear layer
@@ -87,6 +87,11 @@ class FlopModel:
         lengths = list(lengths)
         heads = [None] * len(lengths) if heads is None else list(heads)
         return sum(self.forward(1, n, h) for n, h in zip(lengths, heads, strict=True))
+
+    def forward_examples(self, examples: Sequence[Encoded]) -> int:
+        """:meth:`forward_each` of encoded examples, the head at each one's targets."""
+        return self.forward_each([len(e.input_ids) for e in examples],
+                                 [e.num_targets for e in examples])
 
     def train(self, rows: int, length: int, heads: int | None = None) -> int:
         """Forward + backward FLOPs of one micro-batch, the head at ``heads`` positions."""

@@ -167,8 +167,7 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
             continue
         results[s.name] = evaluate(run.model, s.examples, run.cfg.eval.batch_size,
                                    lambda b: run.data.batcher.collate_examples(b, mode), run.acc)
-        run.state.eval_flops += run.flop_model.forward_each(
-            [len(e.input_ids) for e in s.examples], [e.num_targets for e in s.examples])
+        run.state.eval_flops += run.flop_model.forward_examples(s.examples)
     if not results:
         return None
     main = results.get(run.data.eval_sets[0].name)

@@ -16,7 +16,7 @@ Under gradient accumulation ``delta`` is one optimizer step's update; under DDP 
 process holds the same parameters and :func:`~leantune.evaluate.evaluate` reduces the
 FF-set loss over processes, so every process takes the same decisions.
 
-Two rules bound what a tiny FF set can do, by construction rather than by tuning:
+Three rules bound what a tiny FF set can do, by construction rather than by tuning:
 
 - **Both halves must agree.** The FF set is split in two halves of about equal target
   tokens; a step is kept only if each half's loss falls. Late in a decayed schedule the

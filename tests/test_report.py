@@ -62,6 +62,10 @@ def test_page_shows_the_runs_own_figures(runs):
     rows = re.findall(r"<tr><td>ff</td><td>(\d+)</td><td>(\d+)</td>", page)
     assert [int(a) for _, a in rows] == summary["ff_accepted_per_stage"]
     assert summary["ff_stages"] >= 2
+    # Precision and MFU, as the summary measured them.
+    mfu = summary["mfu"]
+    assert f"{100 * mfu['fraction']:.1f} % ({mfu['achieved_flops_per_second'] / 1e9:.1f} of" in page
+    assert f"{summary['precision']['used']} (train.precision=auto: " in page
 
 
 def test_plotted_curves_are_the_logged_values(runs):

@@ -33,8 +33,8 @@ class ModelConfig:
         None, "GGUF file name inside `name_or_path`; dequantized once and cached as an HF dir."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "Weight dtype. auto: float32 on CPU (bf16 is 14-24x slower there), bfloat16 on GPU."
-    )
+        "auto", "Base weight dtype. auto: from train.precision (float32 for fp32, and for "
+        "bf16-mixed on CPU; bfloat16 for bf16, and for bf16-mixed's frozen base on GPU).")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2",
                                  "flex_attention"] = opt(
         "auto", "Attention backend passed to transformers. auto: transformers' choice (sdpa "
@@ -233,6 +233,13 @@ class TrainConfig:
         "starting over (re-warm, re-decay) and the data from its beginning. The adapter "
         "config must match that run's.")
     progress: bool = opt(True, "Show a progress bar.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = opt(
+        "auto", "bf16-mixed: bf16 autocast, fp32 trainable weights; bf16: all bf16. auto: "
+        "bf16-mixed where a start-up measurement at the model's shapes finds bf16 matmuls "
+        ">= 1.25x fp32 (AMX, GPUs), else fp32; the choice and ratio go to summary.json.")
+    chunked_loss: bool = opt(
+        True, "Cross-entropy in chunks of target positions, never holding all [N, vocab] "
+        "logits (same loss and gradients); off where a start-up check finds it inexact.")
     on_nonfinite: Literal["stop", "skip"] = opt(
         "stop", "A step whose loss or gradient norm is NaN/inf never updates the weights. "
         "stop: end the run there, naming the step (the checkpoints stay as they were); "

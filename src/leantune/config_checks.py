@@ -70,6 +70,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     if cfg.train.epochs <= 0 and cfg.train.max_steps is None:
         raise ConfigError("train.epochs: must be > 0 when train.max_steps is null")
+    _validate_precision(cfg)
+
+
+def _validate_precision(cfg: Config) -> None:
+    """fp32 compute needs fp32 weights, and bf16 means bf16 weights."""
+    precision, dtype = cfg.train.precision, cfg.model.dtype
+    if precision == "fp32" and dtype in ("bfloat16", "float16"):
+        raise ConfigError(f"train.precision=fp32 with model.dtype={dtype}: fp32 compute needs "
+                          "float32 weights; use model.dtype=auto or float32, or "
+                          "train.precision=bf16-mixed (frozen base in bf16, trainable fp32)")
+    if precision == "bf16" and dtype in ("float32", "float16"):
+        raise ConfigError(f"train.precision=bf16 with model.dtype={dtype}: bf16 holds every "
+                          "weight in bfloat16; use model.dtype=auto or bfloat16")
 
 
 def _validate_schedule(s: ScheduleConfig) -> None:

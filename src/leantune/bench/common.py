@@ -3,14 +3,12 @@ ran on."""
 
 from __future__ import annotations
 
-import os
-import platform
 import random
-from pathlib import Path
 
 from leantune.data.encode import Encoded, encode
 from leantune.data.formats import Example, SHAREGPT_ROLES
 from leantune.embedded import sharegpt_rows
+from leantune.train.precision import CPU_FLAGS, cpu_info  # noqa: F401 (the benches' import)
 
 
 def sharegpt_exchanges(tokenizer, n: int, max_length: int, seed: int = 0,
@@ -55,22 +53,4 @@ def task_examples(tokenizer, spec: str, split: str, n: int, max_length: int,
                    "completion")[0] for row in rows[:n]]
 
 
-# The CPU features that decide which kernels and precisions are fast here.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni")
 
-
-def cpu_info() -> dict:
-    """The CPU model, core count and its :data:`CPU_FLAGS` (from ``/proc/cpuinfo``), for
-    every benchmark's JSON: the machines here vary, and so do their timings."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:  # not Linux: the model name from platform, no flags
-        pass
-    return {"model": model, "cores": os.cpu_count(),
-            "flags": [f for f in CPU_FLAGS if f in flags]}

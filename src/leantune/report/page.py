@@ -76,6 +76,8 @@ def summary_rows(run: RunLog) -> list[tuple[str, str]]:
         ("wall time", fmt(s.get("wall_seconds", last.get("elapsed_seconds")), "s")),
         ("tokens/s (training)", fmt(s.get("tokens_per_second", last.get("tokens_per_second")),
                                     "sci")),
+        ("precision", fmt(precision_text(s.get("precision")))),
+        ("MFU (training)", fmt(mfu_text(s.get("mfu")))),
         ("packing", packing_cell(s.get("packing"))),
         ("padding", fmt(s.get("padding_fraction", last.get("padding_fraction")), "pct")),
         ("peak memory", fmt(s.get("peak_memory_bytes", last.get("peak_memory_bytes")), "gib")),
@@ -87,6 +89,20 @@ def summary_rows(run: RunLog) -> list[tuple[str, str]]:
         ("final training loss", fmt(s.get("final_train_loss", last.get("loss")), "loss")),
         ("non-finite steps skipped", fmt(s.get("nonfinite_skipped"), "int")),
     ]
+
+
+def precision_text(p: dict | None) -> str | None:
+    if not p:
+        return None
+    return f"{p['used']} (train.precision={p['requested']}: {p['reason']})"
+
+
+def mfu_text(m: dict | None) -> str | None:
+    """``12.3 % of 259 GFLOP/s (float32 matmul peak)``: achieved over the measured peak."""
+    if not m or m.get("fraction") is None:
+        return None
+    return (f"{100 * m['fraction']:.1f} % ({m['achieved_flops_per_second'] / 1e9:.1f} of "
+            f"{m['peak_flops_per_second'] / 1e9:.0f} GFLOP/s, {m['compute_dtype']} matmul peak)")
 
 
 def packing_cell(packing: dict | None) -> str:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from transformers import AutoConfig
 
 from leantune.adapters import (Adapter, build_adapter, count_parameters, load_base,
                                memory_footprint)
@@ -20,12 +21,16 @@ from leantune.adapters.base import unique_parameters
 from leantune.config import Config, ConfigError
 from leantune.data.tasks import ChoiceDoc, subset, task_names
 from leantune.evaluate import evaluate
-from leantune.model import load_tokenizer, resolve_dtype, resolve_local
+from leantune.model import evaluating, load_tokenizer, resolve_dtype, resolve_local
 from leantune.multiple_choice import ChoiceScorer
+from leantune.data.collate import collate_padded
+from leantune.train.chunked_loss import check as check_chunked, turn_off
 from leantune.train.data import TrainData, build_data
 from leantune.train.fast_forward import FastForward, halves_loss, split_halves
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, PeakMemory
+from leantune.train.precision import (Precision, autocast_forward, choose,
+                                      master_weights_fp32)
 from leantune.train.probe import first_rows, probe_batches, resolve_packing
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
@@ -52,6 +57,8 @@ class Run:
     params: tuple[int, int]  # (trainable, total)
     base_memory: dict         # bytes of the base's weights: loaded / full precision
     packing: dict             # requested / used mode and the probe's error
+    precision: Precision      # train.precision resolved, with the measured ratio and peak
+    chunked_loss: dict        # train.chunked_loss: used or not, and why
     steps: int
     schedule: Schedule
     state: TrainState
@@ -84,9 +91,15 @@ def build_run(cfg: Config) -> Run:
         source = resolve_local(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
     adapter = build_adapter(cfg.adapter)
-    base = load_base(cfg.model, adapter, source, acc.device)
-    base_memory = memory_footprint(base, resolve_dtype(cfg.model.dtype))
+    precision = choose_precision(cfg, source, acc)
+    model_cfg = replace(cfg.model, dtype=precision.weight_dtype(
+        cfg.model.dtype, trains_base=adapter.name == "full", cuda=acc.device.type == "cuda"))
+    base = load_base(model_cfg, adapter, source, acc.device)
+    base_memory = memory_footprint(base, resolve_dtype(model_cfg.dtype))
     model = adapter.apply(adapter.prepare_base(base))
+    if precision.used == "bf16-mixed":  # AdamW updates fp32 master weights
+        master_weights_fp32(model)
+    autocast_forward(model, precision.autocast, acc.device.type)
     params = count_parameters(model)
     if acc.is_main_process:  # before any training: will the checkpoints fit on the disk?
         stored = sum(p.nbytes for p in unique_parameters(model) if p.requires_grad)
@@ -99,6 +112,8 @@ def build_run(cfg: Config) -> Run:
     model, optimizer = acc.prepare(model, optimizer)
     data, packing = build_packed_data(cfg, tokenizer, acc.unwrap_model(model), adapter, acc,
                                       flop_model)
+    chunked_loss = resolve_chunked_loss(cfg, acc.unwrap_model(model), data, tokenizer,
+                                        adapter, acc, precision)
     ff = build_fast_forward(cfg, model, data, packing, flop_model, acc)
     tasks, scorer = build_tasks(cfg, tokenizer, packing, adapter, acc, flop_model)
     state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys,
@@ -124,7 +139,7 @@ def build_run(cfg: Config) -> Run:
               f"{sum(len(s.examples) for s in data.eval_sets)} eval examples, "
               f"{steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
-               params, base_memory, packing, steps, schedule, state, start, metrics, started, ff,
+               params, base_memory, packing, precision, chunked_loss, steps, schedule, state, start, metrics, started, ff,
                tasks, scorer)
 
 
@@ -159,6 +174,48 @@ def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int,
             left = 1 - state.step / state.planned_steps
             steps = state.step + max(1, math.ceil(left * steps))
     return steps, Schedule.of(s, steps, state.anneal_at, state.anneal_start)
+
+
+def choose_precision(cfg: Config, source: str, acc: Accelerator) -> Precision:
+    """``train.precision`` resolved on the main process (its measurement decides for every
+    process: ranks that chose differently would not match) and logged."""
+    requested, launcher = cfg.train.precision, acc.mixed_precision  # accelerate launch's
+    if launcher != "no" and requested in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision={requested} but accelerate launch set "
+                          f"mixed_precision={launcher}: use train.precision=auto or bf16-mixed, "
+                          "or launch with mixed_precision: no")
+    chosen = [None]
+    if acc.is_main_process:
+        config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+        chosen[0] = choose("bf16-mixed" if launcher != "no" else requested, cfg.model.dtype,
+                           config, acc.device)
+        if launcher != "no":  # Accelerate's autocast wraps the forward: say so
+            chosen[0] = replace(chosen[0], requested=requested,
+                                reason=f"accelerate launch set mixed_precision={launcher}")
+    if acc.num_processes > 1:
+        broadcast_object_list(chosen, from_process=0)
+    precision = chosen[0]
+    log.info("precision %s (train.precision=%s: %s); peak %.3g FLOP/s", precision.used,
+             precision.requested, precision.reason, precision.peak_flops or 0)
+    return precision
+
+
+def resolve_chunked_loss(cfg: Config, model: torch.nn.Module, data: TrainData, tokenizer,
+                         adapter: Adapter, acc: Accelerator, precision: Precision) -> dict:
+    """Whether the loss runs the head in chunks: asked for, possible under the backend, and
+    equal to the model's own loss on the run's first micro-batch (:func:`chunked_loss.check`)."""
+    if not cfg.train.chunked_loss:
+        turn_off(model)
+        return {"used": False, "reason": "train.chunked_loss=false", "difference": None}
+    if acc.distributed_type == DistributedType.FSDP:  # the head's weight is sharded
+        turn_off(model)
+        return {"used": False, "reason": "FSDP shards the head's weight", "difference": None}
+    examples = [e for row in first_rows(data, cfg, acc.num_processes) for e in row][:4]
+    batch = {k: v.to(acc.device) for k, v in collate_padded(
+        examples, tokenizer.pad_token_id, adapter.positions).items()}
+    with evaluating(model):
+        return check_chunked(model, batch, precision.compute_dtype)
 
 
 def build_packed_data(cfg: Config, tokenizer, model: torch.nn.Module, adapter: Adapter,

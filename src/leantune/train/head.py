@@ -40,9 +40,15 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @contextmanager
-def head_at(model: torch.nn.Module, select: torch.Tensor | None) -> Iterator[None]:
+def head_at(model: torch.nn.Module, select: torch.Tensor | None,
+            capture: list[torch.Tensor] | None = None) -> Iterator[None]:
     """Within the block, ``model``'s head runs only where ``select`` ``[B, T]`` (bool) is
-    True and returns ``[N, V]`` (``select`` None: everywhere, ``[B, T, V]``)."""
+    True and returns ``[N, V]`` (``select`` None: everywhere, ``[B, T, V]``).
+
+    With ``capture`` (a list), the selected hidden states ``[N, H]`` are appended to it
+    instead and the head runs on none of them (logits ``[0, V]``): for a loss that applies
+    the head itself, chunk by chunk (:mod:`leantune.train.chunked_loss`). ``capture``
+    stays empty when the head is not reached as expected."""
     head = output_head(model) if select is not None else None
     if head is None:
         yield
@@ -57,7 +63,11 @@ def head_at(model: torch.nn.Module, select: torch.Tensor | None) -> Iterator[Non
             return None
         if extra:
             mask = F.pad(mask, (extra, 0), value=False)
-        return (hidden[mask], *args[1:])
+        picked = hidden[mask]
+        if capture is not None:
+            capture.append(picked)
+            picked = picked[:0]
+        return (picked, *args[1:])
 
     handle = head.register_forward_pre_hook(pre)
     try:

@@ -26,6 +26,7 @@ from leantune.train.build import Run, build_run, eval_mode
 from leantune.train.checkpoint import (accelerate_format, sharded, latest_checkpoint,
                                        save_accelerate_checkpoint, save_checkpoint, save_output)
 from leantune.train.metrics import PeakMemory, peak_memory_bytes, write_json
+from leantune.train.precision import mfu
 from leantune.train.step import StepResult, train_step
 from leantune.train.summary import build_summary
 
@@ -144,7 +145,7 @@ def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
     ff = {"ff": f"{state.ff_steps_accepted}/{state.ff_stages}"} if run.ff is not None else {}
     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
                     tok_s=f"{state.tokens_per_second:.0f}", pad=f"{state.padding_fraction:.1%}",
-                    ex_row=f"{state.examples / max(state.rows, 1):.1f}", **ff)
+                    ex_row=f"{state.examples / max(state.rows, 1):.1f}", **ff, **mfu_postfix(run))
     if state.step % run.cfg.train.log_every == 0 or state.step == run.steps:
         run.metrics.write({
             "step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -155,6 +156,12 @@ def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
             "padding_fraction": state.padding_fraction,
             "peak_memory_bytes": peak_memory_bytes(),
             "elapsed_seconds": time.time() - run.started})
+
+
+def mfu_postfix(run: Run) -> dict:
+    """The progress bar's MFU: training FLOPs so far over their seconds, of the peak."""
+    fraction = mfu(run.state.train_flops, run.state.train_seconds, run.precision.peak_flops)
+    return {"mfu": f"{fraction:.1%}"} if fraction is not None else {}
 
 
 def evaluate_and_log(run: Run, tag: str) -> dict | None:

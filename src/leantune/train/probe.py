@@ -44,6 +44,7 @@ from leantune.data.collate import collate_padded, collate_rows
 from leantune.data.encode import Encoded
 from leantune.model import evaluating, first_line
 from leantune.train.flops import FlopModel
+from leantune.train.precision import compute_dtype
 from leantune.train.step import forward_loss
 
 log = logging.getLogger(__name__)
@@ -246,14 +247,14 @@ def run_probe(model: torch.nn.Module, batches: list[Rows], pad_id: int,
               intervene: tuple[int, int] | None, backward: bool = True,
               acc: Accelerator | None = None, flop_model: FlopModel | None = None) -> dict:
     """:func:`compare_layouts` on each of ``batches``; the worst errors, whether they are
-    within :func:`tolerance_for` the model's dtype, and what it cost.
+    within :func:`tolerance_for` the model's compute dtype, and what it cost.
 
     Returns:
         ``{"exact", "reason", "errors", "tolerance", "batches", "backward", "seconds",
         "flops", "dtype"}``; ``reason`` says why it is not exact (None when it is).
     """
     tick = time.perf_counter()
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)  # bf16-mixed: its matmuls' rounding, not the fp32 weights'
     tol = tolerance_for(dtype)
     flop_model = flop_model or FlopModel.of(model)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from leantune.data.collate import MODEL_KEYS
 from leantune.data.encode import IGNORE
+from leantune.train.chunked_loss import chunked_head, linear_cross_entropy
 from leantune.train.head import head_at
 
 
@@ -34,14 +35,17 @@ def targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens and their count."""
-    _, loss, n = forward_loss(model, batch)
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+             chunked: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target tokens and their count; chunked
+    (:mod:`~leantune.train.chunked_loss`) where that applies to ``model``."""
+    _, loss, n = forward_loss(model, batch, chunked=chunked)
     return loss, n
 
 
 def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                 full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 full_logits: bool = False, chunked: bool = False
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, int]:
     """Logits, the summed next-token cross-entropy over target tokens, and their count.
 
     Position t predicts labels[t + 1]; -100 is ignored. The LM head runs only at the N
@@ -49,12 +53,18 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     are those, ``[N, V]`` in row-major order; with ``full_logits`` it runs everywhere and
     they are ``[B, T, V]`` (a model that prepends ``n`` virtual tokens, prompt tuning,
     returns ``n + T`` positions; the last T, aligned with the labels, are returned).
+    With ``chunked`` (and a head it applies to), the head and the loss run together in
+    chunks and the logits are None.
     """
     # Shift the labels rather than the logits: slicing [B, T, V] logits would copy them.
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
     select = None if full_logits else labels != IGNORE
-    with head_at(model, select):
+    head = chunked_head(model) if chunked and not full_logits else None
+    hidden: list[torch.Tensor] | None = [] if head is not None else None
+    with head_at(model, select, hidden):
         logits = model(**model_inputs(batch)).logits
+    if hidden:  # the head saw no rows: it runs inside the loss
+        return None, linear_cross_entropy(hidden[-1], head, labels[select]), int(select.sum())
     if logits.dim() == 2:  # [N, V]: the head ran at the selected positions only
         targets = labels[select]
     else:

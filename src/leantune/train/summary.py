@@ -8,6 +8,7 @@ from pathlib import Path
 
 from leantune.train.build import Run
 from leantune.train.metrics import peak_memory_bytes
+from leantune.train.precision import mfu
 
 
 def build_summary(run: Run, after: dict | None, prompts, replies_before: list[str],
@@ -29,6 +30,9 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "wall_seconds": time.time() - run.started,
         "train_seconds": state.train_seconds,
         "tokens_per_second": state.tokens_per_second,
+        "precision": run.precision.to_dict(),
+        "mfu": mfu_record(run),
+        "chunked_loss": run.chunked_loss,
         # Two meters (rusage and sampled /proc) differ by a few pages: report the larger.
         "peak_memory_bytes": max(peak_memory_bytes(), mem.peak, mem.prior_peak) if mem
         else peak_memory_bytes(),
@@ -62,6 +66,17 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
     if run.data.feed is not None:
         summary["replay"] = replay_summary(run)
     return summary
+
+
+def mfu_record(run: Run) -> dict:
+    """Achieved training FLOP/s (the FLOPs ledger over the seconds of the optimizer steps)
+    and its fraction of the measured matmul peak in the run's compute dtype."""
+    state, p = run.state, run.precision
+    achieved = state.train_flops / state.train_seconds if state.train_seconds > 0 else None
+    return {"achieved_flops_per_second": achieved, "peak_flops_per_second": p.peak_flops,
+            "fraction": mfu(state.train_flops, state.train_seconds, p.peak_flops),
+            "compute_dtype": str(p.compute_dtype).removeprefix("torch."),
+            "peak_method": p.peak_method}
 
 
 def eval_table(run: Run) -> dict[str, dict]:
@@ -139,6 +154,12 @@ def summary_text(s: dict, run_dir: str) -> str:
                  f"{s['optimizer_steps']} steps ({s['train_tokens']['total']:,} tokens, padding "
                  f"{100 * s['padding_fraction']:.1f} %), wall {s['wall_seconds']:.0f} s, peak "
                  f"memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
+    m = s.get("mfu") or {}
+    if m.get("fraction") is not None:
+        lines.append(f"precision {s['precision']['used']} ({s['precision']['reason']}); MFU "
+                     f"{100 * m['fraction']:.1f} % ({m['achieved_flops_per_second'] / 1e9:.1f} "
+                     f"of {m['peak_flops_per_second'] / 1e9:.0f} GFLOP/s {m['compute_dtype']} "
+                     "peak)")
     for sample in s["samples"]:
         lines += [f"\nheld-out prompt:\n{sample['prompt'].strip()}",
                   f"\nreply before training:\n{sample['before']}",

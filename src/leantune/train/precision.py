@@ -1,0 +1,246 @@
+"""Training precision, chosen by measuring this machine, and its peak FLOP/s for MFU.
+
+``train.precision``:
+
+- ``fp32``: weights, activations and gradients in float32 (exact; the parity tests' home).
+- ``bf16-mixed``: every trainable weight stays float32 (the master copy AdamW updates);
+  each forward runs under ``torch.autocast(device, bfloat16)``, so matmuls take bf16 inputs
+  and accumulate in fp32, while norms, softmax and the loss stay fp32. Frozen base
+  weights are float32 on CPU and bfloat16 on CUDA (``model.dtype`` overrides: on GPU the
+  halved base memory is what QLoRA-style users expect, and autocast would cast them to
+  bf16 for every matmul anyway).
+- ``bf16``: everything in bfloat16 (``model.dtype: bfloat16``), no autocast.
+- ``auto``: ``bf16-mixed`` where bf16 matmuls are fast, else ``fp32``. The choice is a
+  measurement, not a CPU-name table: :func:`linear_ratio` times ``F.linear`` at the
+  model's own shapes (hidden -> intermediate, intermediate -> hidden, hidden -> hidden,
+  hidden -> vocab) in fp32 and under bf16 autocast from fp32 weights (so the casts
+  bf16-mixed pays are in the bill) and picks bf16-mixed when it is at least
+  :data:`MIN_RATIO` times faster. Seen here: an AVX512-BF16 Xeon without AMX runs bf16
+  at ~0.5x fp32 (so ``fp32``); AMX runs it at ~6x; an AVX2-only CPU at 1/14-1/24.
+
+The peak for MFU (:func:`matmul_peak`) is the best of a few square ``torch.matmul`` runs
+(1024^3 on CPU, 8192^3 on CUDA) in the run's compute dtype, at the run's thread count.
+Both measurements are cached per machine (CPU model and flags, or GPU name; threads;
+torch version) in ``$LEANTUNE_CACHE/machine.json``, so they cost a second or two once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+MIN_RATIO = 1.25  # bf16-mixed's linear speed-up needed to pay for its fp32 elementwise work
+TARGET_FLOPS = 2e9  # per timed matmul: long enough to time, short enough at 7B shapes
+
+
+@dataclass
+class Precision:
+    """The run's precision: what was asked, what is used, why, and the peak FLOP/s."""
+
+    requested: str
+    used: str                 # fp32 | bf16-mixed | bf16
+    reason: str
+    ratio: float | None       # bf16-mixed / fp32 F.linear throughput at the model's shapes
+    peak_flops: float | None  # matmul FLOP/s in the compute dtype, for MFU
+    peak_method: str | None
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.used == "bf16-mixed" else None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32 if self.used == "fp32" else torch.bfloat16
+
+    def weight_dtype(self, requested: str, trains_base: bool, cuda: bool) -> str:
+        """``model.dtype`` for loading the base: an explicit one wins, else by precision."""
+        if requested != "auto":
+            return requested
+        if self.used == "bf16" or (self.used == "bf16-mixed" and cuda and not trains_base):
+            return "bfloat16"
+        return "float32"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The CPU features that decide which kernels and precisions are fast here.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni")
+
+
+def cpu_info() -> dict:
+    """The CPU model, core count and its :data:`CPU_FLAGS` (from ``/proc/cpuinfo``), for
+    every benchmark's JSON: the machines here vary, and so do their timings."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:  # not Linux: the model name from platform, no flags
+        pass
+    return {"model": model, "cores": os.cpu_count(),
+            "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def machine_key(device: torch.device) -> str:
+    """What the measurements depend on: the chip, its features, threads, torch."""
+    if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device)
+    else:
+        info = cpu_info()
+        chip = f"{info['model']} [{' '.join(info['flags'])}]"
+    return f"{chip} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("LEANTUNE_CACHE", "~/.cache/leantune")
+    return Path(root).expanduser() / "machine.json"
+
+
+def cached(key: str, measure) -> float:
+    """``measure()`` once per machine and ``key``; later calls read the cache."""
+    path = _cache_path()
+    try:
+        store = json.loads(path.read_text())
+    except (OSError, ValueError):
+        store = {}
+    if key not in store:
+        store[key] = measure()
+        try:  # a read-only home still trains: the figure is just measured again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(store, indent=1) + "\n")
+            tmp.replace(path)
+        except OSError:
+            pass
+    return store[key]
+
+
+def _best_seconds(fn, device: torch.device, reps: int) -> float:
+    fn()  # warm-up: first-touch allocation, kernel selection
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tick = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - tick)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
+    """Best square-matmul FLOP/s in ``dtype`` (n = 1024 on CPU, 8192 on CUDA)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    with torch.no_grad():
+        return 2 * n**3 / _best_seconds(lambda: a @ b, device, reps)
+
+
+def model_shapes(config) -> list[tuple[int, int]]:
+    """``(in, out)`` of the model's main linear maps, from its transformers config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    inner = (getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
+             or 4 * hidden)
+    return [(hidden, inner), (inner, hidden), (hidden, hidden), (hidden, text.vocab_size)]
+
+
+def linear_ratio(shapes: list[tuple[int, int]], device: torch.device, reps: int = 3) -> float:
+    """Throughput of ``F.linear`` under bf16 autocast from fp32 weights over plain fp32, at
+    ``shapes``; the token count per shape is chosen for ~:data:`TARGET_FLOPS` per call."""
+    seconds = {"fp32": 0.0, "bf16-mixed": 0.0}
+    for fan_in, fan_out in shapes:
+        tokens = int(min(4096, max(16, TARGET_FLOPS / (2 * fan_in * fan_out))))
+        x = torch.randn(tokens, fan_in, device=device)
+        w = torch.randn(fan_out, fan_in, device=device) / fan_in**0.5
+        with torch.no_grad():
+            seconds["fp32"] += _best_seconds(lambda: F.linear(x, w), device, reps)
+
+            def mixed():
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    return F.linear(x, w)
+
+            seconds["bf16-mixed"] += _best_seconds(mixed, device, reps)
+    return seconds["fp32"] / seconds["bf16-mixed"]
+
+
+def choose(requested: str, model_dtype: str, config, device: torch.device) -> Precision:
+    """Resolve ``train.precision`` for this machine and model (see the module docstring)."""
+    key = machine_key(device)
+    ratio, used = None, requested
+    if requested == "auto" and model_dtype in ("bfloat16", "float16"):
+        used, reason = "bf16", f"model.dtype={model_dtype} asks for half-precision weights"
+    elif requested == "auto":
+        shapes = model_shapes(config)
+        ratio = cached(f"{key} | linear bf16-mixed/fp32 {shapes}",
+                       lambda: linear_ratio(shapes, device))
+        used = "bf16-mixed" if ratio >= MIN_RATIO else "fp32"
+        reason = (f"bf16 autocast ran the model's linear layers at {ratio:.2f}x fp32 here "
+                  f"({'>=' if used != 'fp32' else '<'} {MIN_RATIO})")
+    else:
+        reason = "asked for"
+    dtype = torch.float32 if used == "fp32" else torch.bfloat16
+    name = str(dtype).removeprefix("torch.")
+    peak = cached(f"{key} | matmul peak {name}", lambda: matmul_peak(dtype, device))
+    n = 8192 if device.type == "cuda" else 1024
+    method = (f"best of 5 torch.matmul {n}x{n}x{n} in {name}, {torch.get_num_threads()} "
+              f"threads, cached in {_cache_path()}")
+    return Precision(requested, used, reason, ratio, peak, method)
+
+
+def autocast_forward(model: torch.nn.Module, dtype: torch.dtype | None, device_type: str) -> None:
+    """Run every call of ``model`` under ``torch.autocast(device_type, dtype)`` (None: as
+    is). It patches the instance's ``forward`` (as Accelerate's mixed precision does), so
+    training, evaluation, probing, scoring and generation all share it, and DDP's
+    ``self.module(...)`` reaches it."""
+    if dtype is None:
+        return
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    model.forward = run
+    model.leantune_autocast = dtype
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``model``'s matmuls run in: its autocast dtype, else its weights'."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "leantune_autocast", None) or next(model.parameters()).dtype
+
+
+def master_weights_fp32(model: torch.nn.Module) -> int:
+    """Cast every trainable parameter to float32 (bf16-mixed's master weights); the count."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
+def mfu(flops: float, seconds: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization: ``flops / seconds / peak`` (None when unmeasured)."""
+    return flops / seconds / peak if peak and seconds > 0 else None

@@ -1,0 +1,104 @@
+"""The chunked head + cross-entropy: the same loss and gradients as the plain head's
+logits through ``F.cross_entropy`` (and an fp64 reference), in chunks smaller than the
+targets, for every adapter method and architecture; close under bf16 autocast; and the
+start-up check turns it off where a model transforms its logits after the head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Gemma2Config
+
+import leantune.train.chunked_loss as chunked_loss
+from leantune.train.chunked_loss import check, chunked_head, linear_cross_entropy
+from leantune.train.step import forward_loss, loss_sum
+from test_head import ARCHS, METHODS, arch_dirs, build, packed_batch  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 3 rows, so every test crosses chunk boundaries."""
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 3 * 101)
+
+
+def grads_of(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_equals_plain_and_fp64(bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 101, bias=bias)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (23,))
+    params = (hidden, head.weight, *([head.bias] if bias else []))
+    ours = linear_cross_entropy(hidden, head, targets)
+    plain = F.cross_entropy(head(hidden), targets, reduction="sum")
+    exact = F.cross_entropy(F.linear(hidden.double(), head.weight.double(),
+                                     head.bias.double() if bias else None), targets,
+                            reduction="sum")
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-5)
+    assert abs(float(ours) - float(exact)) <= 1e-6 * float(exact)
+    for g, ref in zip(grads_of(2.5 * ours, *params), grads_of(2.5 * plain, *params)):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_close_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 101, bias=False)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    targets = torch.randint(0, 101, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(hidden, head, targets)
+        plain = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, plain, rtol=1e-3, atol=1e-3)
+    got = grads_of(ours, hidden, head.weight)
+    ref = grads_of(plain, hidden, head.weight)
+    for g, r in zip(got, ref):
+        assert g.dtype == torch.float32
+        assert float((g - r).norm() / r.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_loss_and_gradients_equal_plain(arch_dirs, arch, method):
+    model, adapter = build(arch_dirs[arch], method)
+    model.eval()  # no dropout: the two forwards must see the same function
+    batch = packed_batch(model.config.vocab_size, adapter)
+    assert chunked_head(model) is not None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    logits, loss, n = forward_loss(model, batch, chunked=True)
+    assert logits is None
+    _, plain, n_plain = forward_loss(model, batch, chunked=False)
+    assert n == n_plain > 0
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-5)
+    for g, ref in zip(grads_of(loss, *trainable), grads_of(plain, *trainable)):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_check_turns_it_off_after_soft_capping(tmp_path):
+    """Gemma-2 soft-caps its logits after the head: the chunked loss would skip that."""
+    config = Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=8, final_logit_softcapping=0.05)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(1, 101, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    assert chunked_head(model) is not None
+    verdict = check(model, batch, torch.float32)
+    assert not verdict["used"] and verdict["difference"] > 1e-3
+    assert "after the head" in verdict["reason"]
+    assert chunked_head(model) is None  # from now on the model's own head and loss
+    with torch.no_grad():
+        torch.testing.assert_close(loss_sum(model, batch)[0], forward_loss(model, batch)[1])
+
+
+def test_check_keeps_it_where_exact(arch_dirs):
+    model, adapter = build(arch_dirs["llama"], "lora")
+    batch = packed_batch(model.config.vocab_size, adapter)
+    verdict = check(model.eval(), batch, torch.float32)
+    assert verdict["used"] and verdict["difference"] < 1e-5
+    assert chunked_head(model) is not None

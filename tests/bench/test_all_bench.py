@@ -42,7 +42,7 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
 
     record = run_all(fake, tmp_path, scripts=tmp_path / "none")
     assert [c[0] for c in calls] == ["packing", "fast-forward", "fast-forward", "adapters",
-                                     "reft", "tasks", "tasks", "tasks", "continual"]
+                                     "reft", "tasks", "tasks", "tasks", "continual", "speed"]
     assert calls[3][:3] == ["adapters", "--rounds", "2"]
     assert calls[2][calls[2].index("--data") + 1].startswith("task:")
     assert "--plot" in calls[1] and calls[1][calls[1].index("--plot") + 1] == str(
@@ -52,7 +52,7 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
                       "packing_architectures": "script not found", "fast_forward": 0,
                       "fast_forward_tasks": 0, "adapters": 1, "reft": 0, "tasks": 0,
                       "tasks_sweep": 0, "tasks_curves": 0, "continual": 0,
-                      "corpus_scale": "script not found"}
+                      "corpus_scale": "script not found", "speed": 0}
     assert json.loads((tmp_path / "all.json").read_text())["benches"] == record["benches"]
     tables = (tmp_path / "TABLES.md").read_text()
     assert "table of reft" in tables and "error: RuntimeError: out of memory" in tables

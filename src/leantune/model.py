@@ -29,7 +29,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """``auto`` is float32 on CPU (bf16 matmuls are 14-24x slower there) and bf16 on GPU."""
+    """``auto`` is float32 on CPU and bf16 on GPU, for loading outside a training run
+    (generate, serve, export); a training run resolves ``auto`` from ``train.precision``
+    first (:meth:`leantune.train.precision.Precision.weight_dtype`)."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return DTYPES[name]

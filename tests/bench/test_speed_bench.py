@@ -91,3 +91,7 @@ def test_a_bf16_base_under_bf16_mixed(llama_dir, examples_file):
     fp32 = run(spec_for(llama_dir, examples_file, "leantune", "online"))
     assert result["precision_used"] == "bf16-mixed"
     assert result["eval_loss"] == pytest.approx(fp32["eval_loss"], rel=0.05)
+
+
+def test_arm_names_survive_the_comma_separated_flag():
+    assert all("," not in name for name in speed.ARMS)

@@ -116,3 +116,21 @@ def test_a_bf16_mixed_run(llama_dir, tmp_path):
 
     saved = load_file(tmp_path / "bf16-mixed" / "adapter" / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
+
+
+def test_accelerate_launch_mixed_precision_is_honoured(monkeypatch, tmp_path, llama_dir):
+    """An accelerate config's mixed_precision: bf16 means bf16-mixed (Accelerate's own
+    autocast wraps the forward); asking for fp32 beside it is refused."""
+    from accelerate import Accelerator
+
+    from leantune.train.build import choose_precision
+
+    monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path))
+    acc = Accelerator(cpu=True)
+    monkeypatch.setattr(type(acc), "mixed_precision", property(lambda self: "bf16"))
+    cfg = load_config(None, [f"model.name_or_path={llama_dir}"])
+    chosen = choose_precision(cfg, llama_dir, acc)
+    assert chosen.used == "bf16-mixed" and "mixed_precision=bf16" in chosen.reason
+    cfg = load_config(None, [f"model.name_or_path={llama_dir}", "train.precision=fp32"])
+    with pytest.raises(ConfigError, match="train.precision=fp32 but accelerate launch set"):
+        choose_precision(cfg, llama_dir, acc)

@@ -26,14 +26,17 @@ from leantune.config import ModelConfig
 from leantune.model import resolve_local
 from leantune.train.precision import choose
 
-# name: (impl, method, layout, precision, chunked[, base weight dtype: model.dtype])
-ARMS: dict[str, tuple] = {
+# name: (impl, method, layout, precision, chunked[, extra spec: base_dtype (model.dtype),
+# gradient_checkpointing])
+ARMS: dict[str, tuple] = {  # names without commas: --arms splits on them
     "leantune default (auto)": ("leantune", "lora", "online", "auto", True),
     "leantune fp32": ("leantune", "lora", "online", "fp32", True),
-    "leantune fp32, plain loss": ("leantune", "lora", "online", "fp32", False),
+    "leantune fp32 plain loss": ("leantune", "lora", "online", "fp32", False),
     "leantune bf16-mixed": ("leantune", "lora", "online", "bf16-mixed", True),
-    "leantune bf16-mixed, bf16 base": ("leantune", "lora", "online", "bf16-mixed", True,
-                                       "bfloat16"),
+    "leantune bf16-mixed bf16 base": ("leantune", "lora", "online", "bf16-mixed", True,
+                                      {"base_dtype": "bfloat16"}),
+    "leantune fp32 checkpointing": ("leantune", "lora", "online", "fp32", True,
+                                    {"gradient_checkpointing": True}),
     "leantune bf16": ("leantune", "lora", "online", "bf16", True),
     "leantune padded fp32": ("leantune", "lora", "none", "fp32", True),
     "TRL padded": ("trl", "lora", "padded", "fp32", False),
@@ -86,10 +89,10 @@ def bench_speed(model: str = "embedded:smollm2", examples: int = 32, eval_exampl
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names:
-            impl, method, layout, precision, chunked, *base = ARMS[name]
+            impl, method, layout, precision, chunked, *extra = ARMS[name]
             spec = {"name": name, "impl": impl, "method": method, "layout": layout,
                     "precision": precision, "chunked": chunked, "model": model,
-                    "base_dtype": base[0] if base else "auto",
+                    **(extra[0] if extra else {}),
                     "examples": examples, "eval_examples": eval_examples,
                     "batch_size": batch_size, "max_length": max_length, "lr": lr,
                     "examples_file": examples_file}

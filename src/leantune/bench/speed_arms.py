@@ -1,7 +1,8 @@
 """One arm of ``leantune bench speed``, run in its own process so that its peak resident
 memory is its own: ``python -m leantune.bench.speed_arms SPEC.json OUT.json``.
 
-An arm is ``{"impl", "method", "layout", "precision", "chunked", "base_dtype"}``:
+An arm is ``{"impl", "method", "layout", "precision", "chunked"}``, and optionally
+``base_dtype`` (``model.dtype``) and ``gradient_checkpointing``:
 
 - ``leantune``: leantune's optimizer step (:func:`~leantune.train.step.train_step`) on
   its batches (``layout`` online packing or ``none``: padding), in ``precision`` as
@@ -77,7 +78,9 @@ def leantune_arm(spec: dict, source: str, tokenizer, train, held_out, acc) -> di
                                    cuda=acc.device.type == "cuda")
     torch.manual_seed(0)
     adapter = build_adapter(AdapterConfig(method="full") if full else AdapterConfig(**LORA))
-    model = adapter.apply(load_model(ModelConfig(name_or_path=source, dtype=dtype), source))
+    model_cfg = ModelConfig(name_or_path=source, dtype=dtype,
+                            gradient_checkpointing=spec.get("gradient_checkpointing", False))
+    model = adapter.apply(load_model(model_cfg, source))
     if precision.used == "bf16-mixed":
         master_weights_fp32(model)
     autocast_forward(model, precision.autocast, acc.device.type)

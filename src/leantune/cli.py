@@ -107,8 +107,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _setup_logging("warning")
-    from leantune.export import export_run
+    from leantune.export import export_gguf, export_run
 
+    if args.format == "gguf":
+        result = export_gguf(Path(args.run_dir), Path(args.out), args.quant)
+        print(f"GGUF ({result['architecture']}, {result['quant']}, "
+              f"{result['bytes'] / 2**20:.1f} MiB) written to {result['out']}")
+        return 0
     result = export_run(Path(args.run_dir), Path(args.out))
     if result["note"]:
         print(f"note: {result['note']}")
@@ -169,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     ex = sub.add_parser("export", help="merge a run's adapter into its base: a standalone model")
     ex.add_argument("run_dir", help="a finished run directory")
-    ex.add_argument("--out", required=True, help="the model directory to write (new or empty)")
+    ex.add_argument("--out", required=True, help="the model directory to write (new or "
+                    "empty); with --format gguf a .gguf file or a directory for it")
+    ex.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                    help="hf: a transformers model directory; gguf: one file for llama.cpp")
+    ex.add_argument("--quant", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default="f16",
+                    help="GGUF weight type for 2-D weights (norms stay f32)")
     ex.set_defaults(func=cmd_export)
     rp = sub.add_parser("report", help="HTML page and plots of one run, or of several overlaid")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

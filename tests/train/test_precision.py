@@ -134,3 +134,15 @@ def test_accelerate_launch_mixed_precision_is_honoured(monkeypatch, tmp_path, ll
     cfg = load_config(None, [f"model.name_or_path={llama_dir}", "train.precision=fp32"])
     with pytest.raises(ConfigError, match="train.precision=fp32 but accelerate launch set"):
         choose_precision(cfg, llama_dir, acc)
+
+
+def test_measuring_leaves_the_global_rng_alone(monkeypatch, tmp_path):
+    """A cold cache measures inside the run, after its seed is set: a run must train the
+    same whether the machine's figures were cached or not."""
+    monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    linear_ratio(model_shapes(CONFIG), CPU, reps=1)
+    choose("fp32", "auto", CONFIG, CPU)  # cold cache: measures the peak
+    assert torch.equal(torch.rand(3), expected)

@@ -148,8 +148,9 @@ def _best_seconds(fn, device: torch.device, reps: int) -> float:
 def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
     """Best square-matmul FLOP/s in ``dtype`` (n = 1024 on CPU, 8192 on CUDA)."""
     n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    g = torch.Generator(device).manual_seed(0)  # never the global RNG: runs stay seeded
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
     with torch.no_grad():
         return 2 * n**3 / _best_seconds(lambda: a @ b, device, reps)
 
@@ -167,10 +168,11 @@ def linear_ratio(shapes: list[tuple[int, int]], device: torch.device, reps: int 
     """Throughput of ``F.linear`` under bf16 autocast from fp32 weights over plain fp32, at
     ``shapes``; the token count per shape is chosen for ~:data:`TARGET_FLOPS` per call."""
     seconds = {"fp32": 0.0, "bf16-mixed": 0.0}
+    g = torch.Generator(device).manual_seed(0)  # never the global RNG: runs stay seeded
     for fan_in, fan_out in shapes:
         tokens = int(min(4096, max(16, TARGET_FLOPS / (2 * fan_in * fan_out))))
-        x = torch.randn(tokens, fan_in, device=device)
-        w = torch.randn(fan_out, fan_in, device=device) / fan_in**0.5
+        x = torch.randn(tokens, fan_in, device=device, generator=g)
+        w = torch.randn(fan_out, fan_in, device=device, generator=g) / fan_in**0.5
         with torch.no_grad():
             seconds["fp32"] += _best_seconds(lambda: F.linear(x, w), device, reps)
 

@@ -63,7 +63,9 @@ def export_run(run_dir: Path, out: Path) -> dict:
 def export_gguf(run_dir: Path, out: Path, quant: str = "f16") -> dict:
     """Merge as :func:`export_run` does, then write one GGUF file (``out``: a file, or a
     directory that gets ``model-<quant>.gguf``) and an Ollama ``Modelfile`` beside it."""
-    from leantune.gguf_out import write_gguf
+    from transformers import AutoTokenizer
+
+    from leantune.gguf_out import ollama_modelfile, write_gguf
 
     if out.suffix != ".gguf":
         out = out / f"model-{quant}.gguf"
@@ -80,7 +82,13 @@ def export_gguf(run_dir: Path, out: Path, quant: str = "f16") -> dict:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    return result | info | {"out": str(out), "bytes": out.stat().st_size}
+        tokenizer = AutoTokenizer.from_pretrained(merged)
+    stops = ["<|im_end|>"] if "<|im_end|>" in (tokenizer.chat_template or "") else []
+    modelfile = out.with_name(f"{out.stem}.Modelfile")
+    modelfile.write_text(ollama_modelfile(out.name, tokenizer.chat_template,
+                                          stops + [tokenizer.eos_token or ""]))
+    return result | info | {"out": str(out), "bytes": out.stat().st_size,
+                            "modelfile": str(modelfile)}
 
 
 def _write_atomically(out: Path, write) -> None:

@@ -121,3 +121,24 @@ def _add_tokenizer(writer, tokenizer, model_dir: Path) -> None:
             getattr(writer, f"add_{kind}_token_id")(token_id)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+CHATML_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+
+
+def ollama_modelfile(gguf_name: str, chat_template: str | None, stops: list[str]) -> str:
+    """An Ollama ``Modelfile`` for ``gguf_name`` beside it: ``FROM``, the stop tokens, and a
+    ``TEMPLATE`` when the chat template is ChatML (SmolLM2's, Qwen2's); for any other, a
+    note that Ollama reads the template from the GGUF's ``tokenizer.chat_template``."""
+    lines = [f"FROM ./{gguf_name}"]
+    template = chat_template or ""
+    if "<|im_start|>" in template and "<|im_end|>" in template:
+        lines.append(f'TEMPLATE """{CHATML_TEMPLATE}"""')
+    else:
+        lines.append("# No TEMPLATE: this chat template is not ChatML, the one format this "
+                     "writer translates; Ollama reads tokenizer.chat_template from the GGUF.")
+    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops) if s]
+    return "\n".join(lines) + "\n"

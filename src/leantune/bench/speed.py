@@ -116,7 +116,7 @@ def _has_trl() -> bool:
     return True
 
 
-def compute_dtype(run: dict) -> str:
+def _peak_key(run: dict) -> str:
     used = run.get("precision_used", run["precision"])
     return "fp32" if used == "fp32" else "bf16"
 
@@ -128,7 +128,7 @@ def summarize(runs: dict[str, list[dict]], setup: dict) -> dict:
     med = {}
     for name, rs in runs.items():
         m = {k: statistics.median(r[k] for r in rs) for k in keys}
-        dtype = compute_dtype(rs[0])
+        dtype = _peak_key(rs[0])
         m["precision_used"] = rs[0].get("precision_used", rs[0]["precision"])
         m["mfu"] = m["flops"] / m["seconds"] / setup["peak_flops"][dtype]
         med[name] = m

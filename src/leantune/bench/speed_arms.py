@@ -44,7 +44,7 @@ from leantune.model import load_model, load_tokenizer, resolve_local
 from leantune.train.chunked_loss import turn_off
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import PeakMemory
-from leantune.train.precision import autocast_forward, choose, master_weights_fp32
+from leantune.train.precision import autocast_forward, choose
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}  # PEFT's all-linear targets, as leantune's
 
@@ -81,9 +81,7 @@ def leantune_arm(spec: dict, source: str, tokenizer, train, held_out, acc) -> di
     model_cfg = ModelConfig(name_or_path=source, dtype=dtype,
                             gradient_checkpointing=spec.get("gradient_checkpointing", False))
     model = adapter.apply(load_model(model_cfg, source))
-    if precision.used == "bf16-mixed":
-        master_weights_fp32(model)
-    autocast_forward(model, precision.autocast, acc.device.type)
+    precision.prepare(model, acc.device.type)
     if not spec["chunked"]:
         turn_off(model)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -95,6 +93,8 @@ def leantune_arm(spec: dict, source: str, tokenizer, train, held_out, acc) -> di
 
 
 def _padded(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """The bare loop's own right-padding (not leantune's collate), so that the parity test
+    between it and leantune's padded step compares two independent layouts."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id)
     labels = torch.full((len(examples), width), IGNORE)

@@ -19,18 +19,17 @@ from leantune.adapters import (Adapter, build_adapter, count_parameters, load_ba
                                memory_footprint)
 from leantune.adapters.base import unique_parameters
 from leantune.config import Config, ConfigError
+from leantune.data.collate import collate_padded
 from leantune.data.tasks import ChoiceDoc, subset, task_names
 from leantune.evaluate import evaluate
 from leantune.model import evaluating, load_tokenizer, resolve_dtype, resolve_local
 from leantune.multiple_choice import ChoiceScorer
-from leantune.data.collate import collate_padded
 from leantune.train.chunked_loss import check as check_chunked, turn_off
 from leantune.train.data import TrainData, build_data
 from leantune.train.fast_forward import FastForward, halves_loss, split_halves
 from leantune.train.flops import FlopModel
 from leantune.train.metrics import MetricsLog, PeakMemory
-from leantune.train.precision import (Precision, autocast_forward, choose,
-                                      master_weights_fp32)
+from leantune.train.precision import Precision, choose
 from leantune.train.probe import first_rows, probe_batches, resolve_packing
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
@@ -97,9 +96,7 @@ def build_run(cfg: Config) -> Run:
     base = load_base(model_cfg, adapter, source, acc.device)
     base_memory = memory_footprint(base, resolve_dtype(model_cfg.dtype))
     model = adapter.apply(adapter.prepare_base(base))
-    if precision.used == "bf16-mixed":  # AdamW updates fp32 master weights
-        master_weights_fp32(model)
-    autocast_forward(model, precision.autocast, acc.device.type)
+    precision.prepare(model, acc.device.type)
     params = count_parameters(model)
     if acc.is_main_process:  # before any training: will the checkpoints fit on the disk?
         stored = sum(p.nbytes for p in unique_parameters(model) if p.requires_grad)
@@ -139,8 +136,8 @@ def build_run(cfg: Config) -> Run:
               f"{sum(len(s.examples) for s in data.eval_sets)} eval examples, "
               f"{steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
-               params, base_memory, packing, precision, chunked_loss, steps, schedule, state, start, metrics, started, ff,
-               tasks, scorer)
+               params, base_memory, packing, precision, chunked_loss, steps, schedule, state,
+               start, metrics, started, ff, tasks, scorer)
 
 
 def check_backend(acc: Accelerator) -> None:
@@ -205,12 +202,12 @@ def resolve_chunked_loss(cfg: Config, model: torch.nn.Module, data: TrainData, t
                          adapter: Adapter, acc: Accelerator, precision: Precision) -> dict:
     """Whether the loss runs the head in chunks: asked for, possible under the backend, and
     equal to the model's own loss on the run's first micro-batch (:func:`chunked_loss.check`)."""
-    if not cfg.train.chunked_loss:
+    off = ("train.chunked_loss=false" if not cfg.train.chunked_loss
+           else "FSDP shards the head's weight" if acc.distributed_type == DistributedType.FSDP
+           else None)
+    if off:
         turn_off(model)
-        return {"used": False, "reason": "train.chunked_loss=false", "difference": None}
-    if acc.distributed_type == DistributedType.FSDP:  # the head's weight is sharded
-        turn_off(model)
-        return {"used": False, "reason": "FSDP shards the head's weight", "difference": None}
+        return {"used": False, "reason": off, "difference": None}
     examples = [e for row in first_rows(data, cfg, acc.num_processes) for e in row][:4]
     batch = {k: v.to(acc.device) for k, v in collate_padded(
         examples, tokenizer.pad_token_id, adapter.positions).items()}

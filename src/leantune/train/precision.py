@@ -72,6 +72,13 @@ class Precision:
             return "bfloat16"
         return "float32"
 
+    def prepare(self, model: torch.nn.Module, device_type: str) -> None:
+        """Make ``model`` (adapter applied, before the optimizer) train in this precision:
+        fp32 master weights and autocast forwards for bf16-mixed; nothing otherwise."""
+        if self.used == "bf16-mixed":  # AdamW updates fp32 master weights
+            master_weights_fp32(model)
+        autocast_forward(model, self.autocast, device_type)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -145,9 +152,14 @@ def _best_seconds(fn, device: torch.device, reps: int) -> float:
     return best
 
 
+def peak_size(device: torch.device) -> int:
+    """The side of :func:`matmul_peak`'s square matmul: 8192 on CUDA, 1024 on CPU."""
+    return 8192 if device.type == "cuda" else 1024
+
+
 def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
-    """Best square-matmul FLOP/s in ``dtype`` (n = 1024 on CPU, 8192 on CUDA)."""
-    n = 8192 if device.type == "cuda" else 1024
+    """Best square-matmul FLOP/s in ``dtype`` (n = :func:`peak_size`)."""
+    n = peak_size(device)
     g = torch.Generator(device).manual_seed(0)  # never the global RNG: runs stay seeded
     a = torch.randn(n, n, device=device, generator=g).to(dtype)
     b = torch.randn(n, n, device=device, generator=g).to(dtype)
@@ -202,7 +214,7 @@ def choose(requested: str, model_dtype: str, config, device: torch.device) -> Pr
     dtype = torch.float32 if used == "fp32" else torch.bfloat16
     name = str(dtype).removeprefix("torch.")
     peak = cached(f"{key} | matmul peak {name}", lambda: matmul_peak(dtype, device))
-    n = 8192 if device.type == "cuda" else 1024
+    n = peak_size(device)
     method = (f"best of 5 torch.matmul {n}x{n}x{n} in {name}, {torch.get_num_threads()} "
               f"threads, cached in {_cache_path()}")
     return Precision(requested, used, reason, ratio, peak, method)

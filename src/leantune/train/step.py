@@ -35,11 +35,10 @@ def targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-             chunked: bool = True) -> tuple[torch.Tensor, int]:
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens and their count; chunked
     (:mod:`~leantune.train.chunked_loss`) where that applies to ``model``."""
-    _, loss, n = forward_loss(model, batch, chunked=chunked)
+    _, loss, n = forward_loss(model, batch, chunked=True)
     return loss, n
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from leantune.train.build import Run
 from leantune.train.metrics import peak_memory_bytes
-from leantune.train.precision import mfu
+from leantune.report.page import mfu_text
 
 
 def build_summary(run: Run, after: dict | None, prompts, replies_before: list[str],
@@ -74,7 +74,7 @@ def mfu_record(run: Run) -> dict:
     state, p = run.state, run.precision
     achieved = state.train_flops / state.train_seconds if state.train_seconds > 0 else None
     return {"achieved_flops_per_second": achieved, "peak_flops_per_second": p.peak_flops,
-            "fraction": mfu(state.train_flops, state.train_seconds, p.peak_flops),
+            "fraction": achieved / p.peak_flops if achieved and p.peak_flops else None,
             "compute_dtype": str(p.compute_dtype).removeprefix("torch."),
             "peak_method": p.peak_method}
 
@@ -154,12 +154,9 @@ def summary_text(s: dict, run_dir: str) -> str:
                  f"{s['optimizer_steps']} steps ({s['train_tokens']['total']:,} tokens, padding "
                  f"{100 * s['padding_fraction']:.1f} %), wall {s['wall_seconds']:.0f} s, peak "
                  f"memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
-    m = s.get("mfu") or {}
-    if m.get("fraction") is not None:
-        lines.append(f"precision {s['precision']['used']} ({s['precision']['reason']}); MFU "
-                     f"{100 * m['fraction']:.1f} % ({m['achieved_flops_per_second'] / 1e9:.1f} "
-                     f"of {m['peak_flops_per_second'] / 1e9:.0f} GFLOP/s {m['compute_dtype']} "
-                     "peak)")
+    if (mfu := mfu_text(s.get("mfu"))) is not None:
+        lines.append(f"precision {s['precision']['used']} ({s['precision']['reason']}); "
+                     f"MFU {mfu}")
     for sample in s["samples"]:
         lines += [f"\nheld-out prompt:\n{sample['prompt'].strip()}",
                   f"\nreply before training:\n{sample['before']}",

@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny BPE tokenizer with a ChatML template and tiny random causal
-LMs (Llama, Qwen2, GPT-2, Mistral, Phi, Gemma) built from configs — nothing is downloaded."""
+LMs (Llama, Qwen2, Qwen3, GPT-2, Mistral, Phi, Gemma) built from configs — nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, PhiConfig,
-                          Qwen2Config)
+                          Qwen2Config, Qwen3Config)
 
 # Tiny matmuls gain nothing from threads, and lose a lot when another process holds the cores.
 torch.set_num_threads(1)
@@ -61,6 +61,11 @@ def tiny_config(arch: str, vocab_size: int):
     if arch == "qwen2":
         return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256, **common)
+    if arch == "qwen3":  # q/k norms, and a head_dim that is not hidden / heads: 128, as in
+        # every released Qwen3 (transformers' GGUF loader assumes it for qwen3 files)
+        return Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=128,
                            max_position_embeddings=256, **common)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)

@@ -3,7 +3,7 @@
     leantune train [CONFIG.yaml] [section.key=value ...] [--resume]
     leantune generate RUN_DIR_or_MODEL (--prompt TEXT | --prompts FILE.jsonl)
     leantune eval RUN_DIR_or_MODEL --data FILE [--data FILE ...]
-    leantune export RUN_DIR --out DIR
+    leantune export RUN_DIR --out DIR [--format gguf --quant f16]
     leantune report RUN_DIR [RUN_DIR ...] [--out DIR]
     leantune bench (packing | fast-forward | adapters | reft | tasks | continual | all) [options]
         (parsers and entrypoints in leantune.bench.cli)
@@ -22,7 +22,7 @@ from leantune.bench.cli import (add_bench_parsers, cmd_bench_adapters,  # noqa: 
 from leantune.config import ConfigError, describe_options, load_config
 from leantune.console import setup_logging as _setup_logging
 from leantune.data.sources import DataError
-from leantune.export import ExportError
+from leantune.export import GGUF_QUANTS, ExportError
 from leantune.model import ModelError
 from leantune.report.runs import ReportError
 from leantune.train.run_dir import RunDirError
@@ -111,14 +111,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format == "gguf":
         result = export_gguf(Path(args.run_dir), Path(args.out), args.quant)
-        print(f"GGUF ({result['architecture']}, {result['quant']}, "
-              f"{result['bytes'] / 2**20:.1f} MiB) written to {result['out']}")
-        return 0
-    result = export_run(Path(args.run_dir), Path(args.out))
-    if result["note"]:
-        print(f"note: {result['note']}")
-    print(f"merged model ({result['method']}, {result['parameters']:,} parameters) written "
-          f"to {result['out']}")
+    else:
+        result = export_run(Path(args.run_dir), Path(args.out))
+    for line in ([result["note"]] if result["note"] else []) + result.get("warnings", []):
+        print(f"note: {line}")
+    if args.format == "gguf":
+        print(f"GGUF ({result['architecture']}, {result['quant']}, {result['method']}, "
+              f"{result['bytes'] / 2**20:.1f} MiB) written to {result['out']}; Ollama: "
+              f"ollama create NAME -f {result['modelfile']}")
+    else:
+        print(f"merged model ({result['method']}, {result['parameters']:,} parameters) "
+              f"written to {result['out']}")
     return 0
 
 
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "empty); with --format gguf a .gguf file or a directory for it")
     ex.add_argument("--format", choices=("hf", "gguf"), default="hf",
                     help="hf: a transformers model directory; gguf: one file for llama.cpp")
-    ex.add_argument("--quant", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default="f16",
+    ex.add_argument("--quant", choices=GGUF_QUANTS, default="f16",
                     help="GGUF weight type for 2-D weights (norms stay f32)")
     ex.set_defaults(func=cmd_export)
     rp = sub.add_parser("report", help="HTML page and plots of one run, or of several overlaid")

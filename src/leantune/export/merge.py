@@ -60,37 +60,6 @@ def export_run(run_dir: Path, out: Path) -> dict:
             "method": adapter.name, "note": adapter.merge_note}
 
 
-def export_gguf(run_dir: Path, out: Path, quant: str = "f16") -> dict:
-    """Merge as :func:`export_run` does, then write one GGUF file (``out``: a file, or a
-    directory that gets ``model-<quant>.gguf``) and an Ollama ``Modelfile`` beside it."""
-    from transformers import AutoTokenizer
-
-    from leantune.gguf_out import ollama_modelfile, write_gguf
-
-    if out.suffix != ".gguf":
-        out = out / f"model-{quant}.gguf"
-    if out.exists():
-        raise ExportError(f"{out} exists; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as merged_dir:
-        merged = Path(merged_dir) / "model"
-        result = export_run(run_dir, merged)
-        tmp = out.with_name(f".{out.name}.tmp")
-        try:
-            info = write_gguf(merged, tmp, quant)
-            tmp.rename(out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        tokenizer = AutoTokenizer.from_pretrained(merged)
-    stops = ["<|im_end|>"] if "<|im_end|>" in (tokenizer.chat_template or "") else []
-    modelfile = out.with_name(f"{out.stem}.Modelfile")
-    modelfile.write_text(ollama_modelfile(out.name, tokenizer.chat_template,
-                                          stops + [tokenizer.eos_token or ""]))
-    return result | info | {"out": str(out), "bytes": out.stat().st_size,
-                            "modelfile": str(modelfile)}
-
-
 def _write_atomically(out: Path, write) -> None:
     """Call ``write(tmp)`` on a fresh directory beside ``out``, then rename it to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,206 @@
+"""``leantune export RUN_DIR --format gguf``: one GGUF file for llama.cpp, Ollama, LM Studio.
+
+The run is merged first (:func:`leantune.export.merge.export_run`: LoRA, DoRA, IA3, QLoRA
+dequantized then merged, full fine-tuning), then written with gguf-py: ``GGUFWriter``,
+``TensorNameMap`` for the tensor names and ``gguf.quants`` for the weights.
+
+- Architectures (``ARCHES``): Llama and Mistral (llama.cpp's ``llama``), Qwen2, Qwen3.
+- Weights: every 2-D weight in ``--quant`` (f32, f16, bf16, q8_0, q4_0: blocks of 32 with
+  one scale each); norms and biases stay f32, as llama.cpp's own converter leaves them.
+  A row whose length 32 does not divide falls back to f16.
+- RoPE: transformers rotates the two halves of each head, llama.cpp's ``llama`` rotates
+  adjacent pairs, so Llama/Mistral q/k rows are permuted per head from
+  ``[r_0 .. r_{d/2-1}, r_{d/2} .. r_{d-1}]`` to ``[r_0, r_{d/2}, r_1, r_{d/2+1}, ..]``
+  (readers undo it). Qwen2/3 use the half rotation (NEOX) in llama.cpp: no permutation.
+  ``linear`` scaling is written as such; ``llama3`` scaling as llama.cpp's
+  ``rope_freqs`` tensor, ``f_i = inv_freq_i / inv_freq_llama3_i`` (llama.cpp divides
+  each rotation frequency by it).
+- Tied embeddings: no ``output.weight``; llama.cpp then reuses ``token_embd``.
+
+The file is written beside ``--out`` as ``.<name>.tmp`` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leantune.export import GGUF_QUANTS as QUANTS
+from leantune.export.merge import ExportError, export_run
+
+# HF class -> (gguf-py MODEL_ARCH member, whether q/k rows are permuted for llama.cpp).
+ARCHES = {"LlamaForCausalLM": ("LLAMA", True), "MistralForCausalLM": ("LLAMA", True),
+          "Qwen2ForCausalLM": ("QWEN2", False), "Qwen3ForCausalLM": ("QWEN3", False)}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class GGUFExportError(ExportError):
+    """The model cannot be written as GGUF (the message says why and what is supported)."""
+
+
+def permute_for_llama_rope(w: np.ndarray, heads: int) -> np.ndarray:
+    """``[heads * d, ...]`` rows in HF's half-rotation order -> llama.cpp's pair order."""
+    return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def export_gguf(run_dir: Path, out: Path, quant: str = "f16") -> dict:
+    """Merge ``run_dir`` and write it as one GGUF, with an Ollama ``Modelfile`` beside it.
+
+    Args:
+        out: a ``.gguf`` path, or a directory that gets ``model-<quant>.gguf``.
+
+    Returns:
+        :func:`export_run`'s dict with ``out``, ``bytes``, ``modelfile``, ``architecture``,
+        ``quant``, ``tokenizer``, ``pre`` and ``warnings`` added.
+    """
+    from transformers import AutoTokenizer
+
+    from leantune.export.ollama import is_chatml, ollama_modelfile
+
+    if quant not in QUANTS:
+        raise GGUFExportError(f"--quant {quant!r}: choose from {', '.join(QUANTS)}")
+    if out.suffix != ".gguf":
+        out = out / f"model-{quant}.gguf"
+    if out.exists():
+        raise GGUFExportError(f"{out} exists; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as merged_dir:
+        merged = Path(merged_dir) / "model"
+        result = export_run(run_dir, merged)
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:
+            info = write_gguf(merged, tmp, quant)
+            tmp.rename(out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tokenizer = AutoTokenizer.from_pretrained(merged)
+    stops = ["<|im_end|>"] if is_chatml(tokenizer.chat_template) else []
+    modelfile = out.with_name(f"{out.stem}.Modelfile")
+    modelfile.write_text(ollama_modelfile(out.name, tokenizer.chat_template,
+                                          stops + [tokenizer.eos_token or ""]))
+    return result | info | {"out": str(out), "bytes": out.stat().st_size,
+                            "modelfile": str(modelfile)}
+
+
+def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16") -> dict:
+    """Write the HF model directory ``model_dir`` as the GGUF file ``out_file``.
+
+    Returns ``{"architecture", "quant", "tensors", "tokenizer", "pre", "warnings"}``.
+
+    Raises:
+        GGUFExportError: an architecture, quantization or RoPE scaling not listed above,
+            or a tensor gguf-py has no name for.
+    """
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from leantune.export.gguf_vocab import VocabularyError, add_vocabulary
+
+    config = AutoConfig.from_pretrained(model_dir)
+    arch_class = (config.architectures or ["?"])[0]
+    if arch_class not in ARCHES:
+        raise GGUFExportError(f"{model_dir}: {arch_class} cannot be exported to GGUF yet; "
+                              f"supported: {', '.join(sorted(ARCHES))}")
+    if quant not in QUANTS:
+        raise GGUFExportError(f"quant {quant!r}: choose from {', '.join(QUANTS)}")
+    arch = getattr(gguf.MODEL_ARCH, ARCHES[arch_class][0])
+    name = gguf.MODEL_ARCH_NAMES[arch]
+    writer = gguf.GGUFWriter(str(out_file), name)
+    try:
+        rope_freqs = _add_architecture(writer, config, quant)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        count = _add_tensors(writer, model, config, arch, quant, rope_freqs)
+        del model
+        try:
+            vocab = add_vocabulary(writer, Path(model_dir), config.vocab_size)
+        except VocabularyError as e:
+            raise GGUFExportError(str(e)) from None
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return {"architecture": name, "quant": quant, "tensors": count} | vocab
+
+
+def _add_architecture(writer, config, quant: str) -> np.ndarray | None:
+    """The hyper-parameters llama.cpp reads; returns the ``rope_freqs`` factors, if any."""
+    import gguf
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise GGUFExportError(f"RoPE scaling {rope_type!r} cannot be written to GGUF yet; "
+                              f"supported: {', '.join(ROPE_TYPES)}")
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if rope_type != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theta = float(rope["rope_theta"])
+    plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (plain / scaled.double()).float().numpy()
+
+
+def _add_tensors(writer, model, config, arch, quant: str, rope_freqs) -> int:
+    """Every weight under its GGUF name, in its GGUF type; returns the tensor count."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    qtype = {"f32": types.F32, "f16": types.F16, "bf16": types.BF16, "q8_0": types.Q8_0,
+             "q4_0": types.Q4_0}[quant]
+    names = gguf.TensorNameMap(arch, config.num_hidden_layers)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    permute = ARCHES[config.architectures[0]][1]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    count = 0
+    if rope_freqs is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                          rope_freqs, raw_dtype=types.F32)
+        count += 1
+    for key, tensor in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        base, _, suffix = key.rpartition(".")
+        mapped = names.get_name(base)
+        if mapped is None:
+            raise GGUFExportError(f"{key}: gguf-py has no GGUF name for this tensor")
+        data = tensor.detach().float().numpy()
+        if permute and base.endswith("self_attn.q_proj"):
+            data = permute_for_llama_rope(data, heads)
+        elif permute and base.endswith("self_attn.k_proj"):
+            data = permute_for_llama_rope(data, kv_heads)
+        kind = qtype if data.ndim == 2 else types.F32
+        if kind in (types.Q8_0, types.Q4_0) and data.shape[-1] % 32:
+            kind = types.F16
+        packed = data if kind == types.F32 else gguf.quants.quantize(data, kind)
+        writer.add_tensor(f"{mapped}.{suffix}", packed, raw_dtype=kind)
+        count += 1
+    return count

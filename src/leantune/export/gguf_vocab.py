@@ -1,0 +1,154 @@
+"""The vocabulary half of a GGUF file, as llama.cpp reads it (gguf-py key names).
+
+Two kinds of Hugging Face fast tokenizer (``tokenizer.json``) are written:
+
+- **Byte-level BPE** (GPT-2 style: SmolLM2, Llama 3, Qwen2/3, Mistral Nemo):
+  ``tokenizer.ggml.model = "gpt2"``, one token string per id (holes filled with
+  ``[PAD<i>]`` of type UNUSED, up to the embedding's row count), token types (added special
+  tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL), the merges, and
+  ``tokenizer.ggml.pre``. llama.cpp does not run ``tokenizer.json``'s pre-tokenizer; it
+  picks one of its own built-in splits by that name, so the name must say how the text
+  was split when the merges were learned. :func:`pre_tokenizer_name` recognises the
+  splits below from the pre-tokenizer's structure; any other is written as ``default``
+  with a warning, since llama.cpp may then cut some text into other tokens.
+- **SentencePiece-style BPE with byte fallback** (Llama 2, Mistral v0.1–v0.3, TinyLlama):
+  ``tokenizer.ggml.model = "llama"`` with scores and types from gguf-py's ``LlamaHfVocab``.
+
+The merges, the special-token ids (BOS/EOS/UNK/PAD), whether BOS/EOS are added, and the
+chat template come from gguf-py's ``SpecialVocab``, which reads the same files; where no
+file says whether BOS/EOS are added, the tokenizer's own encoding of a word says it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Split patterns (``tokenizer.json`` pre_tokenizer Split regexes) and llama.cpp's names.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+SPLIT_NAMES = {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "llama-bpe"}
+
+
+class VocabularyError(ValueError):
+    """The tokenizer is of a kind this writer does not translate (the message says which)."""
+
+
+def _is_byte_level(step: dict, *, use_regex: bool) -> bool:
+    return step.get("type") == "ByteLevel" and bool(step.get("use_regex", True)) == use_regex
+
+
+def pre_tokenizer_name(pre: dict | None) -> str | None:
+    """llama.cpp's name for a byte-level ``tokenizer.json`` pre-tokenizer, or None.
+
+    - ``ByteLevel`` with its own (GPT-2) regex: ``gpt-2``;
+    - ``Digits(individual_digits)`` then ``ByteLevel``: ``smollm`` (SmolLM/SmolLM2,
+      StarCoder's split: every digit alone, then GPT-2's regex);
+    - a Qwen2 or Llama 3 ``Split`` regex then ``ByteLevel`` without a regex: ``qwen2``
+      (Qwen2, Qwen2.5, Qwen3) or ``llama-bpe`` (Llama 3.x).
+    """
+    if not pre:
+        return None
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and _is_byte_level(steps[0], use_regex=True):
+        return "gpt-2"
+    if len(steps) != 2:
+        return None
+    first, second = steps
+    if (first.get("type") == "Digits" and first.get("individual_digits")
+            and _is_byte_level(second, use_regex=True)):
+        return "smollm"
+    if first.get("type") == "Split" and _is_byte_level(second, use_regex=False):
+        return SPLIT_NAMES.get((first.get("pattern") or {}).get("Regex"))
+    return None
+
+
+def add_vocabulary(writer, model_dir: Path, n_vocab: int) -> dict:
+    """Write ``model_dir``'s tokenizer into ``writer`` for an embedding of ``n_vocab`` rows.
+
+    Returns ``{"tokenizer": "gpt2"|"llama", "pre": name or None, "warnings": [...]}``.
+
+    Raises:
+        VocabularyError: no ``tokenizer.json``, or a tokenizer of another kind (Unigram,
+            WordPiece, BPE without byte-level or byte-fallback).
+    """
+    import gguf
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise VocabularyError(f"{model_dir}: no tokenizer.json; GGUF export needs the fast "
+                              "tokenizer that transformers saves with the model")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    warnings: list[str] = []
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        tokens, scores, types = zip(*gguf.LlamaHfVocab(Path(model_dir)).all_tokens())
+        tokens, scores, types = _pad(list(tokens), n_vocab, list(scores), list(types))
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        kind, pre = "llama", None
+    elif model.get("type") == "BPE" and spec.get("decoder", {}).get("type") == "ByteLevel":
+        tokens, types = _byte_level_tokens(spec, n_vocab)
+        pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+        if pre is None:
+            warnings.append(f"{path}: pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:200]}"
+                            " is none llama.cpp is known to share; wrote tokenizer.ggml.pre="
+                            "'default', so llama.cpp may split some text differently")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre or "default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        kind = "gpt2"
+    else:
+        raise VocabularyError(
+            f"{path}: a {model.get('type')} tokenizer cannot be written to GGUF yet; supported: "
+            "byte-level BPE (GPT-2 style) and BPE with byte fallback (SentencePiece style)")
+    # SentencePiece-style vocabularies merge by score; byte-level BPE needs the merge list.
+    special = gguf.SpecialVocab(Path(model_dir), load_merges=kind == "gpt2", n_vocab=n_vocab)
+    # llama.cpp guesses add_bos per pre-tokenizer when the key is absent: always write what
+    # the HF tokenizer does, read off its encoding of one word when no file states it.
+    added = _adds_bos_eos(model_dir)
+    for which in ("bos", "eos"):
+        special.add_special_token.setdefault(which, added[which])
+    special.add_to_gguf(writer, quiet=True)
+    return {"tokenizer": kind, "pre": pre, "warnings": warnings}
+
+
+def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok("a")["input_ids"]
+    return {"bos": tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id],
+            "eos": tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]}
+
+
+def _byte_level_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
+    """Token strings by id and their llama.cpp types, padded to ``n_vocab``."""
+    import gguf
+
+    by_id: dict[int, str] = {i: t for t, i in spec["model"]["vocab"].items()}
+    types: dict[int, int] = {}
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        types[added["id"]] = (gguf.TokenType.CONTROL if added.get("special")
+                              else gguf.TokenType.USER_DEFINED)
+    size = max(n_vocab, max(by_id) + 1)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    kinds = [types.get(i, gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED)
+             for i in range(size)]
+    return tokens, kinds
+
+
+def _pad(tokens: list, n_vocab: int, scores: list, types: list) -> tuple[list, list, list]:
+    """Fill ids the tokenizer does not use (the embedding has more rows) with UNUSED tokens."""
+    import gguf
+
+    for i in range(len(tokens), n_vocab):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    return tokens, scores, types

@@ -108,6 +108,29 @@ def save_tiny_model(directory, arch: str = "llama", seed: int = 0) -> str:
     return str(directory)
 
 
+def train_tiny_run(tmp, arch: str, overrides=()) -> tuple:
+    """A tiny ``arch`` base with LoRA trained 3 steps on sums, merged by ``leantune
+    export``; returns ``(run_dir, merged_hf_dir)`` under ``tmp``."""
+    import leantune.train.loop as loop
+    from leantune.config import load_config
+    from leantune.export import export_run
+
+    base = save_tiny_model(tmp / "base", arch)
+    data = tmp / "add.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"add {i % 9} {i % 4}"},
+        {"role": "assistant", "content": f"The answer is {i % 9 + i % 4}."}]}) + "\n"
+        for i in range(24)))
+    run_dir = tmp / "run"
+    loop.train(load_config(None, [
+        f"model.name_or_path={base}", f"data.path={data}", f"train.output_dir={run_dir}",
+        "train.max_steps=3", "train.batch_size=4", "optim.lr=5e-2", "train.progress=false",
+        "eval.before=false", "eval.generate=0", *overrides]))
+    merged = tmp / "merged"
+    export_run(run_dir, merged)
+    return run_dir, merged
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2", "gpt2"])
 def tiny_model_dir(request, tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)

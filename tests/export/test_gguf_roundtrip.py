@@ -10,17 +10,12 @@ gives the same ids and renders the same chat prompt."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import leantune.train.loop as loop
-from conftest import save_tiny_model
+from conftest import train_tiny_run
 from leantune.cli import main
-from leantune.config import load_config
-from leantune.export import export_run
 
 # ||Δ logits|| / ||logits|| against the unquantized merged model, and the least top-1
 # agreement, on random ids. Tiny random models (hidden 32) magnify quantization error; the
@@ -31,27 +26,9 @@ HELD_OUT = ("Paris has 2,148,271 people (2020)!\n\tIt's  the capital — of Fran
             "<|im_start|>user\nhi<|im_end|> 3.14159 can't WON'T")
 
 
-def train_tiny(tmp, arch: str, overrides=()) -> tuple:
-    """A tiny ``arch`` base trained 3 steps; returns ``(run_dir, merged_hf_dir)``."""
-    base = save_tiny_model(tmp / "base", arch)
-    data = tmp / "add.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"add {i % 9} {i % 4}"},
-        {"role": "assistant", "content": f"The answer is {i % 9 + i % 4}."}]}) + "\n"
-        for i in range(24)))
-    run_dir = tmp / "run"
-    loop.train(load_config(None, [
-        f"model.name_or_path={base}", f"data.path={data}", f"train.output_dir={run_dir}",
-        "train.max_steps=3", "train.batch_size=4", "optim.lr=5e-2", "train.progress=false",
-        "eval.before=false", "eval.generate=0", *overrides]))
-    merged = tmp / "merged"
-    export_run(run_dir, merged)
-    return run_dir, merged
-
-
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
 def trained(request, tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp(f"gguf-{request.param}"), request.param)
+    return train_tiny_run(tmp_path_factory.mktemp(f"gguf-{request.param}"), request.param)
 
 
 def logits(model) -> torch.Tensor:

@@ -91,7 +91,11 @@ def add_vocabulary(writer, model_dir: Path, n_vocab: int) -> dict:
         writer.add_token_types(types)
         kind, pre = "llama", None
     elif model.get("type") == "BPE" and spec.get("decoder", {}).get("type") == "ByteLevel":
-        tokens, types = _byte_level_tokens(spec, n_vocab)
+        tokens, types, beyond = _byte_level_tokens(spec, n_vocab)
+        if beyond:
+            warnings.append(f"{path}: token(s) {', '.join(beyond)} have ids past the "
+                            f"embedding's {n_vocab} rows; the model cannot read them, so "
+                            "they are left out")
         pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
         if pre is None:
             warnings.append(f"{path}: pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:200]}"
@@ -126,8 +130,10 @@ def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
             "eos": tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]}
 
 
-def _byte_level_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
-    """Token strings by id and their llama.cpp types, padded to ``n_vocab``."""
+def _byte_level_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """Token strings by id and their llama.cpp types for ids ``0 .. n_vocab - 1`` (holes
+    padded), and the tokens whose ids lie past the embedding (llama.cpp refuses a file
+    with more tokens than embedding rows)."""
     import gguf
 
     by_id: dict[int, str] = {i: t for t, i in spec["model"]["vocab"].items()}
@@ -136,11 +142,10 @@ def _byte_level_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
         by_id[added["id"]] = added["content"]
         types[added["id"]] = (gguf.TokenType.CONTROL if added.get("special")
                               else gguf.TokenType.USER_DEFINED)
-    size = max(n_vocab, max(by_id) + 1)
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
     kinds = [types.get(i, gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED)
-             for i in range(size)]
-    return tokens, kinds
+             for i in range(n_vocab)]
+    return tokens, kinds, [repr(t) for i, t in sorted(by_id.items()) if i >= n_vocab]
 
 
 def _pad(tokens: list, n_vocab: int, scores: list, types: list) -> tuple[list, list, list]:

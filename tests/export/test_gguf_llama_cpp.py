@@ -1,0 +1,78 @@
+"""GGUF out, run by llama.cpp itself (opt-in: needs ``llama-cpp-python``, which PyPI ships
+only as a source package that builds llama.cpp, ~5-10 min on 2 cores; CI skips this).
+
+    pip install llama-cpp-python && python -m pytest tests/export/test_gguf_llama_cpp.py
+
+For a trained tiny Llama, Mistral, Qwen2 and Qwen3 exported in f32, llama.cpp must split
+held-out text into the HF tokenizer's ids (its own pre-tokenizer, chosen by the name we
+wrote, and BOS as we said), give the merged HF model's logits at every position, and
+reply greedily with the same tokens as ``transformers`` ``generate``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import train_tiny_run
+from leantune.cli import main
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TEXTS = ["Paris has 2,148,271 people (2020)!\n\tIt's  the capital — of France.",
+         "<|im_start|>user\nadd 3 4<|im_end|>\n<|im_start|>assistant\nThe answer is 7.",
+         "def add(a, b):\n    return a + b  # 0 1 2 3 can't WON'T  ünïcödé"]
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
+def exported(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"llama-cpp-{request.param}")
+    run_dir, merged = train_tiny_run(tmp, request.param)
+    assert main(["export", str(run_dir), "--format", "gguf", "--quant", "f32",
+                 "--out", str(tmp / "m.gguf")]) == 0
+    # An f32 KV cache (llama.cpp's default is f16), so the comparison is of f32 with f32.
+    model = llama_cpp.Llama(str(tmp / "m.gguf"), n_ctx=256, logits_all=True, n_threads=1,
+                            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                            verbose=False)
+    return merged, model
+
+
+def test_llama_cpp_tokenizes_like_the_hf_tokenizer(exported):
+    merged, model = exported
+    tok = AutoTokenizer.from_pretrained(merged)
+    for text in TEXTS:
+        assert model.tokenize(text.encode(), add_bos=True, special=True) == \
+            tok(text)["input_ids"], text
+
+
+def test_llama_cpp_gives_the_merged_models_logits(exported):
+    merged, model = exported
+    tok = AutoTokenizer.from_pretrained(merged)
+    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    for text in TEXTS:
+        ids = tok(text)["input_ids"]
+        model.reset()
+        model.eval(ids)
+        got = np.asarray(model.scores[:len(ids)])
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+        assert np.abs(got - ref).max() <= 1e-4, text
+
+
+def test_llama_cpp_replies_greedily_as_transformers_does(exported):
+    merged, model = exported
+    tok = AutoTokenizer.from_pretrained(merged)
+    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "add 2 5"}], tokenize=True,
+                                     add_generation_prompt=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                          pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+    model.reset()
+    got = []
+    for token in model.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+        got.append(token)
+        if len(got) == len(ref) or token == tok.eos_token_id:
+            break
+    assert got == ref

@@ -107,10 +107,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _setup_logging("warning")
-    from leantune.export import export_gguf, export_run
+    from leantune.export import export_gguf, export_gguf_lora, export_run
 
+    if args.format == "hf" and args.quant:
+        raise ExportError("--quant applies to --format gguf or gguf-lora; an hf export "
+                          "keeps the model's dtype")
     if args.format == "gguf":
-        result = export_gguf(Path(args.run_dir), Path(args.out), args.quant)
+        result = export_gguf(Path(args.run_dir), Path(args.out), args.quant or "f16")
+    elif args.format == "gguf-lora":
+        result = export_gguf_lora(Path(args.run_dir), Path(args.out), args.quant or "f32")
+        base = result["base"] or "BASE.gguf"
+        print(f"llama.cpp LoRA adapter ({result['architecture']}, {result['quant']}, "
+              f"{result['tensors']} tensors, {result['bytes'] / 2**20:.1f} MiB) written to "
+              f"{result['out']}; use: llama-cli -m {base} --lora {result['out']}")
+        return 0
     else:
         result = export_run(Path(args.run_dir), Path(args.out))
     for line in ([result["note"]] if result["note"] else []) + result.get("warnings", []):
@@ -179,10 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir", help="a finished run directory")
     ex.add_argument("--out", required=True, help="the model directory to write (new or "
                     "empty); with --format gguf a .gguf file or a directory for it")
-    ex.add_argument("--format", choices=("hf", "gguf"), default="hf",
-                    help="hf: a transformers model directory; gguf: one file for llama.cpp")
-    ex.add_argument("--quant", choices=GGUF_QUANTS, default="f16",
-                    help="GGUF weight type for 2-D weights (norms stay f32)")
+    ex.add_argument("--format", choices=("hf", "gguf", "gguf-lora"), default="hf",
+                    help="hf: a transformers model directory; gguf: one merged file for "
+                    "llama.cpp / Ollama / LM Studio; gguf-lora: the LoRA adapter alone, for "
+                    "llama.cpp's --lora over a base GGUF")
+    ex.add_argument("--quant", choices=GGUF_QUANTS, default=None,
+                    help="GGUF weight type for 2-D weights, norms stay f32 (default: f16 for "
+                    "gguf, f32 for gguf-lora, which takes f32/f16/bf16/q8_0)")
     ex.set_defaults(func=cmd_export)
     rp = sub.add_parser("report", help="HTML page and plots of one run, or of several overlaid")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

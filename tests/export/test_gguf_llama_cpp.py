@@ -6,7 +6,9 @@ only as a source package that builds llama.cpp, ~5-10 min on 2 cores; CI skips t
 For a trained tiny Llama, Mistral, Qwen2 and Qwen3 exported in f32, llama.cpp must split
 held-out text into the HF tokenizer's ids (its own pre-tokenizer, chosen by the name we
 wrote, and BOS as we said), give the merged HF model's logits at every position, and
-reply greedily with the same tokens as ``transformers`` ``generate``."""
+reply greedily with the same tokens as ``transformers`` ``generate``. The LoRA adapter
+alone (``--format gguf-lora``), applied by llama.cpp over the base's GGUF, must give the
+merged model's logits too."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import train_tiny_run
 from leantune.cli import main
+from leantune.export.gguf_file import write_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -35,11 +38,11 @@ def exported(request, tmp_path_factory):
     model = llama_cpp.Llama(str(tmp / "m.gguf"), n_ctx=256, logits_all=True, n_threads=1,
                             type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
                             verbose=False)
-    return merged, model
+    return merged, model, tmp, run_dir
 
 
 def test_llama_cpp_tokenizes_like_the_hf_tokenizer(exported):
-    merged, model = exported
+    merged, model, _, _ = exported
     tok = AutoTokenizer.from_pretrained(merged)
     for text in TEXTS:
         assert model.tokenize(text.encode(), add_bos=True, special=True) == \
@@ -47,7 +50,7 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(exported):
 
 
 def test_llama_cpp_gives_the_merged_models_logits(exported):
-    merged, model = exported
+    merged, model, _, _ = exported
     tok = AutoTokenizer.from_pretrained(merged)
     hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     for text in TEXTS:
@@ -61,7 +64,7 @@ def test_llama_cpp_gives_the_merged_models_logits(exported):
 
 
 def test_llama_cpp_replies_greedily_as_transformers_does(exported):
-    merged, model = exported
+    merged, model, _, _ = exported
     tok = AutoTokenizer.from_pretrained(merged)
     hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     prompt = tok.apply_chat_template([{"role": "user", "content": "add 2 5"}], tokenize=True,
@@ -76,3 +79,26 @@ def test_llama_cpp_replies_greedily_as_transformers_does(exported):
         if len(got) == len(ref) or token == tok.eos_token_id:
             break
     assert got == ref
+
+
+def test_llama_cpp_applies_the_lora_gguf_over_the_base_gguf(exported):
+    merged, _, tmp, run_dir = exported
+    assert main(["export", str(run_dir), "--format", "gguf-lora", "--out",
+                 str(tmp / "lora.gguf")]) == 0
+    write_gguf(tmp / "base", tmp / "base.gguf", "f32")
+    adapted = llama_cpp.Llama(str(tmp / "base.gguf"), lora_path=str(tmp / "lora.gguf"),
+                              n_ctx=256, logits_all=True, n_threads=1, verbose=False,
+                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    tok = AutoTokenizer.from_pretrained(merged)
+    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)
+    for text in TEXTS:
+        ids = tok(text)["input_ids"]
+        adapted.reset()
+        adapted.eval(ids)
+        got = np.asarray(adapted.scores[:len(ids)])
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+            plain = base(input_ids=torch.tensor([ids])).logits[0].numpy()
+        assert np.abs(got - ref).max() <= 1e-4, text
+        assert np.abs(plain - ref).max() > 1e-2  # the adapter changed something

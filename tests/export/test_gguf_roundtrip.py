@@ -21,7 +21,7 @@ from leantune.cli import main
 # agreement, on random ids. Tiny random models (hidden 32) magnify quantization error; the
 # quickstart's own figures are in the README.
 BOUNDS = {"f32": (1e-6, 1.0), "f16": (5e-3, 0.95), "bf16": (3e-2, 0.9), "q8_0": (8e-2, 0.9),
-          "q4_0": (6e-1, 0.5)}
+          "q5_0": (3e-1, 0.7), "q4_1": (4e-1, 0.6), "q4_0": (6e-1, 0.5)}
 HELD_OUT = ("Paris has 2,148,271 people (2020)!\n\tIt's  the capital — of France. "
             "<|im_start|>user\nhi<|im_end|> 3.14159 can't WON'T")
 
@@ -39,13 +39,17 @@ def logits(model) -> torch.Tensor:
 
 
 def through_quantizer(merged, quant: str):
-    """The merged model with every 2-D weight quantized by gguf-py and dequantized back.
-    (Blocks run along rows, so the RoPE row permutation does not change the result.)"""
+    """The merged model with every 2-D weight quantized by gguf-py and dequantized back;
+    in the 4- and 5-bit types the output head (the embedding when tied) at q8_0. (Blocks
+    run along rows, so the RoPE row permutation does not change the result.)"""
     import gguf
 
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    kind = gguf.GGMLQuantizationType[quant.upper()]
-    for p in model.parameters():
+    head = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+    for name, p in model.named_parameters():
+        kind = gguf.GGMLQuantizationType[quant.upper()]
+        if quant in ("q5_0", "q4_1", "q4_0") and name == head:
+            kind = gguf.GGMLQuantizationType.Q8_0
         if p.ndim == 2 and quant != "f32":
             packed = gguf.quants.quantize(p.detach().numpy(), kind)
             p.data = torch.from_numpy(gguf.quants.dequantize(packed, kind).copy()).float()

@@ -5,9 +5,13 @@ dequantized then merged, full fine-tuning), then written with gguf-py: ``GGUFWri
 ``TensorNameMap`` for the tensor names and ``gguf.quants`` for the weights.
 
 - Architectures (``ARCHES``): Llama and Mistral (llama.cpp's ``llama``), Qwen2, Qwen3.
-- Weights: every 2-D weight in ``--quant`` (f32, f16, bf16, q8_0, q4_0: blocks of 32 with
-  one scale each); norms and biases stay f32, as llama.cpp's own converter leaves them.
-  A row whose length 32 does not divide falls back to f16.
+- Weights: every 2-D weight in ``--quant`` (f32, f16, bf16; q8_0, q5_0, q4_0: blocks of 32
+  weights with one scale; q4_1: a scale and a minimum); norms and biases stay f32, as
+  llama.cpp's own converter leaves them. In the 4- and 5-bit types the output head (the
+  token embedding when tied) stays q8_0: llama.cpp's quantizer keeps it at 6 bits, a type
+  gguf-py cannot write, because the logits feel its error most (the quickstart's
+  perplexity at q4_0: 25.8 with the head at 4 bits, 24.0 at 8). A row whose length 32
+  does not divide falls back to f16.
 - RoPE: transformers rotates the two halves of each head, llama.cpp's ``llama`` rotates
   adjacent pairs, so Llama/Mistral q/k rows are permuted per head from
   ``[r_0 .. r_{d/2-1}, r_{d/2} .. r_{d-1}]`` to ``[r_0, r_{d/2}, r_1, r_{d/2+1}, ..]``
@@ -45,6 +49,27 @@ def permute_for_llama_rope(w: np.ndarray, heads: int) -> np.ndarray:
     """``[heads * d, ...]`` rows in HF's half-rotation order -> llama.cpp's pair order."""
     return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+def export_gguf_lora(run_dir: Path, out: Path, quant: str = "f32") -> dict:
+    """Write ``run_dir``'s LoRA adapter alone as a llama.cpp LoRA GGUF (``out``: a ``.gguf``
+    path or a directory that gets ``lora-<quant>.gguf``); see :mod:`.gguf_lora`."""
+    from leantune.export.gguf_lora import write_gguf_lora
+
+    if out.suffix != ".gguf":
+        out = out / f"lora-{quant}.gguf"
+    if out.exists():
+        raise GGUFExportError(f"{out} exists; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        info = write_gguf_lora(run_dir, tmp, quant)
+        tmp.rename(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return info | {"out": str(out), "bytes": out.stat().st_size, "method": "lora",
+                   "note": None, "warnings": []}
 
 
 def export_gguf(run_dir: Path, out: Path, quant: str = "f16") -> dict:
@@ -134,10 +159,8 @@ def _add_architecture(writer, config, quant: str) -> np.ndarray | None:
 
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
+    file_type = "ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}"
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -173,8 +196,8 @@ def _add_tensors(writer, model, config, arch, quant: str, rope_freqs) -> int:
     import gguf
 
     types = gguf.GGMLQuantizationType
-    qtype = {"f32": types.F32, "f16": types.F16, "bf16": types.BF16, "q8_0": types.Q8_0,
-             "q4_0": types.Q4_0}[quant]
+    qtype = getattr(types, quant.upper())
+    low_bits = qtype in (types.Q5_0, types.Q4_1, types.Q4_0)
     names = gguf.TensorNameMap(arch, config.num_hidden_layers)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -198,7 +221,9 @@ def _add_tensors(writer, model, config, arch, quant: str, rope_freqs) -> int:
         elif permute and base.endswith("self_attn.k_proj"):
             data = permute_for_llama_rope(data, kv_heads)
         kind = qtype if data.ndim == 2 else types.F32
-        if kind in (types.Q8_0, types.Q4_0) and data.shape[-1] % 32:
+        if low_bits and (mapped == "output" or (tied and mapped == "token_embd")):
+            kind = types.Q8_0
+        if kind not in (types.F32, types.F16, types.BF16) and data.shape[-1] % 32:
             kind = types.F16
         packed = data if kind == types.F32 else gguf.quants.quantize(data, kind)
         writer.add_tensor(f"{mapped}.{suffix}", packed, raw_dtype=kind)

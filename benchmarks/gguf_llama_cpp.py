@@ -8,9 +8,10 @@ llama-cpp-python, f32 KV cache) on the run's own held-out examples (``build_spli
 the run's seed), against the merged HF model: max |Δ logit|, top-1 agreement, mean and max
 |Δ log p| of the actual next tokens, perplexity; whether llama.cpp splits the held-out
 text into the HF tokenizer's ids. Then the greedy reply to the run's held-out prompt
-(summary.json) from ``leantune generate``'s code path (base + adapter, unmerged) and from
-llama.cpp (its default f16 KV cache), alternated over ``--rounds``: tokens/s (prompt
-included) and whether the replies agree. Both use every core. Run it alone.
+(summary.json) from ``leantune generate``'s code path (base + adapter, unmerged), from
+the merged HF model and from llama.cpp (its default f16 KV cache): whether the replies
+agree, and tokens/s over ``--speed-tokens`` forced tokens (prompt included), the arms
+alternated over ``--rounds``. All use every core. Run it alone.
 Results: ``--out`` (JSON, with the CPU model and flags) and a Markdown table on stdout.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,8 +72,9 @@ def llama_cpp_logits(llm, held) -> list[np.ndarray]:
     return out
 
 
-def llama_cpp_reply(llm, prompt_ids: list[int], max_new: int, eos: int) -> tuple[list, float]:
-    """Greedy ids (EOS counted, as transformers counts it) and seconds, prompt included."""
+def llama_cpp_reply(llm, prompt_ids: list[int], max_new: int, eos: int | None):
+    """Greedy ids (EOS included; ``eos=None`` runs to ``max_new``) and seconds, prompt
+    processing included."""
     llm.reset()
     start, ids = time.perf_counter(), []
     for token in llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
@@ -82,14 +85,46 @@ def llama_cpp_reply(llm, prompt_ids: list[int], max_new: int, eos: int) -> tuple
 
 
 @torch.no_grad()
-def ours_reply(model, tokenizer, prompt: str, max_new: int) -> tuple[list, float]:
+def hf_reply(model, tokenizer, prompt: str, max_new: int, to_the_end: bool = False):
     """What ``leantune generate`` runs for one prompt (leantune.generate.generate: greedy,
-    KV cache, the rendered prompt without added special tokens): new ids and seconds."""
+    KV cache, the rendered prompt without added special tokens): new ids and seconds;
+    ``to_the_end`` forbids EOS until ``max_new`` tokens, for equal work in the timing."""
     start = time.perf_counter()
     enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=max_new, use_cache=True, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id,
+                         min_new_tokens=max_new if to_the_end else None)
     return out[0, enc["input_ids"].shape[1]:].tolist(), time.perf_counter() - start
+
+
+def replies_and_speed(args, tmp: Path, run_model, merged, tokenizer, prompt: str, threads):
+    """The greedy reply of every arm (to EOS, at most ``--max-new-tokens``), then
+    ``--speed-tokens`` forced tokens per arm, the arms alternated over ``--rounds``."""
+    import llama_cpp
+
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    hf = {"leantune generate (fp32, base + adapter)": run_model,
+          "transformers generate (fp32, merged)": merged}
+    cpp = {f"llama.cpp {q}": llama_cpp.Llama(str(tmp / q / f"model-{q}.gguf"), n_ctx=1024,
+                                             n_threads=threads, verbose=False)
+           for q in args.speed_quants.split(",")}
+    replies = {k: hf_reply(m, tokenizer, prompt, args.max_new_tokens)[0] for k, m in hf.items()}
+    replies |= {k: llama_cpp_reply(m, prompt_ids, args.max_new_tokens, tokenizer.eos_token_id)[0]
+                for k, m in cpp.items()}
+    speed = {k: [] for k in (*hf, *cpp)}
+    n = args.speed_tokens
+    for _ in range(args.rounds):  # alternate, so drift in the machine's speed hits all arms
+        for k, m in hf.items():
+            ids, seconds = hf_reply(m, tokenizer, prompt, n, to_the_end=True)
+            speed[k].append(len(ids) / seconds)
+        for k, m in cpp.items():
+            ids, seconds = llama_cpp_reply(m, prompt_ids, n, None)
+            speed[k].append(len(ids) / seconds)
+    text = {k: tokenizer.decode(v, skip_special_tokens=True).strip() for k, v in replies.items()}
+    return {"prompt_tokens": len(prompt_ids), "replies": text,
+            "same_reply_as_leantune": {k: v == next(iter(text.values())) for k, v in text.items()},
+            "speed_tokens": n, "tokens_per_s": {k: statistics.median(v) for k, v in speed.items()},
+            "tokens_per_s_rounds": speed}
 
 
 def lora_over_base(run_dir: Path, tmp: Path, ref, held, merged, threads: int) -> dict | None:
@@ -132,7 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--quants", default="f32,f16,bf16,q8_0,q5_0,q4_1,q4_0")
     p.add_argument("--speed-quants", default="f16,q8_0,q4_1,q4_0")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="for the replies")
+    p.add_argument("--speed-tokens", type=int, default=64, help="forced tokens per timing")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gguf.json")
     args = p.parse_args(argv)
 
@@ -157,7 +193,6 @@ def main(argv=None) -> int:
     held = [e.input_ids for e in build_splits(cfg.data, tokenizer, cfg.train.seed).eval]
     ref = hf_logits(merged, held)
     texts = [tokenizer.decode(ids) for ids in held]
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     rows = {}
     for quant in args.quants.split(","):
         start = time.perf_counter()
@@ -178,28 +213,14 @@ def main(argv=None) -> int:
         rows[quant] = row
         print(f"{quant}: {json.dumps(row)}", flush=True)
     lora = lora_over_base(args.run_dir, tmp, ref, held, merged, threads)
-    speed = {"ours": [], **{q: [] for q in args.speed_quants.split(",")}}
-    replies = {}
-    chats = {q: llama_cpp.Llama(str(tmp / q / f"model-{q}.gguf"), n_ctx=1024,
-                                n_threads=threads, verbose=False) for q in speed if q != "ours"}
-    for _ in range(args.rounds):  # alternate, so drift in the machine's speed hits all arms
-        ids, seconds = ours_reply(run_model, tokenizer, prompt, args.max_new_tokens)
-        speed["ours"].append(len(ids) / seconds)
-        replies["ours"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        for quant, llm in chats.items():
-            ids, seconds = llama_cpp_reply(llm, prompt_ids, args.max_new_tokens,
-                                           tokenizer.eos_token_id)
-            speed[quant].append(len(ids) / seconds)
-            replies[quant] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    generation = replies_and_speed(args, tmp, run_model, merged, tokenizer, prompt, threads)
     result = {
         "run_dir": str(args.run_dir), "cpu": cpu_info(), "threads": threads,
         "versions": {m: importlib.metadata.version(m) for m in ("torch", "transformers", "gguf")}
         | {"llama_cpp_python": llama_cpp.__version__},
         "held_out": {"examples": len(held), "tokens": sum(map(len, held))},
-        "quants": rows, "lora_over_base": lora, "prompt": prompt, "replies": replies,
-        "same_reply_as_ours": {q: replies[q] == replies["ours"] for q in chats},
-        "tokens_per_s": {k: statistics.median(v) for k, v in speed.items()},
-        "tokens_per_s_rounds": speed}
+        "quants": rows, "lora_over_base": lora, "prompt": prompt, "generation": generation}
+    shutil.rmtree(tmp, ignore_errors=True)  # ~1.5 GB of GGUF files
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
@@ -216,13 +237,13 @@ def table(r: dict) -> str:
                      f"{c['max_abs_dlogit']:.3g} / {c['top1']:.1%} / "
                      f"{c['mean_abs_dlogprob']:.3g} / {c['ppl']:.3f} ({c['ppl_ref']:.3f}) | "
                      f"{c['same_ids']:.0%} |")
-    ours = r["tokens_per_s"]["ours"]
-    lines += ["", "| reply by | tokens/s | × leantune generate | same greedy reply |",
-              "|---|---|---|---|", f"| leantune generate (fp32, unmerged) | {ours:.1f} | 1.00 | – |"]
-    for q, v in r["tokens_per_s"].items():
-        if q != "ours":
-            lines.append(f"| llama.cpp {q} | {v:.1f} | {v / ours:.2f} | "
-                         f"{'yes' if r['same_reply_as_ours'][q] else 'no'} |")
+    g = r["generation"]
+    base = next(iter(g["tokens_per_s"].values()))
+    lines += ["", f"| reply by ({g['speed_tokens']} tokens after a {g['prompt_tokens']}-token "
+              "prompt) | tokens/s | × leantune generate | same greedy reply |", "|---|---|---|---|"]
+    for k, v in g["tokens_per_s"].items():
+        lines.append(f"| {k} | {v:.1f} | {v / base:.2f} | "
+                     f"{'yes' if g['same_reply_as_leantune'][k] else 'no'} |")
     lora = r.get("lora_over_base") or {}
     if lora.get("with_lora"):
         w, b = lora["with_lora"], lora["base_alone"]

@@ -17,7 +17,7 @@ os.environ.setdefault("LEANTUNE_CACHE", tempfile.mkdtemp(prefix="leantune-tests-
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, PhiConfig,
                           Qwen2Config, Qwen3Config)
@@ -49,6 +49,27 @@ def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFas
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
                                    pad_token="<pad>", additional_special_tokens=SPECIAL[3:])
     fast.chat_template = chat_template
+    return fast
+
+
+def make_spm_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE (Llama 2 / Mistral v0.1 kind): "▁" for spaces, prepended,
+    byte fallback to the 256 ``<0xXX>`` tokens, BOS added."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special + [
+        f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", pad_token="<unk>",
+                                   additional_special_tokens=special[3:])
+    fast.chat_template = CHATML
     return fast
 
 
@@ -99,8 +120,10 @@ def tokenizer():
 
 
 def save_tiny_model(directory, arch: str = "llama", seed: int = 0) -> str:
-    """A tiny random model + tokenizer saved as a local HF directory; returns its path."""
-    tok = make_tokenizer()
+    """A tiny random model + tokenizer saved as a local HF directory; returns its path.
+    ``<arch>-spm`` gives it the SentencePiece-style tokenizer instead of the byte-level one."""
+    tok = make_spm_tokenizer() if arch.endswith("-spm") else make_tokenizer()
+    arch = arch.removesuffix("-spm")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok)))
     model.save_pretrained(directory)

@@ -3,7 +3,8 @@ only as a source package that builds llama.cpp, ~5-10 min on 2 cores; CI skips t
 
     pip install llama-cpp-python && python -m pytest tests/export/test_gguf_llama_cpp.py
 
-For a trained tiny Llama, Mistral, Qwen2 and Qwen3 exported in f32, llama.cpp must split
+For a trained tiny Llama, Mistral, Qwen2, Qwen3, and a Llama with a SentencePiece-style
+tokenizer, exported in f32, llama.cpp must split
 held-out text into the HF tokenizer's ids (its own pre-tokenizer, chosen by the name we
 wrote, and BOS as we said), give the merged HF model's logits at every position, and
 reply greedily with the same tokens as ``transformers`` ``generate``. The LoRA adapter
@@ -28,7 +29,7 @@ TEXTS = ["Paris has 2,148,271 people (2020)!\n\tIt's  the capital — of France.
          "def add(a, b):\n    return a + b  # 0 1 2 3 can't WON'T  ünïcödé"]
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "llama-spm"])
 def exported(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"llama-cpp-{request.param}")
     run_dir, merged = train_tiny_run(tmp, request.param)
@@ -102,3 +103,34 @@ def test_llama_cpp_applies_the_lora_gguf_over_the_base_gguf(exported):
             plain = base(input_ids=torch.tensor([ids])).logits[0].numpy()
         assert np.abs(got - ref).max() <= 1e-4, text
         assert np.abs(plain - ref).max() > 1e-2  # the adapter changed something
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "factor": 4.0}])
+def test_llama_cpp_reads_the_rope_scaling(tmp_path, rope):
+    """Llama 3's scaling goes out as ``rope_freqs``, linear as a scaling type; llama.cpp's
+    logits over 120 positions (past the original 16) must be the HF model's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok),
+                         max_position_embeddings=256, rope_scaling=rope, rope_theta=1e4,
+                         bos_token_id=1, eos_token_id=4, pad_token_id=0)
+    hf = LlamaForCausalLM(config)
+    hf.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    model = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True,
+                            n_threads=1, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
+                            type_v=llama_cpp.GGML_TYPE_F32)
+    ids = torch.randint(5, len(tok), (120,), generator=torch.Generator().manual_seed(1)).tolist()
+    model.eval(ids)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(np.asarray(model.scores[:len(ids)]) - ref).max() <= 1e-4

@@ -1,6 +1,7 @@
 """GGUF out, read back by a reader we did not write: transformers' own GGUF loader.
 
-A trained tiny Llama, Mistral, Qwen2 and Qwen3 run is exported in every quantization and
+A trained tiny Llama, Mistral, Qwen2, Qwen3 and Llama with a SentencePiece-style
+tokenizer run is exported in every quantization and
 reloaded with ``from_pretrained(dir, gguf_file=...)`` from a directory that holds nothing
 else. Its logits equal, to 1e-5, those of the merged HF model whose 2-D weights went
 through gguf-py's quantizer and back (transformers dequantizes with its own kernels): the
@@ -9,6 +10,8 @@ model itself, f32 is exact and the others stay within a bound. The rebuilt token
 gives the same ids and renders the same chat prompt."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -26,7 +29,7 @@ HELD_OUT = ("Paris has 2,148,271 people (2020)!\n\tIt's  the capital — of Fran
             "<|im_start|>user\nhi<|im_end|> 3.14159 can't WON'T")
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "llama-spm"])
 def trained(request, tmp_path_factory):
     return train_tiny_run(tmp_path_factory.mktemp(f"gguf-{request.param}"), request.param)
 
@@ -56,6 +59,11 @@ def through_quantizer(merged, quant: str):
     return model
 
 
+def tokenizer_kind(merged) -> str:
+    spec = json.loads((merged / "tokenizer.json").read_text())
+    return "spm" if spec["model"].get("byte_fallback") else "byte-level"
+
+
 @pytest.mark.parametrize("quant", list(BOUNDS))
 def test_transformers_reads_back_the_merged_model(trained, tmp_path, quant, capsys):
     run_dir, merged = trained
@@ -81,7 +89,13 @@ def test_the_rebuilt_tokenizer_gives_the_same_ids_and_chat_prompt(trained, tmp_p
     main(["export", str(run_dir), "--format", "gguf", "--quant", "q8_0", "--out", str(out)])
     ref, tok = AutoTokenizer.from_pretrained(merged), AutoTokenizer.from_pretrained(
         tmp_path, gguf_file=out.name)
-    assert tok(HELD_OUT)["input_ids"] == ref(HELD_OUT)["input_ids"]
+    text = HELD_OUT
+    if tokenizer_kind(merged) == "spm":
+        # A legacy SentencePiece tokenizer (Llama 2's kind) puts "▁" before the text after
+        # each special token too; transformers rebuilds it non-legacy (Metaspace "first"),
+        # so the two part there. llama.cpp agrees with the original (test_gguf_llama_cpp).
+        text = text.split("<|im_start|>")[0]
+    assert tok(text)["input_ids"] == ref(text)["input_ids"]
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 2"}]
     assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
         ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)

@@ -122,7 +122,7 @@ def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16") -> dict:
             or a tensor gguf-py has no name for.
     """
     import gguf
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from leantune.export.gguf_vocab import VocabularyError, add_vocabulary
 
@@ -135,12 +135,13 @@ def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16") -> dict:
         raise GGUFExportError(f"quant {quant!r}: choose from {', '.join(QUANTS)}")
     arch = getattr(gguf.MODEL_ARCH, ARCHES[arch_class][0])
     name = gguf.MODEL_ARCH_NAMES[arch]
-    writer = gguf.GGUFWriter(str(out_file), name)
+    # Tensors are read one at a time and spooled to a temporary file as they are packed,
+    # so memory holds one f32 tensor, not the model (a 7B model is 28 GB in f32).
+    writer = gguf.GGUFWriter(str(out_file), name, use_temp_file=True)
     try:
         rope_freqs = _add_architecture(writer, config, quant)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        count = _add_tensors(writer, model, config, arch, quant, rope_freqs)
-        del model
+        count = _add_tensors(writer, _saved_tensors(Path(model_dir)), config, arch, quant,
+                             rope_freqs)
         try:
             vocab = add_vocabulary(writer, Path(model_dir), config.vocab_size)
         except VocabularyError as e:
@@ -191,8 +192,22 @@ def _add_architecture(writer, config, quant: str) -> np.ndarray | None:
     return (plain / scaled.double()).float().numpy()
 
 
-def _add_tensors(writer, model, config, arch, quant: str, rope_freqs) -> int:
-    """Every weight under its GGUF name, in its GGUF type; returns the tensor count."""
+def _saved_tensors(model_dir: Path):
+    """``(name, tensor)`` for every tensor of the directory's safetensors files, lazily."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise GGUFExportError(f"{model_dir}: no *.safetensors weights")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _add_tensors(writer, tensors, config, arch, quant: str, rope_freqs) -> int:
+    """Every ``(HF name, tensor)`` under its GGUF name, in its GGUF type; returns the
+    tensor count."""
     import gguf
 
     types = gguf.GGMLQuantizationType
@@ -208,9 +223,9 @@ def _add_tensors(writer, model, config, arch, quant: str, rope_freqs) -> int:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                           rope_freqs, raw_dtype=types.F32)
         count += 1
-    for key, tensor in model.state_dict().items():
-        if tied and key == "lm_head.weight":
-            continue
+    for key, tensor in tensors:
+        if (tied and key == "lm_head.weight") or key.endswith("rotary_emb.inv_freq"):
+            continue  # llama.cpp reuses token_embd; RoPE frequencies come from the metadata
         base, _, suffix = key.rpartition(".")
         mapped = names.get_name(base)
         if mapped is None:

@@ -12,7 +12,11 @@ Two kinds of Hugging Face fast tokenizer (``tokenizer.json``) are written:
   splits below from the pre-tokenizer's structure; any other is written as ``default``
   with a warning, since llama.cpp may then cut some text into other tokens.
 - **SentencePiece-style BPE with byte fallback** (Llama 2, Mistral v0.1–v0.3, TinyLlama):
-  ``tokenizer.ggml.model = "llama"`` with scores and types from gguf-py's ``LlamaHfVocab``.
+  ``tokenizer.ggml.model = "llama"``. llama.cpp's SentencePiece tokenizer merges the
+  adjacent pair whose result has the highest score, where BPE applies the lowest-ranked
+  merge; so a token made by merge ``k`` scores ``-k`` (single characters, bytes and
+  special tokens 0), which makes the two agree. Byte tokens ``<0xXX>`` are typed BYTE.
+  (gguf-py's ``LlamaHfVocab`` scores every token -1000, which would lose the order.)
 
 The merges, the special-token ids (BOS/EOS/UNK/PAD), whether BOS/EOS are added, and the
 chat template come from gguf-py's ``SpecialVocab``, which reads the same files; where no
@@ -22,6 +26,7 @@ file says whether BOS/EOS are added, the tokenizer's own encoding of a word says
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 # Split patterns (``tokenizer.json`` pre_tokenizer Split regexes) and llama.cpp's names.
@@ -83,19 +88,15 @@ def add_vocabulary(writer, model_dir: Path, n_vocab: int) -> dict:
     model = spec.get("model", {})
     warnings: list[str] = []
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        tokens, scores, types = zip(*gguf.LlamaHfVocab(Path(model_dir)).all_tokens())
-        tokens, scores, types = _pad(list(tokens), n_vocab, list(scores), list(types))
+        tokens, scores, types, beyond = _sentencepiece_tokens(spec, n_vocab)
         writer.add_tokenizer_model("llama")
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
+        writer.add_add_space_prefix(_adds_space_prefix(spec))
         kind, pre = "llama", None
     elif model.get("type") == "BPE" and spec.get("decoder", {}).get("type") == "ByteLevel":
         tokens, types, beyond = _byte_level_tokens(spec, n_vocab)
-        if beyond:
-            warnings.append(f"{path}: token(s) {', '.join(beyond)} have ids past the "
-                            f"embedding's {n_vocab} rows; the model cannot read them, so "
-                            "they are left out")
         pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
         if pre is None:
             warnings.append(f"{path}: pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:200]}"
@@ -110,6 +111,9 @@ def add_vocabulary(writer, model_dir: Path, n_vocab: int) -> dict:
         raise VocabularyError(
             f"{path}: a {model.get('type')} tokenizer cannot be written to GGUF yet; supported: "
             "byte-level BPE (GPT-2 style) and BPE with byte fallback (SentencePiece style)")
+    if beyond:
+        warnings.append(f"{path}: token(s) {', '.join(beyond)} have ids past the embedding's "
+                        f"{n_vocab} rows; the model cannot read them, so they are left out")
     # SentencePiece-style vocabularies merge by score; byte-level BPE needs the merge list.
     special = gguf.SpecialVocab(Path(model_dir), load_merges=kind == "gpt2", n_vocab=n_vocab)
     # llama.cpp guesses add_bos per pre-tokenizer when the key is absent: always write what
@@ -148,12 +152,42 @@ def _byte_level_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int], 
     return tokens, kinds, [repr(t) for i, t in sorted(by_id.items()) if i >= n_vocab]
 
 
-def _pad(tokens: list, n_vocab: int, scores: list, types: list) -> tuple[list, list, list]:
-    """Fill ids the tokenizer does not use (the embedding has more rows) with UNUSED tokens."""
+def _sentencepiece_tokens(spec: dict, n_vocab: int) -> tuple[list, list, list, list]:
+    """Tokens, scores (``-rank`` of the merge that makes each), types, and the tokens past
+    the embedding, for a BPE ``tokenizer.json`` with byte fallback."""
     import gguf
 
-    for i in range(len(tokens), n_vocab):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    return tokens, scores, types
+    model = spec["model"]
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    rank = {"".join(m.split(" ", 1) if isinstance(m, str) else m): k
+            for k, m in enumerate(model.get("merges", []))}
+    types: dict[int, int] = {}
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        types[added["id"]] = (gguf.TokenType.CONTROL if added.get("special")
+                              else gguf.TokenType.USER_DEFINED)
+    unk = model["vocab"].get(model.get("unk_token"), -1)
+    tokens, scores, kinds = [], [], []
+    for i in range(n_vocab):
+        token = by_id.get(i)
+        tokens.append(token if token is not None else f"[PAD{i}]")
+        scores.append(-float(rank[token]) if token in rank and i not in types else 0.0)
+        kinds.append(types.get(i) or (
+            gguf.TokenType.UNUSED if token is None else gguf.TokenType.UNKNOWN if i == unk
+            else gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token)
+            else gguf.TokenType.NORMAL))
+    return tokens, scores, kinds, [repr(t) for i, t in sorted(by_id.items()) if i >= n_vocab]
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether the tokenizer puts "▁" before the text (a ``Prepend`` normalizer, or a
+    ``Metaspace`` pre-tokenizer that prepends): llama.cpp's ``add_space_prefix``."""
+    def steps(part: dict | None, key: str) -> list[dict]:
+        if not part:
+            return []
+        return part.get(key, []) if part.get("type") == "Sequence" else [part]
+
+    if any(s.get("type") == "Prepend" for s in steps(spec.get("normalizer"), "normalizers")):
+        return True
+    return any(s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never"
+               for s in steps(spec.get("pre_tokenizer"), "pretokenizers"))

@@ -131,14 +131,14 @@ def save_tiny_model(directory, arch: str = "llama", seed: int = 0) -> str:
     return str(directory)
 
 
-def train_tiny_run(tmp, arch: str, overrides=()) -> tuple:
-    """A tiny ``arch`` base with LoRA trained 3 steps on sums, merged by ``leantune
-    export``; returns ``(run_dir, merged_hf_dir)`` under ``tmp``."""
+def train_tiny_run(tmp, arch: str, overrides=(), base: str | None = None) -> tuple:
+    """A tiny ``arch`` base (or ``base``) with LoRA trained 3 steps on sums, merged by
+    ``leantune export``; returns ``(run_dir, merged_hf_dir)`` under ``tmp``."""
     import leantune.train.loop as loop
     from leantune.config import load_config
     from leantune.export import export_run
 
-    base = save_tiny_model(tmp / "base", arch)
+    base = base or save_tiny_model(tmp / "base", arch)
     data = tmp / "add.jsonl"
     data.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"add {i % 9} {i % 4}"},

@@ -42,6 +42,13 @@ def exported(request, tmp_path_factory):
     return merged, model, tmp, run_dir
 
 
+def cpp_logits(model, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits ``[len(ids), V]`` at every position, from a fresh context."""
+    model.reset()
+    model.eval(ids)
+    return np.asarray(model.scores[:len(ids)])
+
+
 def test_llama_cpp_tokenizes_like_the_hf_tokenizer(exported):
     merged, model, _, _ = exported
     tok = AutoTokenizer.from_pretrained(merged)
@@ -56,9 +63,7 @@ def test_llama_cpp_gives_the_merged_models_logits(exported):
     hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     for text in TEXTS:
         ids = tok(text)["input_ids"]
-        model.reset()
-        model.eval(ids)
-        got = np.asarray(model.scores[:len(ids)])
+        got = cpp_logits(model, ids)
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
         assert np.abs(got - ref).max() <= 1e-4, text
@@ -95,9 +100,7 @@ def test_llama_cpp_applies_the_lora_gguf_over_the_base_gguf(exported):
     base = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)
     for text in TEXTS:
         ids = tok(text)["input_ids"]
-        adapted.reset()
-        adapted.eval(ids)
-        got = np.asarray(adapted.scores[:len(ids)])
+        got = cpp_logits(adapted, ids)
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
             plain = base(input_ids=torch.tensor([ids])).logits[0].numpy()
@@ -130,7 +133,6 @@ def test_llama_cpp_reads_the_rope_scaling(tmp_path, rope):
                             n_threads=1, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
                             type_v=llama_cpp.GGML_TYPE_F32)
     ids = torch.randint(5, len(tok), (120,), generator=torch.Generator().manual_seed(1)).tolist()
-    model.eval(ids)
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(np.asarray(model.scores[:len(ids)]) - ref).max() <= 1e-4
+    assert np.abs(cpp_logits(model, ids) - ref).max() <= 1e-4

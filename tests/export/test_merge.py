@@ -3,33 +3,21 @@ with plain transformers (no PEFT), keeps the chat template, and never overwrites
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import leantune.train.loop as loop
+from conftest import train_tiny_run
 from leantune.cli import main
-from leantune.config import load_config
 from leantune.export import ExportError, export_run
 
 
 @pytest.fixture(scope="module", params=["lora", "dora"])
 def trained_run(request, llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    data = tmp / "add.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"add {i % 9} {i % 4}"},
-        {"role": "assistant", "content": f"The answer is {i % 9 + i % 4}."}]}) + "\n"
-        for i in range(24)))
-    run_dir = tmp / "run"
-    loop.train(load_config(None, [
-        f"model.name_or_path={llama_dir}", f"data.path={data}", f"train.output_dir={run_dir}",
-        "train.max_steps=3", "train.batch_size=4", "optim.lr=5e-2", "train.progress=false",
-        "eval.before=false", f"adapter.use_dora={request.param == 'dora'}"]))
-    return run_dir
+    return train_tiny_run(tmp, "llama", [f"adapter.use_dora={request.param == 'dora'}"],
+                          base=llama_dir)[0]
 
 
 @pytest.mark.parametrize("via_cli", [False, True])

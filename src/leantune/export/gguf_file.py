@@ -56,18 +56,8 @@ def export_gguf_lora(run_dir: Path, out: Path, quant: str = "f32") -> dict:
     path or a directory that gets ``lora-<quant>.gguf``); see :mod:`.gguf_lora`."""
     from leantune.export.gguf_lora import write_gguf_lora
 
-    if out.suffix != ".gguf":
-        out = out / f"lora-{quant}.gguf"
-    if out.exists():
-        raise GGUFExportError(f"{out} exists; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        info = write_gguf_lora(run_dir, tmp, quant)
-        tmp.rename(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    out = _new_file(out, f"lora-{quant}.gguf")
+    info = _write_file_atomically(out, lambda tmp: write_gguf_lora(run_dir, tmp, quant))
     return info | {"out": str(out), "bytes": out.stat().st_size, "method": "lora",
                    "note": None, "warnings": []}
 
@@ -88,21 +78,11 @@ def export_gguf(run_dir: Path, out: Path, quant: str = "f16") -> dict:
 
     if quant not in QUANTS:
         raise GGUFExportError(f"--quant {quant!r}: choose from {', '.join(QUANTS)}")
-    if out.suffix != ".gguf":
-        out = out / f"model-{quant}.gguf"
-    if out.exists():
-        raise GGUFExportError(f"{out} exists; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _new_file(out, f"model-{quant}.gguf")
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as merged_dir:
         merged = Path(merged_dir) / "model"
         result = export_run(run_dir, merged)
-        tmp = out.with_name(f".{out.name}.tmp")
-        try:
-            info = write_gguf(merged, tmp, quant)
-            tmp.rename(out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        info = _write_file_atomically(out, lambda tmp: write_gguf(merged, tmp, quant))
         tokenizer = AutoTokenizer.from_pretrained(merged)
     stops = ["<|im_end|>"] if is_chatml(tokenizer.chat_template) else []
     modelfile = out.with_name(f"{out.stem}.Modelfile")
@@ -110,6 +90,30 @@ def export_gguf(run_dir: Path, out: Path, quant: str = "f16") -> dict:
                                           stops + [tokenizer.eos_token or ""]))
     return result | info | {"out": str(out), "bytes": out.stat().st_size,
                             "modelfile": str(modelfile)}
+
+
+def _new_file(out: Path, default_name: str) -> Path:
+    """``out`` itself when it names a ``.gguf`` file, else ``out / default_name``; refused
+    when it exists. Its directory is created."""
+    if out.suffix != ".gguf":
+        out = out / default_name
+    if out.exists():
+        raise GGUFExportError(f"{out} exists; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_file_atomically(out: Path, write):
+    """``write(tmp)`` to ``.<name>.tmp`` beside ``out``, renamed to ``out`` when it returns;
+    removed if it raises. Returns what ``write`` returns."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        result = write(tmp)
+        tmp.rename(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return result
 
 
 def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16") -> dict:

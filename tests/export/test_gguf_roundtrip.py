@@ -104,3 +104,20 @@ def test_the_rebuilt_tokenizer_gives_the_same_ids_and_chat_prompt(trained, tmp_p
     modelfile = out.with_name("m.Modelfile").read_text()
     assert modelfile.startswith("FROM ./m.gguf\n")
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "{{ .Content }}<|im_end|>" in modelfile
+
+
+@pytest.mark.parametrize("overrides", [
+    ["adapter.use_dora=true"], ["adapter.method=ia3"], ["adapter.method=qlora"],
+    ["adapter.method=full", "optim.lr=1e-3"]], ids=["dora", "ia3", "qlora", "full"])
+def test_every_mergeable_method_exports(tmp_path, overrides):
+    """DoRA, IA3, QLoRA (dequantized, then merged) and full fine-tuning reach the GGUF as
+    the merged model they export to: transformers reads back its f32 logits exactly."""
+    if overrides == ["adapter.method=qlora"]:
+        pytest.importorskip("bitsandbytes")
+    run_dir, merged = train_tiny_run(tmp_path, "llama", overrides)
+    assert main(["export", str(run_dir), "--format", "gguf", "--quant", "f32",
+                 "--out", str(tmp_path / "m.gguf")]) == 0
+    got = logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf",
+                                                      dtype=torch.float32))
+    ref = logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
+    assert (got - ref).abs().max() <= 1e-5

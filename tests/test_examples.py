@@ -59,3 +59,18 @@ def test_accelerate_configs_are_valid_and_state_their_launch_command(name):
     command = (f"accelerate launch --config_file examples/accelerate/{name} $(which leantune) "
                "train my.yaml")
     assert command in path.read_text() and command in (ROOT / "README.md").read_text()
+
+
+def test_readme_export_commands_parse():
+    """Every `leantune export` line the README shows (GGUF included) is a valid command."""
+    import shlex
+
+    from leantune.cli import build_parser
+
+    lines = [line.split("#")[0].split("&&")[0].strip()
+             for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("leantune export") and "[" not in line]
+    assert len(lines) >= 4
+    for line in lines:
+        args = build_parser().parse_args(shlex.split(line)[1:])
+        assert args.func.__name__ == "cmd_export", line

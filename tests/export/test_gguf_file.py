@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from conftest import save_tiny_model
 from leantune.export.gguf_file import GGUFExportError, permute_for_llama_rope, write_gguf
 from leantune.export.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
-from leantune.export.ollama import ollama_modelfile
+from leantune.export.ollama import default_system, ollama_modelfile
 
 
 def test_permuted_rows_rotate_in_adjacent_pairs_as_llama_cpp_does():
@@ -111,8 +111,22 @@ def test_ollama_modelfile_translates_chatml_only():
     text = ollama_modelfile("m.gguf", chatml, ["<|im_end|>", "<|im_end|>", ""])
     assert text.splitlines()[0] == "FROM ./m.gguf"
     assert text.count("PARAMETER stop") == 1 and "<|im_start|>{{ .Role }}" in text
+    assert "SYSTEM" not in text
+    with_system = ollama_modelfile("m.gguf", chatml, ["<|im_end|>"], system="Be brief.")
+    assert 'SYSTEM """Be brief."""' in with_system
     other = ollama_modelfile("m.gguf", "[INST] {{ m['content'] }} [/INST]", ["</s>"])
     assert "TEMPLATE" not in other.replace("No TEMPLATE", "") and "reads tokenizer" in other
+
+
+def test_the_default_system_message_is_read_off_the_template():
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer(chat_template=(
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are SmolLM.<|im_end|>\n' }}"
+        "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] "
+        "+ '<|im_end|>\n' }}{% endfor %}"))
+    assert default_system(tok) == "You are SmolLM."
+    assert default_system(make_tokenizer()) is None  # ChatML with no default system message
 
 
 def _installed(dist: str) -> bool:

@@ -74,7 +74,7 @@ def export_gguf(run_dir: Path, out: Path, quant: str = "f16") -> dict:
     """
     from transformers import AutoTokenizer
 
-    from leantune.export.ollama import is_chatml, ollama_modelfile
+    from leantune.export.ollama import default_system, is_chatml, ollama_modelfile
 
     if quant not in QUANTS:
         raise GGUFExportError(f"--quant {quant!r}: choose from {', '.join(QUANTS)}")
@@ -87,7 +87,8 @@ def export_gguf(run_dir: Path, out: Path, quant: str = "f16") -> dict:
     stops = ["<|im_end|>"] if is_chatml(tokenizer.chat_template) else []
     modelfile = out.with_name(f"{out.stem}.Modelfile")
     modelfile.write_text(ollama_modelfile(out.name, tokenizer.chat_template,
-                                          stops + [tokenizer.eos_token or ""]))
+                                          stops + [tokenizer.eos_token or ""],
+                                          default_system(tokenizer)))
     return result | info | {"out": str(out), "bytes": out.stat().st_size,
                             "modelfile": str(modelfile)}
 

@@ -19,12 +19,27 @@ def is_chatml(chat_template: str | None) -> bool:
         "<|im_end|>" in chat_template
 
 
-def ollama_modelfile(gguf_name: str, chat_template: str | None, stops: list[str]) -> str:
+def default_system(tokenizer) -> str | None:
+    """The system message a ChatML template puts in when the chat has none (SmolLM2's
+    "You are a helpful AI assistant named SmolLM, ..."), or None."""
+    if not is_chatml(tokenizer.chat_template):
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    head = "<|im_start|>system\n"
+    return text[len(head):text.index("<|im_end|>")] if text.startswith(head) else None
+
+
+def ollama_modelfile(gguf_name: str, chat_template: str | None, stops: list[str],
+                     system: str | None = None) -> str:
     """The text of a ``Modelfile`` beside ``gguf_name``: ``FROM ./<gguf_name>``, a ChatML
-    ``TEMPLATE`` (or a note), and one ``PARAMETER stop`` per distinct non-empty stop."""
+    ``TEMPLATE`` (or a note), the template's default ``SYSTEM`` message if it has one
+    (Ollama sends it when a chat brings none, as the Jinja template does), and one
+    ``PARAMETER stop`` per distinct non-empty stop."""
     lines = [f"FROM ./{gguf_name}"]
     if is_chatml(chat_template):
         lines.append(f'TEMPLATE """{CHATML_TEMPLATE}"""')
+        if system:
+            lines.append(f'SYSTEM """{system}"""')
     else:
         lines.append("# No TEMPLATE: this chat template is not ChatML, the one format this "
                      "writer translates; Ollama reads tokenizer.chat_template from the GGUF.")

@@ -127,7 +127,7 @@ def replies_and_speed(args, tmp: Path, run_model, merged, tokenizer, prompt: str
             "tokens_per_s_rounds": speed}
 
 
-def lora_over_base(run_dir: Path, tmp: Path, ref, held, merged, threads: int) -> dict | None:
+def lora_over_base(run_dir: Path, tmp: Path, ref, held, threads: int) -> dict | None:
     """``--format gguf-lora`` applied by llama.cpp over the run's own base GGUF (the
     quickstart's Q4_1 SmolLM2 file: GGUF in, GGUF out), against the merged model; and that
     base GGUF alone against the dequantized HF base, to show what the base's 4-bit
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         del llm
         rows[quant] = row
         print(f"{quant}: {json.dumps(row)}", flush=True)
-    lora = lora_over_base(args.run_dir, tmp, ref, held, merged, threads)
+    lora = lora_over_base(args.run_dir, tmp, ref, held, threads)
     generation = replies_and_speed(args, tmp, run_model, merged, tokenizer, prompt, threads)
     result = {
         "run_dir": str(args.run_dir), "cpu": cpu_info(), "threads": threads,

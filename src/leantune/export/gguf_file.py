@@ -51,6 +51,45 @@ def permute_for_llama_rope(w: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+def model_arch(config, where: str = ""):
+    """``(gguf-py MODEL_ARCH, whether q/k rows are permuted)`` for a HF config.
+
+    Raises:
+        GGUFExportError: an architecture not in :data:`ARCHES`.
+    """
+    import gguf
+
+    arch_class = (config.architectures or ["?"])[0]
+    if arch_class not in ARCHES:
+        raise GGUFExportError(f"{where}{arch_class} cannot be exported to GGUF yet; "
+                              f"supported: {', '.join(sorted(ARCHES))}")
+    arch_name, permute = ARCHES[arch_class]
+    return getattr(gguf.MODEL_ARCH, arch_name), permute
+
+
+def rope_rows(module_path: str, rows: np.ndarray, config) -> np.ndarray:
+    """``rows`` (the output rows of ``module_path``'s weight, or of a LoRA B) permuted for
+    llama.cpp's RoPE when the module is a Llama/Mistral q or k projection; else as is."""
+    heads = config.num_attention_heads
+    if module_path.endswith("self_attn.q_proj"):
+        return permute_for_llama_rope(rows, heads)
+    if module_path.endswith("self_attn.k_proj"):
+        return permute_for_llama_rope(rows, getattr(config, "num_key_value_heads", None)
+                                      or heads)
+    return rows
+
+
+def pack(data: np.ndarray, kind):
+    """``(bytes-or-array, type)``: ``data`` in the GGML type ``kind``; a block type whose
+    block of 32 does not divide the row falls back to f16."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    if kind not in (types.F32, types.F16, types.BF16) and data.shape[-1] % 32:
+        kind = types.F16
+    return (data if kind == types.F32 else gguf.quants.quantize(data, kind)), kind
+
+
 def export_gguf_lora(run_dir: Path, out: Path, quant: str = "f32") -> dict:
     """Write ``run_dir``'s LoRA adapter alone as a llama.cpp LoRA GGUF (``out``: a ``.gguf``
     path or a directory that gets ``lora-<quant>.gguf``); see :mod:`.gguf_lora`."""
@@ -132,21 +171,17 @@ def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16") -> dict:
     from leantune.export.gguf_vocab import VocabularyError, add_vocabulary
 
     config = AutoConfig.from_pretrained(model_dir)
-    arch_class = (config.architectures or ["?"])[0]
-    if arch_class not in ARCHES:
-        raise GGUFExportError(f"{model_dir}: {arch_class} cannot be exported to GGUF yet; "
-                              f"supported: {', '.join(sorted(ARCHES))}")
+    arch, permute = model_arch(config, f"{model_dir}: ")
     if quant not in QUANTS:
         raise GGUFExportError(f"quant {quant!r}: choose from {', '.join(QUANTS)}")
-    arch = getattr(gguf.MODEL_ARCH, ARCHES[arch_class][0])
     name = gguf.MODEL_ARCH_NAMES[arch]
     # Tensors are read one at a time and spooled to a temporary file as they are packed,
     # so memory holds one f32 tensor, not the model (a 7B model is 28 GB in f32).
     writer = gguf.GGUFWriter(str(out_file), name, use_temp_file=True)
     try:
         rope_freqs = _add_architecture(writer, config, quant)
-        count = _add_tensors(writer, _saved_tensors(Path(model_dir)), config, arch, quant,
-                             rope_freqs)
+        count = _add_tensors(writer, _saved_tensors(Path(model_dir)), config, arch, permute,
+                             quant, rope_freqs)
         try:
             vocab = add_vocabulary(writer, Path(model_dir), config.vocab_size)
         except VocabularyError as e:
@@ -210,7 +245,7 @@ def _saved_tensors(model_dir: Path):
                 yield key, f.get_tensor(key)
 
 
-def _add_tensors(writer, tensors, config, arch, quant: str, rope_freqs) -> int:
+def _add_tensors(writer, tensors, config, arch, permute: bool, quant: str, rope_freqs) -> int:
     """Every ``(HF name, tensor)`` under its GGUF name, in its GGUF type; returns the
     tensor count."""
     import gguf
@@ -219,9 +254,6 @@ def _add_tensors(writer, tensors, config, arch, quant: str, rope_freqs) -> int:
     qtype = getattr(types, quant.upper())
     low_bits = qtype in (types.Q5_0, types.Q4_1, types.Q4_0)
     names = gguf.TensorNameMap(arch, config.num_hidden_layers)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    permute = ARCHES[config.architectures[0]][1]
     tied = bool(getattr(config, "tie_word_embeddings", False))
     count = 0
     if rope_freqs is not None:
@@ -236,16 +268,12 @@ def _add_tensors(writer, tensors, config, arch, quant: str, rope_freqs) -> int:
         if mapped is None:
             raise GGUFExportError(f"{key}: gguf-py has no GGUF name for this tensor")
         data = tensor.detach().float().numpy()
-        if permute and base.endswith("self_attn.q_proj"):
-            data = permute_for_llama_rope(data, heads)
-        elif permute and base.endswith("self_attn.k_proj"):
-            data = permute_for_llama_rope(data, kv_heads)
+        if permute:
+            data = rope_rows(base, data, config)
         kind = qtype if data.ndim == 2 else types.F32
         if low_bits and (mapped == "output" or (tied and mapped == "token_embd")):
             kind = types.Q8_0
-        if kind not in (types.F32, types.F16, types.BF16) and data.shape[-1] % 32:
-            kind = types.F16
-        packed = data if kind == types.F32 else gguf.quants.quantize(data, kind)
+        packed, kind = pack(data, kind)
         writer.add_tensor(f"{mapped}.{suffix}", packed, raw_dtype=kind)
         count += 1
     return count

@@ -9,7 +9,7 @@ adapted weight ``W`` (GGUF name ``blk.N.attn_q.weight`` ...) two tensors
 and ``1`` when it is not. PEFT's per-module scaling (``alpha / r``, or ``alpha / sqrt(r)``
 with rsLoRA, rank and alpha patterns included) is folded into ``B`` and no alpha is
 written, so every module keeps its own scale. Llama/Mistral q/k rows of ``B`` are
-permuted as the base's are (:func:`permute_for_llama_rope`).
+permuted as the base's are (:func:`rope_rows`).
 
 Only plain LoRA (and QLoRA's adapter: llama.cpp then adds it to whatever base file it is
 given) can be written: DoRA rescales each merged column by a magnitude vector, which the
@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from leantune.export import GGUF_QUANTS
-from leantune.export.gguf_file import ARCHES, GGUFExportError, permute_for_llama_rope
+from leantune.export.gguf_file import GGUFExportError, model_arch, pack, rope_rows
 
 LORA_QUANTS = ("f32", "f16", "bf16", "q8_0")
 assert set(LORA_QUANTS) <= set(GGUF_QUANTS)
@@ -72,17 +72,9 @@ def write_gguf_lora(run_dir: Path, out_file: Path, quant: str = "f32") -> dict:
                               f"{', '.join(LORA_QUANTS)} (llama.cpp adapters)")
     model, _, cfg, _ = load_target(run_dir)
     config = model.base_model.model.config if hasattr(model, "base_model") else model.config
-    arch_class = (config.architectures or ["?"])[0]
-    if arch_class not in ARCHES:
-        raise GGUFExportError(f"{arch_class} cannot be exported to GGUF yet; supported: "
-                              f"{', '.join(sorted(ARCHES))}")
-    arch_name, permute = ARCHES[arch_class]
-    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    arch, permute = model_arch(config)
     names = gguf.TensorNameMap(arch, config.num_hidden_layers)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    types = gguf.GGMLQuantizationType
-    kind = {"f32": types.F32, "f16": types.F16, "bf16": types.BF16, "q8_0": types.Q8_0}[quant]
+    kind = getattr(gguf.GGMLQuantizationType, quant.upper())
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
     count = 0
     try:
@@ -92,14 +84,10 @@ def write_gguf_lora(run_dir: Path, out_file: Path, quant: str = "f32") -> dict:
             mapped = names.get_name(path)
             if mapped is None:
                 raise GGUFExportError(f"{path}: gguf-py has no GGUF name for this module")
-            if permute and path.endswith("self_attn.q_proj"):
-                b = permute_for_llama_rope(b, heads)
-            elif permute and path.endswith("self_attn.k_proj"):
-                b = permute_for_llama_rope(b, kv_heads)
+            if permute:
+                b = rope_rows(path, b, config)
             for suffix, data in (("lora_a", a), ("lora_b", b)):
-                t = kind if kind in (types.F32, types.F16, types.BF16) or \
-                    data.shape[-1] % 32 == 0 else types.F16
-                packed = data if t == types.F32 else gguf.quants.quantize(data, t)
+                packed, t = pack(data, kind)
                 writer.add_tensor(f"{mapped}.weight.{suffix}", packed, raw_dtype=t)
                 count += 1
         writer.write_header_to_file()

@@ -134,10 +134,10 @@ def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
             "eos": tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]}
 
 
-def _byte_level_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
-    """Token strings by id and their llama.cpp types for ids ``0 .. n_vocab - 1`` (holes
-    padded), and the tokens whose ids lie past the embedding (llama.cpp refuses a file
-    with more tokens than embedding rows)."""
+def _tokens_by_id(spec: dict, n_vocab: int) -> tuple[dict, dict, list[str]]:
+    """``({id: token}, {added id: CONTROL if special else USER_DEFINED}, tokens past the
+    embedding)`` of a ``tokenizer.json`` (llama.cpp refuses a file with more tokens than
+    embedding rows, so those are left out)."""
     import gguf
 
     by_id: dict[int, str] = {i: t for t, i in spec["model"]["vocab"].items()}
@@ -146,10 +146,19 @@ def _byte_level_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int], 
         by_id[added["id"]] = added["content"]
         types[added["id"]] = (gguf.TokenType.CONTROL if added.get("special")
                               else gguf.TokenType.USER_DEFINED)
+    return by_id, types, [repr(t) for i, t in sorted(by_id.items()) if i >= n_vocab]
+
+
+def _byte_level_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """Token strings by id and their llama.cpp types for ids ``0 .. n_vocab - 1`` (holes
+    padded), and the tokens whose ids lie past the embedding."""
+    import gguf
+
+    by_id, types, beyond = _tokens_by_id(spec, n_vocab)
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
     kinds = [types.get(i, gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED)
              for i in range(n_vocab)]
-    return tokens, kinds, [repr(t) for i, t in sorted(by_id.items()) if i >= n_vocab]
+    return tokens, kinds, beyond
 
 
 def _sentencepiece_tokens(spec: dict, n_vocab: int) -> tuple[list, list, list, list]:
@@ -158,14 +167,9 @@ def _sentencepiece_tokens(spec: dict, n_vocab: int) -> tuple[list, list, list, l
     import gguf
 
     model = spec["model"]
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    by_id, types, beyond = _tokens_by_id(spec, n_vocab)
     rank = {"".join(m.split(" ", 1) if isinstance(m, str) else m): k
             for k, m in enumerate(model.get("merges", []))}
-    types: dict[int, int] = {}
-    for added in spec.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        types[added["id"]] = (gguf.TokenType.CONTROL if added.get("special")
-                              else gguf.TokenType.USER_DEFINED)
     unk = model["vocab"].get(model.get("unk_token"), -1)
     tokens, scores, kinds = [], [], []
     for i in range(n_vocab):
@@ -176,7 +180,7 @@ def _sentencepiece_tokens(spec: dict, n_vocab: int) -> tuple[list, list, list, l
             gguf.TokenType.UNUSED if token is None else gguf.TokenType.UNKNOWN if i == unk
             else gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token)
             else gguf.TokenType.NORMAL))
-    return tokens, scores, kinds, [repr(t) for i, t in sorted(by_id.items()) if i >= n_vocab]
+    return tokens, scores, kinds, beyond
 
 
 def _adds_space_prefix(spec: dict) -> bool:

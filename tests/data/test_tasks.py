@@ -75,3 +75,17 @@ def test_the_real_wheel_when_installed():
                      "openbookqa": 500}  # the official validation sizes
     hella = load_docs("hellaswag")[0]
     assert len(hella.choices) == 4 and not hella.contexts[0].count("\n\n")
+
+
+def test_choice_rows_keep_a_space_that_is_already_there(tmp_path):
+    """One delimiter space, as lm-evaluation-harness adds, unless the data has one."""
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join([
+        '{"prompt": "Is it? Answer:", "choices": ["yes", "no"], "gold": 0}',
+        '{"prompt": "Is it? Answer:", "choices": [" yes", " no"], "gold": " no"}',
+        '{"prompt": "Is it? Answer: ", "choices": ["yes", "no"], "gold": 1}',
+        '{"prompt": "Is it?\\n", "choices": ["yes", "\\tno"], "gold": 1}']) + "\n")
+    docs = tasks.read_choice_rows(read_rows(str(path)))
+    assert [d.continuations for d in docs] == [
+        [" yes", " no"], [" yes", " no"], ["yes", "no"], ["yes", "\tno"]]
+    assert docs[1].choices == [" yes", " no"] and docs[1].gold == 1

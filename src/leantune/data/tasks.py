@@ -211,10 +211,17 @@ def task_rows(path: str, split: str) -> Iterator[Row]:
                           {"prompt": d.contexts[d.gold], "completion": d.continuations[d.gold]})
 
 
+def continuation(prompt: str, choice: str) -> str:
+    """What is scored after ``prompt``: ``" " + choice`` (lm-evaluation-harness's default
+    target delimiter), or ``choice`` as written when it already begins with whitespace
+    or the prompt ends with some (``" yes"`` is scored as ``" yes"``, never ``"  yes"``)."""
+    return choice if choice[:1].isspace() or prompt[-1:].isspace() else " " + choice
+
+
 def read_choice_rows(rows: Iterator[Row]) -> list[ChoiceDoc]:
     """Multiple-choice documents from rows ``{"prompt", "choices", "gold"}`` (``gold``: an
-    index or one of the choices). Each choice is scored as ``" " + choice`` after the
-    prompt (lm-evaluation-harness's default target delimiter).
+    index or one of the choices). Each choice is scored after the prompt as
+    :func:`continuation` says: one space between them unless the data already has one.
 
     Raises:
         DataError: naming the file, line and field of a malformed row.
@@ -236,6 +243,7 @@ def read_choice_rows(rows: Iterator[Row]) -> list[ChoiceDoc]:
         if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
             raise DataError(row.source, row.where, "gold", f"{gold!r} is neither an index into "
                             f"the {len(choices)} choices nor one of them")
-        docs.append(ChoiceDoc([prompt] * len(choices), [" " + c for c in choices],
+        docs.append(ChoiceDoc([prompt] * len(choices),
+                              [continuation(prompt, c) for c in choices],
                               list(choices), gold, f"{row.source}, {row.where}"))
     return docs

@@ -216,5 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"leantune: error: {e}", file=sys.stderr)
+        # One write, not print's two: the processes of a launch refuse at once, and their
+        # lines would run into each other.
+        sys.stderr.write(f"leantune: error: {e}\n")
         return 2

@@ -87,6 +87,12 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
     assert s2["eval_loss"]["after"] == pytest.approx(s1["eval_loss"]["after"], abs=1e-5)
     assert s2["train_tokens"] == s1["train_tokens"]
     assert two.stdout.count("run directory:") == 1  # only rank 0 prints and writes
+    # The launch check's record: gloo data parallelism over the 2 processes asked for.
+    assert s2["strategy"] == {"type": "MULTI_CPU", "processes": 2, "sharding": None,
+                              "requested": {"type": None, "sharding": None, "processes": 2},
+                              "warning": None}
+    assert s1["strategy"] == {"type": "NO", "processes": 1, "sharding": None,
+                              "requested": None, "warning": None}
     if mode == "corpus":
         assert s2["replay"]["windows"] == s1["replay"]["windows"] == {"data": 24, "replay": 8}
         assert s2["eval_sets"].keys() == s1["eval_sets"].keys() == {"new", "old"}
@@ -147,17 +153,3 @@ def test_resume_on_another_process_count(before, after, steps, fmt, llama_dir, t
     if before == after:
         assert weights[0].keys() == weights[1].keys()
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-
-
-def test_deepspeed_is_refused_in_one_line():
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from leantune.config import ConfigError
-    from leantune.train.build import check_backend
-
-    with pytest.raises(ConfigError, match="DeepSpeed is not supported.*examples/accelerate/fsdp"):
-        check_backend(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
-    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.FSDP):
-        check_backend(SimpleNamespace(distributed_type=kind))

@@ -34,6 +34,7 @@ from leantune.train.probe import first_rows, probe_batches, resolve_packing
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
+from leantune.train.strategy import check_strategy, launch_request
 from leantune.train.trackers import project_configuration, start_trackers, tracker_names
 from leantune.train.state import TrainState, change_world
 
@@ -58,6 +59,7 @@ class Run:
     packing: dict             # requested / used mode and the probe's error
     precision: Precision      # train.precision resolved, with the measured ratio and peak
     chunked_loss: dict        # train.chunked_loss: used or not, and why
+    strategy: dict            # the distributed strategy run, and what the launch asked for
     steps: int
     schedule: Schedule
     state: TrainState
@@ -80,9 +82,10 @@ def build_run(cfg: Config) -> Run:
     # Accelerate only turns a multi-process CPU launch (torchrun) into gloo DDP when told
     # it is on CPU.
     trackers = tracker_names(cfg)
+    requested = launch_request()  # before the Accelerator, which fails on DeepSpeed launches
     acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
                       project_config=project_configuration(cfg) if trackers else None)
-    check_backend(acc)
+    strategy = check_strategy(acc, requested)
     set_seed(cfg.train.seed)
     check_start(cfg)
     run_dir = prepare_run_dir(cfg, acc)
@@ -136,19 +139,8 @@ def build_run(cfg: Config) -> Run:
               f"{sum(len(s.examples) for s in data.eval_sets)} eval examples, "
               f"{steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
-               params, base_memory, packing, precision, chunked_loss, steps, schedule, state,
-               start, metrics, started, ff, tasks, scorer)
-
-
-def check_backend(acc: Accelerator) -> None:
-    """Refuse DeepSpeed: its engine takes the optimizer step inside ``backward``, before
-    leantune's non-finite check and past its gradient accumulation. FSDP shards the same
-    state through Accelerate and keeps both."""
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError("accelerate launch with DeepSpeed is not supported: its engine steps "
-                          "the optimizer inside backward, past leantune's non-finite check and "
-                          "gradient accumulation; shard with FSDP instead "
-                          "(--config_file examples/accelerate/fsdp.yaml)")
+               params, base_memory, packing, precision, chunked_loss, strategy, steps,
+               schedule, state, start, metrics, started, ff, tasks, scorer)
 
 
 def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int,

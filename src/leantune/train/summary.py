@@ -33,6 +33,8 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "precision": run.precision.to_dict(),
         "mfu": mfu_record(run),
         "chunked_loss": run.chunked_loss,
+        # What Accelerate runs (type, processes, FSDP sharding) beside what the launch asked.
+        "strategy": run.strategy,
         # Two meters (rusage and sampled /proc) differ by a few pages: report the larger.
         "peak_memory_bytes": max(peak_memory_bytes(), mem.peak, mem.prior_peak) if mem
         else peak_memory_bytes(),

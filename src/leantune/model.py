@@ -111,6 +111,31 @@ def load_tokenizer(cfg: ModelConfig, source: str | None = None):
     return tokenizer
 
 
+def text_config(config):
+    """The config of the text model inside ``config`` (a composite model's language tower),
+    or ``config`` itself where there is none or several (transformers then refuses to pick)."""
+    try:
+        return config.get_text_config()
+    except (AttributeError, ValueError):
+        return config
+
+
+def config_size(config, *keys: str) -> int | None:
+    """The first of ``keys`` that ``config`` sets to a positive int, else None.
+
+    A per-layer list (Gemma-3n's ``intermediate_size``, one entry per layer) gives its most
+    common entry: these sizes describe a typical layer, for measurements and the FLOPs
+    ledger. Anything else (missing, None, a dict) is skipped."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)):
+            sizes = [v for v in value if type(v) is int and v > 0]
+            value = max(sizes, key=sizes.count) if sizes else None
+        if type(value) is int and value > 0:  # not bool, not a float
+            return value
+    return None
+
+
 def first_line(error: BaseException) -> str:
     """The first line of a library's (often multi-line) error message."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -229,7 +254,7 @@ def future_leak(model: torch.nn.Module) -> float:
     """``max |Δ logits| / max |logits|`` over the first 4 positions of a 6-token input
     when tokens 5-6 change: 0 (or rounding) for a causal LM, large for a model that
     attends forward."""
-    vocab = model.config.get_text_config().vocab_size
+    vocab = text_config(model.config).vocab_size
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 6), generator=g)

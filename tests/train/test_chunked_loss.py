@@ -1,17 +1,15 @@
 """The chunked head + cross-entropy: the same loss and gradients as the plain head's
 logits through ``F.cross_entropy`` (and an fp64 reference), in chunks smaller than the
-targets, for every adapter method and architecture; close under bf16 autocast; and the
-start-up check turns it off where a model transforms its logits after the head."""
+targets, for every adapter method and architecture; close under bf16 autocast. Its start-up check is in test_loss_paths.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Gemma2Config
 
 import leantune.train.chunked_loss as chunked_loss
-from leantune.train.chunked_loss import check, chunked_head, linear_cross_entropy
+from leantune.train.chunked_loss import chunked_head, linear_cross_entropy
 from leantune.train.step import forward_loss, loss_sum
 from test_head import ARCHS, METHODS, arch_dirs, build, packed_batch  # noqa: F401
 
@@ -76,29 +74,3 @@ def test_model_loss_and_gradients_equal_plain(arch_dirs, arch, method):
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-5)
     for g, ref in zip(grads_of(loss, *trainable), grads_of(plain, *trainable)):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
-
-
-def test_check_turns_it_off_after_soft_capping(tmp_path):
-    """Gemma-2 soft-caps its logits after the head: the chunked loss would skip that."""
-    config = Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=8, final_logit_softcapping=0.05)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    ids = torch.randint(1, 101, (2, 9))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    assert chunked_head(model) is not None
-    verdict = check(model, batch, torch.float32)
-    assert not verdict["used"] and verdict["difference"] > 1e-3
-    assert "after the head" in verdict["reason"]
-    assert chunked_head(model) is None  # from now on the model's own head and loss
-    with torch.no_grad():
-        torch.testing.assert_close(loss_sum(model, batch)[0], forward_loss(model, batch)[1])
-
-
-def test_check_keeps_it_where_exact(arch_dirs):
-    model, adapter = build(arch_dirs["llama"], "lora")
-    batch = packed_batch(model.config.vocab_size, adapter)
-    verdict = check(model.eval(), batch, torch.float32)
-    assert verdict["used"] and verdict["difference"] < 1e-5
-    assert chunked_head(model) is not None

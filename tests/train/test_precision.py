@@ -15,7 +15,7 @@ from leantune.config import ConfigError, load_config
 from leantune.train import loop
 from leantune.train.precision import (Precision, autocast_forward, choose, compute_dtype,
                                       linear_ratio, master_weights_fp32, model_shapes)
-from transformers import LlamaConfig
+from transformers import Gemma3nTextConfig, LlamaConfig, PretrainedConfig
 
 CONFIG = LlamaConfig(hidden_size=32, intermediate_size=64, vocab_size=101)
 CPU = torch.device("cpu")
@@ -25,6 +25,22 @@ def test_linear_ratio_measures_both_paths():
     ratio = linear_ratio(model_shapes(CONFIG), CPU, reps=1)  # the real one, not conftest's
     assert math.isfinite(ratio) and ratio > 0
     assert model_shapes(CONFIG) == [(32, 64), (64, 32), (32, 32), (32, 101)]
+
+
+def test_per_layer_and_missing_sizes(monkeypatch, tmp_path, caplog):
+    """Gemma-3n gives intermediate_size per layer (a list): auto measures its usual size.
+    A config with no hidden or vocabulary size gets fp32 and one line, not a traceback."""
+    monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "linear_ratio", linear_ratio)  # the real one
+    gemma3n = Gemma3nTextConfig(hidden_size=32, intermediate_size=[64, 64, 96],
+                                num_hidden_layers=3, vocab_size=101)
+    assert model_shapes(gemma3n) == [(32, 64), (64, 32), (32, 32), (32, 101)]
+    chosen = choose("auto", "auto", gemma3n, CPU)
+    assert chosen.ratio > 0 and "linear layers at" in chosen.reason
+    chosen = choose("auto", "auto", PretrainedConfig(vocab_size=101), CPU)
+    assert chosen.used == "fp32" and chosen.ratio is None
+    assert "could not time bf16" in chosen.reason and "names no hidden_size" in chosen.reason
+    assert "train.precision=auto: could not time bf16" in caplog.text
 
 
 @pytest.mark.parametrize("ratio, used", [(3.0, "bf16-mixed"), (1.25, "bf16-mixed"),
@@ -107,8 +123,10 @@ def test_a_bf16_mixed_run(llama_dir, tmp_path):
         mfu = summary["mfu"]
         assert 0 < mfu["fraction"] == pytest.approx(
             mfu["achieved_flops_per_second"] / mfu["peak_flops_per_second"])
-        probe = summary["packing"]["probe"]
-        assert probe["dtype"] == ("float32" if mode == "fp32" else "bfloat16")
+        probe = summary["packing"]["probe"]  # judged in fp32 whatever the run's precision
+        assert probe["dtype"] == "float32" and probe["judged"] == "float32"
+        assert probe["run_dtype"] == ("float32" if mode == "fp32" else "bfloat16")
+        assert (probe["run_errors"] is None) == (mode == "fp32")
         assert summary["packing"]["used"] == "online"
     # The saved adapter is fp32 (master weights), and the two runs end close.
     assert abs(losses["bf16-mixed"] - losses["fp32"]) < 0.05 * losses["fp32"]

@@ -19,15 +19,14 @@ from leantune.adapters import (Adapter, build_adapter, count_parameters, load_ba
                                memory_footprint)
 from leantune.adapters.base import unique_parameters
 from leantune.config import Config, ConfigError
-from leantune.data.collate import collate_padded
 from leantune.data.tasks import ChoiceDoc, subset, task_names
 from leantune.evaluate import evaluate
 from leantune.model import evaluating, load_tokenizer, resolve_dtype, resolve_local
 from leantune.multiple_choice import ChoiceScorer
-from leantune.train.chunked_loss import check as check_chunked, turn_off
 from leantune.train.data import TrainData, build_data
 from leantune.train.fast_forward import FastForward, halves_loss, split_halves
 from leantune.train.flops import FlopModel
+from leantune.train.loss_paths import check_batch, check_loss_paths
 from leantune.train.metrics import MetricsLog, PeakMemory
 from leantune.train.precision import Precision, choose
 from leantune.train.probe import first_rows, probe_batches, resolve_packing
@@ -58,7 +57,7 @@ class Run:
     base_memory: dict         # bytes of the base's weights: loaded / full precision
     packing: dict             # requested / used mode and the probe's error
     precision: Precision      # train.precision resolved, with the measured ratio and peak
-    chunked_loss: dict        # train.chunked_loss: used or not, and why
+    loss_paths: dict          # head_at_targets / chunked_loss: used or not, and why
     strategy: dict            # the distributed strategy run, and what the launch asked for
     steps: int
     schedule: Schedule
@@ -112,8 +111,8 @@ def build_run(cfg: Config) -> Run:
     model, optimizer = acc.prepare(model, optimizer)
     data, packing = build_packed_data(cfg, tokenizer, acc.unwrap_model(model), adapter, acc,
                                       flop_model)
-    chunked_loss = resolve_chunked_loss(cfg, acc.unwrap_model(model), data, tokenizer,
-                                        adapter, acc, precision)
+    loss_paths = resolve_loss_paths(cfg, acc.unwrap_model(model), data, tokenizer, adapter,
+                                    acc, precision)
     ff = build_fast_forward(cfg, model, data, packing, flop_model, acc)
     tasks, scorer = build_tasks(cfg, tokenizer, packing, adapter, acc, flop_model)
     state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys,
@@ -139,7 +138,7 @@ def build_run(cfg: Config) -> Run:
               f"{sum(len(s.examples) for s in data.eval_sets)} eval examples, "
               f"{steps} optimizer steps")
     return Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
-               params, base_memory, packing, precision, chunked_loss, strategy, steps,
+               params, base_memory, packing, precision, loss_paths, strategy, steps,
                schedule, state, start, metrics, started, ff, tasks, scorer)
 
 
@@ -190,21 +189,20 @@ def choose_precision(cfg: Config, source: str, acc: Accelerator) -> Precision:
     return precision
 
 
-def resolve_chunked_loss(cfg: Config, model: torch.nn.Module, data: TrainData, tokenizer,
-                         adapter: Adapter, acc: Accelerator, precision: Precision) -> dict:
-    """Whether the loss runs the head in chunks: asked for, possible under the backend, and
-    equal to the model's own loss on the run's first micro-batch (:func:`chunked_loss.check`)."""
-    off = ("train.chunked_loss=false" if not cfg.train.chunked_loss
-           else "FSDP shards the head's weight" if acc.distributed_type == DistributedType.FSDP
-           else None)
-    if off:
-        turn_off(model)
-        return {"used": False, "reason": off, "difference": None}
+def resolve_loss_paths(cfg: Config, model: torch.nn.Module, data: TrainData, tokenizer,
+                       adapter: Adapter, acc: Accelerator, precision: Precision
+                       ) -> dict[str, dict]:
+    """The loss's shortcuts (head at target positions, chunked loss) checked against the
+    model's own loss on the run's first examples (:mod:`leantune.train.loss_paths`); the
+    chunked loss also needs to be asked for and an unsharded head."""
+    chunked = ("train.chunked_loss=false" if not cfg.train.chunked_loss
+               else "FSDP shards the head's weight"
+               if acc.distributed_type == DistributedType.FSDP else True)
     examples = [e for row in first_rows(data, cfg, acc.num_processes) for e in row][:4]
-    batch = {k: v.to(acc.device) for k, v in collate_padded(
+    batch = {k: v.to(acc.device) for k, v in check_batch(
         examples, tokenizer.pad_token_id, adapter.positions).items()}
     with evaluating(model):
-        return check_chunked(model, batch, precision.compute_dtype)
+        return check_loss_paths(model, batch, precision.compute_dtype, chunked)
 
 
 def build_packed_data(cfg: Config, tokenizer, model: torch.nn.Module, adapter: Adapter,

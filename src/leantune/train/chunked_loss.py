@@ -24,13 +24,13 @@ Triton, CUDA only), hence the small autograd function.
 
 It applies where the head is a plain ``nn.Linear`` whose output *is* the logits; a model
 that transforms them after the head (Gemma-2's soft-capping, Cohere's logit scale) is
-caught by :func:`check`, which compares this loss with the plain one on the run's own
-first batch at start-up and turns chunking off for the model when they differ.
+caught by :func:`leantune.train.loss_paths.check_loss_paths`, which compares this loss
+with the model's own on the run's first examples at start-up and turns chunking off for
+the model (:func:`turn_off`) when they differ.
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
 
 import torch
@@ -38,10 +38,8 @@ import torch.nn.functional as F
 
 from leantune.train.head import output_head
 
-log = logging.getLogger(__name__)
-
 CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MiB in fp32
-_OFF: weakref.WeakSet = weakref.WeakSet()  # heads whose model failed :func:`check`
+_OFF: weakref.WeakSet = weakref.WeakSet()  # heads :func:`turn_off` took chunking from
 
 
 def chunked_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -122,28 +120,3 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear,
                                      _compute_dtype(hidden, head.weight), rows)
 
 
-def check(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
-    """Compare the chunked loss with the plain one on ``batch`` (no gradients); turn it off
-    for ``model`` when the relative difference is over 1e-4 (fp32) or 1e-3 (half).
-
-    Rounding alone is ~4e-6 on SmolLM2-135M (fp32, 439 targets), and it is the plain path's:
-    against an fp64 reference the chunked loss is off by 1e-7, the plain one by 4e-6.
-    What the check exists for, a transform after the head (soft-capping, logit scaling),
-    moves the loss by percents. Returns ``{"used", "reason", "difference"}``."""
-    from leantune.train.step import forward_loss  # step imports this module
-
-    if chunked_head(model) is None:
-        return {"used": False, "reason": "the LM head is not a plain nn.Linear",
-                "difference": None}
-    with torch.no_grad():
-        _, chunked, _ = forward_loss(model, batch, chunked=True)
-        _, plain, _ = forward_loss(model, batch, chunked=False)
-    difference = float((chunked - plain).abs() / plain.abs().clamp_min(1e-12))
-    tolerance = 1e-4 if dtype == torch.float32 else 1e-3
-    if not difference <= tolerance:
-        turn_off(model)
-        reason = (f"the chunked loss differs from the model's own by {difference:.1e} "
-                  f"(> {tolerance:.0e}): the model transforms its logits after the head")
-        log.warning("train.chunked_loss: off, %s", reason)
-        return {"used": False, "reason": reason, "difference": difference}
-    return {"used": True, "reason": None, "difference": difference}

@@ -40,6 +40,7 @@ from transformers.pytorch_utils import Conv1D
 
 from leantune.adapters.base import logical_numel
 from leantune.data.encode import Encoded
+from leantune.model import config_size, text_config
 from leantune.train.head import output_head
 
 
@@ -65,8 +66,12 @@ class FlopModel:
                     frozen += n
         head = output_head(model)
         weight = getattr(head, "weight", None)
-        config = model.config
-        return cls(frozen, trainable, config.num_hidden_layers, config.hidden_size,
+        # A composite model's text tower; sizes a config does not name count as 0 (the
+        # attention term is then left out rather than the run stopped).
+        config = text_config(model.config)
+        layers = config_size(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+        width = config_size(config, "hidden_size", "d_model", "n_embd", "dim", "embed_dim")
+        return cls(frozen, trainable, layers or 0, width or 0,
                    virtual_tokens, logical_numel(weight) if weight is not None else 0,
                    bool(weight is not None and weight.requires_grad))
 

@@ -20,11 +20,14 @@ alone and returns its full logits: callers check the logits' rank.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+_EVERYWHERE: weakref.WeakSet = weakref.WeakSet()  # heads :func:`run_everywhere` set free
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -39,6 +42,14 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     return head if isinstance(head, torch.nn.Module) else None
 
 
+def run_everywhere(model: torch.nn.Module) -> None:
+    """From now on ``model``'s head runs at every position: :func:`head_at` leaves it
+    alone (for a model whose code after the head needs the full ``[B, T, V]``)."""
+    head = output_head(model)
+    if head is not None:
+        _EVERYWHERE.add(head)
+
+
 @contextmanager
 def head_at(model: torch.nn.Module, select: torch.Tensor | None,
             capture: list[torch.Tensor] | None = None) -> Iterator[None]:
@@ -50,7 +61,7 @@ def head_at(model: torch.nn.Module, select: torch.Tensor | None,
     the head itself, chunk by chunk (:mod:`leantune.train.chunked_loss`). ``capture``
     stays empty when the head is not reached as expected."""
     head = output_head(model) if select is not None else None
-    if head is None:
+    if head is None or head in _EVERYWHERE:
         yield
         return
 

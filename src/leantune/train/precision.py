@@ -26,17 +26,21 @@ torch version) in ``$LEANTUNE_CACHE/machine.json``, so they cost a second or two
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from leantune.model import config_size, first_line, text_config
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +172,22 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> floa
 
 
 def model_shapes(config) -> list[tuple[int, int]]:
-    """``(in, out)`` of the model's main linear maps, from its transformers config."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = text.hidden_size
-    inner = (getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
-             or 4 * hidden)
-    return [(hidden, inner), (inner, hidden), (hidden, hidden), (hidden, text.vocab_size)]
+    """``(in, out)`` of the model's main linear maps, from its transformers config (the
+    text tower of a composite one): hidden -> intermediate -> hidden, hidden -> hidden,
+    hidden -> vocab. A per-layer intermediate size (a list) counts by its most common
+    entry; a missing one is taken as 4 x hidden.
+
+    Raises:
+        ValueError: the config names no hidden size or vocabulary size.
+    """
+    text = text_config(config)
+    hidden = config_size(text, "hidden_size", "d_model", "n_embd", "dim", "embed_dim")
+    vocab = config_size(text, "vocab_size")
+    if hidden is None or vocab is None:
+        raise ValueError(f"{type(text).__name__} names no hidden_size or vocab_size")
+    inner = config_size(text, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size",
+                        "moe_intermediate_size") or 4 * hidden
+    return [(hidden, inner), (inner, hidden), (hidden, hidden), (hidden, vocab)]
 
 
 def linear_ratio(shapes: list[tuple[int, int]], device: torch.device, reps: int = 3) -> float:
@@ -203,12 +217,7 @@ def choose(requested: str, model_dtype: str, config, device: torch.device) -> Pr
     if requested == "auto" and model_dtype in ("bfloat16", "float16"):
         used, reason = "bf16", f"model.dtype={model_dtype} asks for half-precision weights"
     elif requested == "auto":
-        shapes = model_shapes(config)
-        ratio = cached(f"{key} | linear bf16-mixed/fp32 {shapes}",
-                       lambda: linear_ratio(shapes, device))
-        used = "bf16-mixed" if ratio >= MIN_RATIO else "fp32"
-        reason = (f"bf16 autocast ran the model's linear layers at {ratio:.2f}x fp32 here "
-                  f"({'>=' if used != 'fp32' else '<'} {MIN_RATIO})")
+        used, ratio, reason = measure_auto(config, device, key)
     else:
         reason = "asked for"
     dtype = torch.float32 if used == "fp32" else torch.bfloat16
@@ -220,28 +229,112 @@ def choose(requested: str, model_dtype: str, config, device: torch.device) -> Pr
     return Precision(requested, used, reason, ratio, peak, method)
 
 
+def measure_auto(config, device: torch.device, key: str) -> tuple[str, float | None, str]:
+    """``auto``'s choice for this model here: ``(used, ratio, reason)``. A measurement that
+    cannot be taken (sizes the config does not give, a kernel that fails) falls back to
+    fp32, the precision every model runs in, and the reason says why."""
+    try:
+        shapes = model_shapes(config)
+        ratio = cached(f"{key} | linear bf16-mixed/fp32 {shapes}",
+                       lambda: linear_ratio(shapes, device))
+    except (ValueError, TypeError, RuntimeError) as e:
+        reason = (f"could not time bf16 at this model's shapes ({type(e).__name__}: "
+                  f"{first_line(e)}); fp32 is the safe choice")
+        log.warning("train.precision=auto: %s", reason)
+        return "fp32", None, reason
+    used = "bf16-mixed" if ratio >= MIN_RATIO else "fp32"
+    return used, ratio, (f"bf16 autocast ran the model's linear layers at {ratio:.2f}x fp32 "
+                         f"here ({'>=' if used != 'fp32' else '<'} {MIN_RATIO})")
+
+
 def autocast_forward(model: torch.nn.Module, dtype: torch.dtype | None, device_type: str) -> None:
     """Run every call of ``model`` under ``torch.autocast(device_type, dtype)`` (None: as
     is). It patches the instance's ``forward`` (as Accelerate's mixed precision does), so
     training, evaluation, probing, scoring and generation all share it, and DDP's
-    ``self.module(...)`` reaches it."""
+    ``self.module(...)`` reaches it. The dtype is read at each call from
+    ``model.leantune_autocast``, so :func:`in_fp32` can switch it off for a block."""
     if dtype is None:
         return
     forward = model.forward
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
-        with torch.autocast(device_type, dtype=dtype):
+        now = model.leantune_autocast
+        # enabled=False also overrides an autocast around the call (Accelerate's).
+        with torch.autocast(device_type, dtype=now or dtype, enabled=now is not None):
             return forward(*args, **kwargs)
 
     model.forward = run
     model.leantune_autocast = dtype
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module  # DistributedDataParallel
+    return model
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _half_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for t in [*model.parameters(), *model.buffers()] if t.dtype in HALF]
+
+
+def fp32_obstacle(model: torch.nn.Module) -> str | None:
+    """Why :func:`in_fp32` cannot make ``model`` compute in float32, or None when it can:
+    weights sharded by FSDP (each process holds a slice, and FSDP's own policy sets the
+    compute dtype), 4-bit layers whose kernels compute in half precision, or too little
+    free memory for float32 copies of the half-precision weights (the model must fit
+    twice: its float32 size free, CPU RAM or GPU memory)."""
+    from torch.distributed.tensor import DTensor
+
+    model = _unwrapped(model)
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return "FSDP shards the weights"
+    if any(getattr(m, "compute_dtype", None) in HALF for m in model.modules()):
+        return "its 4-bit layers compute in half precision"
+    need = 4 * sum(t.numel() for t in _half_tensors(model))
+    if need == 0:
+        return None
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil  # Accelerate's own dependency
+
+        free = psutil.virtual_memory().available
+    if free < 2 * need:
+        return (f"float32 copies of its half-precision weights need {need / 2**30:.1f} GiB "
+                f"and {free / 2**30:.1f} GiB is free")
+    return None
+
+
+@contextlib.contextmanager
+def in_fp32(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block ``model`` computes in float32: its autocast is off and its
+    half-precision weights and buffers are float32, cast back afterwards (bf16 -> fp32 ->
+    bf16 is exact, so the run goes on with the very same weights). Check
+    :func:`fp32_obstacle` first."""
+    model = _unwrapped(model)
+    autocast = getattr(model, "leantune_autocast", None)
+    half = [(t, t.dtype) for t in _half_tensors(model)]
+    for t, _ in half:
+        t.data = t.data.float()
+    if autocast is not None:
+        model.leantune_autocast = None
+    try:
+        yield
+    finally:
+        for t, dtype in half:
+            t.data = t.data.to(dtype)
+        if autocast is not None:
+            model.leantune_autocast = autocast
+
+
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype ``model``'s matmuls run in: its autocast dtype, else its weights'."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
+    model = _unwrapped(model)
     return getattr(model, "leantune_autocast", None) or next(model.parameters()).dtype
 
 

@@ -13,16 +13,16 @@ Probed before the first step (:func:`probe_batches`):
 No row of the run is wider than ``max_length``, so probing that width up front covers
 every later row: there is no re-probe. Each batch runs twice, packed (positions
 restarting at every example, no attention mask) and padded (one example per row, with an
-attention mask), and :func:`compare_layouts` measures
-
-- ``logits``: ``max |Δ logits| / max |logits|`` over every real token;
-- ``loss``: ``|Δ L| / |L|`` for the summed target cross-entropy ``L``;
-- ``grads``: ``||Δ g|| / ||g||`` over every trainable tensor after one backward of ``L``
-  (summed over processes), and whether loss and gradients are finite.
+attention mask), and :func:`~leantune.train.probe_compare.compare_layouts` measures the
+difference in logits, summed loss and one backward's gradients. :func:`run_probe` judges
+it in fp32 whatever the run's precision, wherever the weights allow (bf16 rounding would
+hide a leak), with a second pass in the run's own precision as a guard against
+non-finite values.
 
 The model is in eval mode (both layouts must compute the same function: no dropout) and
 the RNG is restored afterwards, so a probed run takes the same steps as an unprobed one.
-Its seconds and FLOPs (two forward+backward passes per batch) go to ``summary.json``.
+Its seconds and FLOPs (two forward+backward passes per batch and precision) go to
+``summary.json``.
 
 Some dependence on the index in the row is too small to see through bf16 rounding, or
 sits past any width a user might probe; :func:`row_index_hazard` reads those from the
@@ -32,7 +32,6 @@ config first (Llama-4's NoPE-layer temperature, Inkling's log scaling).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -40,16 +39,21 @@ import torch
 from accelerate import Accelerator
 
 from leantune.config import Config
-from leantune.data.collate import collate_padded, collate_rows
 from leantune.data.encode import Encoded
-from leantune.model import evaluating, first_line
+from leantune.model import evaluating
 from leantune.train.flops import FlopModel
-from leantune.train.precision import compute_dtype
-from leantune.train.step import forward_loss
+from leantune.train.precision import compute_dtype, fp32_obstacle, in_fp32
+from leantune.train.probe_compare import Rows, compare_layouts, worst
 
 log = logging.getLogger(__name__)
 
-Rows = list[list[Encoded]]  # the examples of each row of one packed micro-batch
+# A half-precision difference up to this many times the noise floor (padded against
+# alone, same examples, same precision) is rounding; see :func:`noise_tolerance`. Measured
+# under bf16 autocast on tiny Llama, Qwen2/3, GPT-2, Mistral, Phi and Gemma models (3 seeds,
+# 2 probe batches each): packed-vs-padded never exceeded padded-vs-alone (ratio <= 1.0 on
+# logits, loss and gradients), so 2 leaves a margin and still tightens bf16's gradient
+# tolerance from 2e-2 to ~4e-3.
+NOISE_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -157,148 +161,157 @@ def first_rows(data, cfg: Config, world: int) -> Rows:
     return data.batcher.packed_rows(first[::world])
 
 
-def _layout(model: torch.nn.Module, batch: dict, spans: list[tuple[int, int, int]],
-            trainable: list[torch.Tensor], backward: bool):
-    """Real-token logits (one tensor, in ``spans`` order), the summed loss, and the
-    gradients of ``trainable`` (None without ``backward``, or when the model's eval-mode
-    forward builds no graph, as Reformer's reversible layers do)."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.set_grad_enabled(backward):
-        logits, loss, _ = forward_loss(model, batch, full_logits=True)
-        real = torch.cat([logits[r, o:o + n].float() for r, o, n in spans]).detach()
-        grads = None
-        if backward and loss.grad_fn is not None:
-            loss.backward()
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                     for p in trainable]
-            for p in trainable:
-                p.grad = None
-    return real, loss.detach().float(), grads
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a (possibly FSDP-sharded) tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def compare_layouts(model: torch.nn.Module, rows: Rows, pad_id: int,
-                    intervene: tuple[int, int] | None, backward: bool,
-                    acc: Accelerator | None = None) -> dict:
-    """Packed against padded on the examples of ``rows`` (see the module docstring).
-
-    Returns:
-        ``{"logits", "loss", "grads"}`` relative errors (``grads`` None without a
-        backward), ``finite`` / ``padded_finite``: whether each layout's loss and
-        gradients are finite, and ``backward``; or only ``{"error"}`` when the packed
-        forward raises (padded runs first: what it raises propagates).
-    """
-    flat = [e for r in rows for e in r]
-    packed_spans, padded_spans = [], []
-    for r, row in enumerate(rows):
-        offset = 0
-        for e in row:
-            packed_spans.append((r, offset, len(e.input_ids)))
-            padded_spans.append((len(padded_spans), 0, len(e.input_ids)))
-            offset += len(e.input_ids)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ref, ref_loss, ref_grads = _layout(model, collate_padded(flat, pad_id, intervene),
-                                       padded_spans, trainable, backward)
-    backward = ref_grads is not None
-    try:
-        got, got_loss, got_grads = _layout(model, collate_rows(rows, pad_id,
-                                                               intervene=intervene),
-                                           packed_spans, trainable, backward)
-    except Exception as e:  # noqa: BLE001 - the padded layout ran: packing is the cause
-        return {"error": f"{type(e).__name__}: {first_line(e)}"}
-    sums = torch.zeros(4, dtype=torch.float64, device=ref.device)  # |Δg|², |g|², bad g: both
-    for a, b in zip(got_grads or [], ref_grads or []):
-        a, b = _local(a).double(), _local(b).double()
-        sums += torch.stack([(a - b).square().sum(), b.square().sum(),
-                             (~a.isfinite()).sum().double(), (~b.isfinite()).sum().double()])
-    if acc is not None and acc.num_processes > 1:
-        sums = acc.reduce(sums, "sum")
-    d2, g2, bad, ref_bad = sums.tolist()
-    return {
-        "logits": float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)),
-        "loss": float((got_loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12)),
-        "grads": math.sqrt(d2 / g2) if backward and g2 > 0 else (0.0 if backward else None),
-        "finite": bool(got_loss.isfinite()) and bad == 0,
-        "padded_finite": bool(ref_loss.isfinite()) and ref_bad == 0,
-        "backward": backward, "error": None,
-    }
-
-
 def _describe(rows: Rows) -> dict:
     widths = _widths(rows)
     return {"rows": len(rows), "width": max(widths), "examples": sum(map(len, rows)),
             "longest_example": max(len(e.input_ids) for r in rows for e in r)}
 
 
-def _flops(flop_model: FlopModel, rows: Rows, backward: bool) -> int:
+def _flops(flop_model: FlopModel, rows: Rows, backward: bool, kind: str) -> int:
+    """FLOPs of running ``rows``' examples laid out as ``kind`` (forward, + backward)."""
     d = _describe(rows)
     cost = flop_model.train if backward else flop_model.forward
-    return cost(d["rows"], d["width"]) + cost(d["examples"], d["longest_example"])
+    if kind == "packed":
+        return cost(d["rows"], d["width"])
+    if kind == "padded":
+        return cost(d["examples"], d["longest_example"])
+    return sum(cost(1, len(e.input_ids)) for r in rows for e in r)
+
+
+def fp32_blocked(model: torch.nn.Module, acc: Accelerator | None) -> str | None:
+    """:func:`fp32_obstacle`, agreed on by every process (each runs the same collectives,
+    so all judge the same way: any process's obstacle holds for all)."""
+    obstacle = fp32_obstacle(model)
+    if acc is not None and acc.num_processes > 1:
+        device = next(model.parameters()).device
+        anywhere = acc.reduce(torch.tensor(float(obstacle is not None), device=device), "sum")
+        if float(anywhere) > 0 and obstacle is None:
+            obstacle = "another process cannot compute in float32"
+    return obstacle
 
 
 def run_probe(model: torch.nn.Module, batches: list[Rows], pad_id: int,
               intervene: tuple[int, int] | None, backward: bool = True,
               acc: Accelerator | None = None, flop_model: FlopModel | None = None) -> dict:
-    """:func:`compare_layouts` on each of ``batches``; the worst errors, whether they are
-    within :func:`tolerance_for` the model's compute dtype, and what it cost.
+    """Packed against padded (:func:`~leantune.train.probe_compare.compare_layouts`) on each
+    of ``batches``, judged where rounding cannot hide a leak, and what it cost.
+
+    Whether packing keeps examples apart is a property of the model's code, not of the
+    precision, and bf16 rounding (up to ~1e-2 on logits) would hide a leak of 1e-3, so:
+
+    - an fp32 run is judged in fp32 (:func:`tolerance_for`);
+    - a bf16 run is judged in fp32 where :func:`~leantune.train.precision.in_fp32` can
+      make it compute so (a CPU run's fp32 base with its autocast off; half weights cast
+      up when the model fits twice), then run once more in its own precision as a
+      guard: packed loss and gradients finite there, within the bf16 tolerance;
+    - otherwise (FSDP-sharded weights, 4-bit layers computing in bf16, no room) it is
+      judged in its own precision against a noise floor measured on the same examples,
+      padded against each example alone: a difference is rounding up to
+      ``max(fp32 tolerance, NOISE_FACTOR x noise)`` (never more than the bf16 tolerance).
 
     Returns:
-        ``{"exact", "reason", "errors", "tolerance", "batches", "backward", "seconds",
-        "flops", "dtype"}``; ``reason`` says why it is not exact (None when it is).
+        ``{"exact", "reason", "note", "errors", "finite", "padded_finite", "tolerance",
+        "dtype" (what it was judged in), "run_dtype", "judged", "run_errors", "noise",
+        "backward", "batches", "seconds", "flops"}``; ``reason`` says why it is not exact
+        (None when it is).
     """
     tick = time.perf_counter()
-    dtype = compute_dtype(model)  # bf16-mixed: its matmuls' rounding, not the fp32 weights'
-    tol = tolerance_for(dtype)
+    run_dtype = compute_dtype(model)  # bf16-mixed: its matmuls' rounding, not its weights'
     flop_model = flop_model or FlopModel.of(model)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+
+    def compare(got: str = "packed") -> dict:
+        return worst([compare_layouts(model, rows, pad_id, intervene, backward, acc, got)
+                      for rows in batches])
+
+    guard = noise = obstacle = None
+    kinds = ["padded", "packed"]
     with evaluating(model), torch.random.fork_rng(devices=devices):
-        results = [compare_layouts(model, rows, pad_id, intervene, backward, acc)
-                   for rows in batches]
-    errors = [r["error"] for r in results if r["error"] is not None]
-    results = [r for r in results if r["error"] is None]
-    worst = {k: max((r[k] for r in results if r[k] is not None), default=None)
-             for k in ("logits", "loss", "grads")}
-    finite, padded_finite = all(r["finite"] for r in results), all(
-        r["padded_finite"] for r in results)
-    backward = backward and all(r["backward"] for r in results)
-    reason, note = None, None
-    if errors:
-        reason = f"the model's forward fails on packed rows ({errors[0]})"
-    elif not padded_finite:  # not packing's doing; the first step will stop and say so
-        note = "padded loss or gradients are not finite either: not packing's doing"
-    elif not finite:
-        reason = ("packed loss or gradients are not finite where padded ones are (a pad or "
-                  "packed segment meets an operation that is undefined there)")
-    else:
-        over = [f"{k} {worst[k]:.1e} > {getattr(tol, k):.0e}" for k in ("logits", "loss", "grads")
-                if worst[k] is not None and worst[k] > getattr(tol, k)]
-        if over:
-            reason = f"packed rows differ from padded ones ({', '.join(over)})"
-    return {"exact": reason is None, "reason": reason, "note": note, "errors": worst,
-            "finite": finite, "padded_finite": padded_finite, "tolerance": asdict(tol),
-            "dtype": str(dtype).removeprefix("torch."), "backward": backward,
+        if run_dtype != torch.float32:
+            obstacle = fp32_blocked(model, acc)
+        if run_dtype == torch.float32 or obstacle is None:
+            with in_fp32(model):
+                judged = compare()
+            tol, dtype = tolerance_for(torch.float32), torch.float32
+            if run_dtype != torch.float32:
+                guard, kinds = compare(), kinds * 2
+        else:
+            judged, noise = compare(), compare("alone")
+            tol, dtype = noise_tolerance(noise["errors"]), run_dtype
+            kinds += ["padded", "alone"]
+    reason, note = verdict(judged, tol, guard, run_dtype)
+    names = {t: str(t).removeprefix("torch.") for t in (dtype, run_dtype)}
+    return {"exact": reason is None, "reason": reason, "note": note,
+            "errors": judged["errors"], "finite": judged["finite"],
+            "padded_finite": judged["padded_finite"], "tolerance": asdict(tol),
+            "dtype": names[dtype], "run_dtype": names[run_dtype],
+            "judged": (names[dtype] if obstacle is None
+                       else f"{names[dtype]} against a noise floor ({obstacle})"),
+            "run_errors": guard and guard["errors"], "noise": noise and noise["errors"],
+            "backward": backward and judged["backward"],
             "batches": [_describe(rows) for rows in batches],
             "seconds": time.perf_counter() - tick,
-            "flops": sum(_flops(flop_model, rows, backward) for rows in batches)}
+            "flops": sum(_flops(flop_model, rows, backward, k) for rows in batches
+                         for k in kinds)}
+
+
+def noise_tolerance(noise: dict) -> Tolerance:
+    """What counts as rounding in half precision, from the padded-against-alone noise
+    floor measured on the same examples: ``min(bf16, max(fp32, NOISE_FACTOR x noise))``."""
+    low, high = tolerance_for(torch.float32), tolerance_for(torch.bfloat16)
+    return Tolerance(**{k: min(getattr(high, k), max(getattr(low, k),
+                                                     NOISE_FACTOR * (noise[k] or 0.0)))
+                        for k in ("logits", "loss", "grads")})
+
+
+def verdict(judged: dict, tol: Tolerance, guard: dict | None, run_dtype: torch.dtype
+            ) -> tuple[str | None, str | None]:
+    """``(reason, note)`` from :func:`~leantune.train.probe_compare.worst` of the judged
+    comparison and of the run-precision ``guard`` (None: there was none): the reason
+    packing is not exact (None when it is), and a note for what is not packing's doing."""
+    if judged["error"]:
+        return f"the model's forward fails on packed rows ({judged['error']})", None
+    if not judged["padded_finite"]:  # not packing's doing; the first step will stop and say so
+        return None, "padded loss or gradients are not finite either: not packing's doing"
+    if not judged["finite"]:
+        return ("packed loss or gradients are not finite where padded ones are (a pad or "
+                "packed segment meets an operation that is undefined there)"), None
+    if over := _over(judged["errors"], tol):
+        return f"packed rows differ from padded ones ({over})", None
+    if guard is None:
+        return None, None
+    name = str(run_dtype).removeprefix("torch.")
+    if guard["error"]:
+        return f"in {name}, the model's forward fails on packed rows ({guard['error']})", None
+    if guard["padded_finite"] and not guard["finite"]:
+        return f"in {name}, packed loss or gradients are not finite where padded ones are", None
+    if over := _over(guard["errors"], tolerance_for(run_dtype)):
+        return f"in {name}, packed rows differ from padded ones beyond rounding ({over})", None
+    return None, None
+
+
+def _over(errors: dict, tol: Tolerance) -> str:
+    return ", ".join(f"{k} {errors[k]:.1e} > {getattr(tol, k):.0e}"
+                     for k in ("logits", "loss", "grads")
+                     if errors[k] is not None and errors[k] > getattr(tol, k))
 
 
 def describe_probe(report: dict) -> str:
     """One log line: what was probed, what it found, what it cost."""
     shapes = " and ".join(f"{b['rows']} x {b['width']} ({b['examples']} examples)"
                           for b in report["batches"]) or "nothing (no row holds two examples)"
-    e = report["errors"]
-    found = ", ".join(f"{k} {v:.1e}" for k, v in e.items() if v is not None)
+    found = _found(report["errors"])
+    if report["run_errors"] is not None:
+        found += f"; in the run's {report['run_dtype']}: {_found(report['run_errors'])}"
     what = "forward + backward" if report["backward"] else "forward"
-    verdict = "exact" if report["exact"] else report["reason"]
-    return (f"packing probe ({what}, {report['dtype']}): packed vs padded on {shapes}: "
-            f"{found}: {verdict}; {report['seconds']:.1f} s, {report['flops'] / 1e9:.1f} GFLOP")
+    ruling = "exact" if report["exact"] else report["reason"]
+    return (f"packing probe ({what}, judged in {report['judged']}): packed vs padded on "
+            f"{shapes}: {found}: {ruling}; {report['seconds']:.1f} s, "
+            f"{report['flops'] / 1e9:.1f} GFLOP")
+
+
+def _found(errors: dict) -> str:
+    return ", ".join(f"{k} {v:.1e}" for k, v in errors.items() if v is not None)
 
 
 def resolve_packing(requested: str, model: torch.nn.Module, adapter, batches: list[Rows],

@@ -32,7 +32,8 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "tokens_per_second": state.tokens_per_second,
         "precision": run.precision.to_dict(),
         "mfu": mfu_record(run),
-        "chunked_loss": run.chunked_loss,
+        "chunked_loss": run.loss_paths["chunked_loss"],
+        "head_at_targets": run.loss_paths["head_at_targets"],
         # What Accelerate runs (type, processes, FSDP sharding) beside what the launch asked.
         "strategy": run.strategy,
         # Two meters (rusage and sampled /proc) differ by a few pages: report the larger.

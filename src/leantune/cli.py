@@ -5,7 +5,8 @@
     leantune eval RUN_DIR_or_MODEL --data FILE [--data FILE ...]
     leantune export RUN_DIR --out DIR [--format gguf --quant f16]
     leantune report RUN_DIR [RUN_DIR ...] [--out DIR]
-    leantune bench (packing | fast-forward | adapters | reft | tasks | continual | all) [options]
+    leantune bench (packing | architectures | fast-forward | adapters | reft | tasks | continual
+                    | all) [options]
         (parsers and entrypoints in leantune.bench.cli)
 """
 
@@ -17,8 +18,8 @@ import sys
 from pathlib import Path
 
 from leantune.bench.cli import (add_bench_parsers, cmd_bench_adapters,  # noqa: F401 (tests)
-                                cmd_bench_all, cmd_bench_continual, cmd_bench_fast_forward,
-                                cmd_bench_packing, cmd_bench_tasks)
+                                cmd_bench_all, cmd_bench_architectures, cmd_bench_continual,
+                                cmd_bench_fast_forward, cmd_bench_packing, cmd_bench_tasks)
 from leantune.config import ConfigError, describe_options, load_config
 from leantune.console import setup_logging as _setup_logging
 from leantune.data.sources import DataError
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", help="default: RUN_DIR/report for one run, ./report for several")
     rp.set_defaults(func=cmd_report)
-    add_bench_parsers(sub)
+    add_bench_parsers(sub, main)
     return parser
 
 

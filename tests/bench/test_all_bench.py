@@ -41,17 +41,18 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
         return 0
 
     record = run_all(fake, tmp_path, scripts=tmp_path / "none")
-    assert [c[0] for c in calls] == ["packing", "fast-forward", "fast-forward", "adapters",
-                                     "reft", "tasks", "tasks", "tasks", "continual", "speed"]
-    assert calls[3][:3] == ["adapters", "--rounds", "2"]
-    assert calls[2][calls[2].index("--data") + 1].startswith("task:")
-    assert "--plot" in calls[1] and calls[1][calls[1].index("--plot") + 1] == str(
+    assert [c[0] for c in calls] == ["packing", "architectures", "fast-forward", "fast-forward",
+                                     "adapters", "reft", "tasks", "tasks", "tasks", "continual",
+                                     "speed"]
+    assert calls[1] == ["architectures", "--out", str(tmp_path / "architectures.json")]
+    assert calls[4][:3] == ["adapters", "--rounds", "2"]
+    assert calls[3][calls[3].index("--data") + 1].startswith("task:")
+    assert "--plot" in calls[2] and calls[2][calls[2].index("--plot") + 1] == str(
         tmp_path / "fast_forward.png")
     status = {b["name"]: b.get("status", b.get("skipped")) for b in record["benches"]}
-    assert status == {"packing": 0, "pack_lengths": "script not found",
-                      "packing_architectures": "script not found", "fast_forward": 0,
-                      "fast_forward_tasks": 0, "adapters": 1, "reft": 0, "tasks": 0,
-                      "tasks_sweep": 0, "tasks_curves": 0, "continual": 0,
+    assert status == {"packing": 0, "pack_lengths": "script not found", "architectures": 0,
+                      "fast_forward": 0, "fast_forward_tasks": 0, "adapters": 1, "reft": 0,
+                      "tasks": 0, "tasks_sweep": 0, "tasks_curves": 0, "continual": 0,
                       "corpus_scale": "script not found", "speed": 0}
     assert json.loads((tmp_path / "all.json").read_text())["benches"] == record["benches"]
     tables = (tmp_path / "TABLES.md").read_text()
@@ -65,3 +66,18 @@ def test_only_a_subset_and_unknown_names(tmp_path):
     assert [c[0] for c in calls] == ["reft"]
     with pytest.raises(ValueError, match="unknown bench nope; choose from packing"):
         run_all(lambda argv: 0, tmp_path, only=["nope"])
+
+
+def test_the_command_runs_each_bench_through_its_own_parser(tmp_path, monkeypatch):
+    """`leantune bench all` parses each bench's arguments as `leantune bench` does, and
+    hands `bench architectures` the command's entry to train through."""
+    import leantune.bench.cli as bench_cli
+    from leantune.cli import main
+
+    seen = []
+    monkeypatch.setattr(bench_cli, "cmd_bench_architectures",
+                        lambda args: seen.append((args.out, args.cli_main)) or 0)
+    args = build_parser().parse_args(["bench", "all", "--only", "architectures",
+                                      "--out-dir", str(tmp_path)])
+    assert args.func(args) == 0
+    assert seen == [(str(tmp_path / "architectures.json"), main)]

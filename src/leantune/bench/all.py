@@ -31,7 +31,7 @@ from leantune.bench.common import cpu_info
 BENCHES: list[tuple[str, list[str]]] = [
     ("packing", ["packing"]),
     ("pack_lengths", ["script:pack_lengths.py"]),
-    ("packing_architectures", ["script:packing_architectures.py"]),
+    ("architectures", ["architectures"]),
     ("fast_forward", ["fast-forward"]),
     ("fast_forward_tasks", ["fast-forward", "--data", "task:arc_easy,piqa,socialiqa,boolq",
                             "--batch-size", "16", "--max-length", "256", "--lr", "1e-3",

@@ -4,8 +4,10 @@ imports its bench only when run)."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
+from leantune.config import ConfigError
 from leantune.console import setup_logging as _setup_logging
 
 
@@ -111,11 +113,29 @@ def cmd_bench_continual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_architectures(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.bench.architectures import bench_architectures, format_table, select_kinds
+
+    command = (f"leantune bench architectures --precisions {args.precisions} --methods "
+               f"{args.methods} --timeout {args.timeout}"
+               + (f" --only {args.only!r}" if args.only else ""))
+    results = bench_architectures(args.cli_main, select_kinds(args.only), Path(args.out),
+                                  args.precisions.split(","), args.methods.split(","),
+                                  args.timeout, args.keep_cache, command)
+    print(format_table(results))
+    print(f"results: {args.out}")
+    return 0
+
+
 def cmd_bench_all(args: argparse.Namespace) -> int:
     from leantune.bench.all import run_all
 
+    parser = argparse.ArgumentParser(prog="leantune")  # the bench commands alone
+    add_bench_parsers(parser.add_subparsers(dest="command", required=True), args.cli_main)
+
     def run_bench(argv: list[str]) -> int:
-        bench_args = build_parser().parse_args(["bench", *argv])
+        bench_args = parser.parse_args(["bench", *argv])
         return bench_args.func(bench_args)
 
     only = args.only.split(",") if args.only else None
@@ -129,8 +149,12 @@ def cmd_bench_all(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def add_bench_parsers(sub) -> None:
+def add_bench_parsers(sub, cli_main: Callable[[list[str]], int]) -> None:
+    """The ``bench`` command and its subcommands, under ``sub``. ``cli_main`` is the
+    ``leantune`` command's entry (argv -> exit status), which ``bench architectures``
+    trains through: passed in, since the command imports the benches."""
     bench = sub.add_parser("bench", help="benchmarks (baseline and ours in one process)")
+    bench.set_defaults(cli_main=cli_main)
     which = bench.add_subparsers(dest="which", required=True)
     pk = which.add_parser("packing", help="padding vs online/offline packing vs TRL")
     pk.add_argument("--model", default="embedded:smollm2")
@@ -241,10 +265,24 @@ def add_bench_parsers(sub) -> None:
     cp.add_argument("--out", default="benchmarks/results/continual.json")
     cp.add_argument("--plot", default="benchmarks/results/continual.png")
     cp.set_defaults(func=cmd_bench_continual)
+    ar = which.add_parser("architectures", help="`leantune train` with its defaults, packed, "
+                          "on a tiny model of every causal-LM architecture transformers knows")
+    ar.add_argument("--only", help="comma-separated model types or variant names "
+                                   "(default: all, ~200)")
+    ar.add_argument("--precisions", default="auto,bf16-mixed",
+                    help="train.precision values, each run on every architecture")
+    ar.add_argument("--methods", default="lora,full", help="adapter.method values")
+    ar.add_argument("--timeout", type=int, default=300, help="seconds per architecture")
+    ar.add_argument("--keep-cache", action="store_true",
+                    help="use $LEANTUNE_CACHE's machine measurements (train.precision=auto) "
+                         "rather than measuring afresh in a temporary cache")
+    ar.add_argument("--out", default="benchmarks/results/architectures.json")
+    ar.set_defaults(func=cmd_bench_architectures)
     al = which.add_parser("all", help="every bench in turn with BENCHMARKS.md's settings "
                                       "(2 h on 2 cores)")
     al.add_argument("--out-dir", default="benchmarks/results",
                     help="where every bench writes; also all.json and TABLES.md")
     al.add_argument("--only", help="comma-separated subset: packing, pack_lengths, "
-                                   "fast_forward, adapters, reft, continual, corpus_scale")
+                                   "architectures, fast_forward, adapters, reft, continual, "
+                                   "corpus_scale")
     al.set_defaults(func=cmd_bench_all)

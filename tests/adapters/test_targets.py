@@ -69,3 +69,35 @@ def test_peft_refusal_is_one_line_with_the_fix(tmp_path, capsys):
                  "in_proj, out_proj, x_proj"):
         assert part in line, (part, line)
     assert "base_layer" not in line  # the layers listed are the model's own, not PEFT's
+
+
+def test_fused_moe_experts_take_lora_without_dropout(tmp_path, caplog):
+    """DeepSeek-V3 on transformers 5: PEFT maps the gate/up/down_proj targets to the routed
+    experts' fused 3-D weights, whose wrapper refuses dropout. LoRA's defaults still
+    wrap it (dropout 0, said once), and PEFT's own loading reads the adapter back."""
+    from peft import PeftModel
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config(**SMALL | {"num_key_value_heads": 4}, n_routed_experts=4,
+                              num_experts_per_tok=2, moe_intermediate_size=16,
+                              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                              q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                              v_head_dim=16, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    model = build_adapter(AdapterConfig(method="lora")).apply(
+        AutoModelForCausalLM.from_config(config))
+    assert "fused mixture-of-experts weights (down_proj, gate_up_proj)" in caplog.text
+    peft_config = model.peft_config["default"]
+    assert peft_config.lora_dropout == 0 and peft_config.target_parameters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model.eval()
+    expected = model(input_ids=ids, use_cache=False).logits
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(config),
+                                      tmp_path / "adapter").eval()
+    torch.testing.assert_close(again(input_ids=ids, use_cache=False).logits, expected)

@@ -12,12 +12,17 @@ compute dtype, and only the LoRA matrices (full precision) train.
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
 from torch import nn
 
 from leantune.adapters.peft_adapter import PeftAdapter
 from leantune.adapters.targets import all_linear_targets, preset_targets
+
+log = logging.getLogger(__name__)
 
 
 def lora_targets(model: nn.Module, spec: list[str] | str) -> list[str]:
@@ -31,14 +36,43 @@ def lora_targets(model: nn.Module, spec: list[str] | str) -> list[str]:
     return preset_targets(model, spec)
 
 
+def fused_expert_targets(config: LoraConfig, model: nn.Module) -> set[str]:
+    """The fused mixture-of-experts weights PEFT will adapt for ``config``'s targets.
+
+    transformers 5 holds the routed experts of DeepSeek-V2/V3, GLM-4-MoE, OLMoE, Qwen3-MoE
+    and their kin as 3-D tensors (``experts.gate_up_proj``, ``experts.down_proj``); so that
+    adapters trained on transformers 4 still load, PEFT maps every ``gate_proj`` /
+    ``up_proj`` / ``down_proj`` target of those models to these tensors (a
+    ``lora.ParamWrapper``, which takes no dropout) in place of the layers of that name.
+    Empty where PEFT has no such mapping (older PEFT, other models)."""
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers, get_model_conversion_mapping)
+    except ImportError:
+        return set()
+    probe = copy.deepcopy(config)
+    convert_peft_config_for_transformers(probe, model=model,
+                                         conversions=get_model_conversion_mapping(model))
+    return set(probe.target_parameters or ())
+
+
 class LoRA(PeftAdapter):
     name = "lora"
 
     def peft_config(self, model: nn.Module) -> LoraConfig:
+        """PEFT's config; LoRA dropout off where PEFT adapts fused experts (their wrapper
+        refuses it), with a warning: else the model could not take LoRA at all."""
         c = self.cfg
-        return LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                          target_modules=lora_targets(model, c.target_modules),
-                          use_rslora=c.use_rslora, use_dora=c.use_dora, task_type="CAUSAL_LM")
+        config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                            target_modules=lora_targets(model, c.target_modules),
+                            use_rslora=c.use_rslora, use_dora=c.use_dora, task_type="CAUSAL_LM")
+        if c.dropout and (fused := fused_expert_targets(config, model)):
+            log.warning("adapter.dropout=%g: PEFT adapts %s's fused mixture-of-experts weights "
+                        "(%s) through a wrapper that takes no dropout; training with "
+                        "lora_dropout=0", c.dropout, type(model).__name__,
+                        ", ".join(sorted(fused)))
+            config.lora_dropout = 0.0
+        return config
 
 
 class QLoRA(LoRA):

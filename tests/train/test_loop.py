@@ -347,3 +347,19 @@ def test_the_final_adapter_is_whole_or_absent(llama_dir, chat_data, tmp_path, mo
         loop.train(config(llama_dir, chat_data, out, "train.max_steps=2", "eval.before=false"))
     assert not (out / "adapter").exists() and not list(out.glob(".tmp-*"))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+
+
+def test_a_model_that_cannot_generate_still_saves_its_run(llama_dir, chat_data, tmp_path,
+                                                           monkeypatch, caplog):
+    """Sample replies are a sample: a model whose generation fails (xLSTM's cache, say)
+    gets none, with one log line, and the trained adapter and summary are written."""
+    def fails(*args, **kwargs):
+        raise ValueError("matC_old has wrong shape")
+
+    monkeypatch.setattr(loop, "generate", fails)
+    out = tmp_path / "run"
+    summary = loop.train(config(llama_dir, chat_data, out, "train.max_steps=2",
+                                "eval.generate=1"))
+    assert "cannot generate (ValueError: matC_old has wrong shape)" in caplog.text
+    assert summary["samples"] == [] and (out / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["optimizer_steps"] == 2

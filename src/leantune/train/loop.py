@@ -20,6 +20,7 @@ from leantune.config import Config
 from leantune.data.encode import prompt_and_reference
 from leantune.evaluate import evaluate
 from leantune.generate import generate
+from leantune.model import first_line
 from leantune.multiple_choice import macro
 from leantune.report import write_report
 from leantune.train.build import Run, build_run, eval_mode
@@ -241,12 +242,19 @@ def sample_prompts(examples, tokenizer, n: int) -> list[tuple[str, str, bool]]:
 
 def sample_replies(run: Run, prompts: list[tuple[str, str, bool]]) -> list[str]:
     """Greedy replies of the main process's model. Not under FSDP or DeepSpeed: there
-    every forward is collective, and one process generating alone would hang the rest."""
+    every forward is collective, and one process generating alone would hang the rest.
+    A model whose generation fails (its cache code, not training's) gets none, with one
+    log line: the replies are a sample, and the trained run must still be saved."""
     if not prompts or not run.acc.is_main_process or sharded(run.acc):
         return []
     model = run.acc.unwrap_model(run.model)
-    return [generate(model, run.tokenizer, [p], run.cfg.eval.max_new_tokens, special)[0]
-            for p, _, special in prompts]
+    try:
+        return [generate(model, run.tokenizer, [p], run.cfg.eval.max_new_tokens, special)[0]
+                for p, _, special in prompts]
+    except Exception as e:  # noqa: BLE001 - nothing of the run depends on the sample
+        log.error("sample replies: %s cannot generate (%s: %s); the run goes on without them",
+                  type(model).__name__, type(e).__name__, first_line(e))
+        return []
 
 
 def finish(run: Run, prompts, replies_before: list[str]) -> dict:

@@ -235,18 +235,19 @@ def check_causal_lm(model: PreTrainedModel, source: str, missing: list[str]) -> 
 
 
 @contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """``model`` in eval mode for the block, then every module back in the mode it was in.
+def evaluating(model: torch.nn.Module, training: bool = False) -> Iterator[None]:
+    """``model`` in eval mode (train mode with ``training``) for the block, then every
+    module back in the mode it was in.
 
     ``model.train(was_training)`` would not do: PEFT marks its wrapper as training while
     the base's dropout layers stay in eval, and ``train(True)`` would switch them on."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, was in modes:
+            m.training = was
 
 
 @torch.no_grad()

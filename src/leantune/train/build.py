@@ -26,10 +26,11 @@ from leantune.multiple_choice import ChoiceScorer
 from leantune.train.data import TrainData, build_data
 from leantune.train.fast_forward import FastForward, halves_loss, split_halves
 from leantune.train.flops import FlopModel
-from leantune.train.loss_paths import check_batch, check_loss_paths
+from leantune.train.loss_paths import check_batch, check_loss_paths, check_trains
 from leantune.train.metrics import MetricsLog, PeakMemory
 from leantune.train.precision import Precision, choose
 from leantune.train.probe import first_rows, probe_batches, resolve_packing
+from leantune.train.probe_compare import Rows
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
@@ -109,10 +110,12 @@ def build_run(cfg: Config) -> Run:
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    data, packing = build_packed_data(cfg, tokenizer, acc.unwrap_model(model), adapter, acc,
-                                      flop_model)
-    loss_paths = resolve_loss_paths(cfg, acc.unwrap_model(model), data, tokenizer, adapter,
-                                    acc, precision)
+    data = build_data(cfg, tokenizer, packed_layout(cfg, adapter), adapter.positions, acc)
+    first = first_rows(data, cfg, acc.num_processes)
+    precision, loss_paths = check_model(cfg, acc.unwrap_model(model), first, tokenizer,
+                                        adapter, acc, precision)
+    packing = decide_packing(cfg, acc.unwrap_model(model), data, first, tokenizer.pad_token_id,
+                             adapter, acc, flop_model)
     ff = build_fast_forward(cfg, model, data, packing, flop_model, acc)
     tasks, scorer = build_tasks(cfg, tokenizer, packing, adapter, acc, flop_model)
     state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys,
@@ -189,37 +192,44 @@ def choose_precision(cfg: Config, source: str, acc: Accelerator) -> Precision:
     return precision
 
 
-def resolve_loss_paths(cfg: Config, model: torch.nn.Module, data: TrainData, tokenizer,
-                       adapter: Adapter, acc: Accelerator, precision: Precision
-                       ) -> dict[str, dict]:
-    """The loss's shortcuts (head at target positions, chunked loss) checked against the
-    model's own loss on the run's first examples (:mod:`leantune.train.loss_paths`); the
-    chunked loss also needs to be asked for and an unsharded head."""
+def check_model(cfg: Config, model: torch.nn.Module, first: Rows, tokenizer,
+                adapter: Adapter, acc: Accelerator, precision: Precision
+                ) -> tuple[Precision, dict[str, dict]]:
+    """On the run's first examples (``first``, cut short): the precision the model trains
+    in, and the loss's shortcuts (head at target positions, chunked loss) checked against
+    the model's own loss (:mod:`leantune.train.loss_paths`); the chunked loss also needs to
+    be asked for and an unsharded head."""
     chunked = ("train.chunked_loss=false" if not cfg.train.chunked_loss
                else "FSDP shards the head's weight"
                if acc.distributed_type == DistributedType.FSDP else True)
-    examples = [e for row in first_rows(data, cfg, acc.num_processes) for e in row][:4]
+    examples = [e for row in first for e in row][:4]
     batch = {k: v.to(acc.device) for k, v in check_batch(
         examples, tokenizer.pad_token_id, adapter.positions).items()}
+    precision = check_trains(model, batch, precision, acc.device)
     with evaluating(model):
-        return check_loss_paths(model, batch, precision.compute_dtype, chunked)
+        return precision, check_loss_paths(model, batch, precision.compute_dtype, chunked)
 
 
-def build_packed_data(cfg: Config, tokenizer, model: torch.nn.Module, adapter: Adapter,
-                      acc: Accelerator, flop_model: FlopModel) -> tuple[TrainData, dict]:
-    """The run's data, laid out in ``data.packing`` when the probe finds it exact on the
-    run's own first micro-batch and at full width (:mod:`leantune.train.probe`), else
-    padded; and the decision (``summary.json``'s ``packing``)."""
+def packed_layout(cfg: Config, adapter: Adapter) -> str:
+    """The layout the data is built in: ``data.packing``, unless the adapter adds tokens
+    to each row (prompt tuning), which packed examples would share."""
+    return cfg.data.packing if adapter.packs else "none"
+
+
+def decide_packing(cfg: Config, model: torch.nn.Module, data: TrainData, first: Rows,
+                   pad_id: int, adapter: Adapter, acc: Accelerator, flop_model: FlopModel
+                   ) -> dict:
+    """``data.packing`` when the probe finds it exact on the run's own first micro-batch
+    ``first`` and at full width (:mod:`leantune.train.probe`), else padding (the data is
+    switched to it); the decision is ``summary.json``'s ``packing``."""
     requested = cfg.data.packing
-    packs = requested != "none" and adapter.packs
-    data = build_data(cfg, tokenizer, requested if packs else "none", adapter.positions, acc)
-    batches = (probe_batches(first_rows(data, cfg, acc.num_processes), cfg.data.max_length)
-               if packs else [])
-    packing = resolve_packing(requested, model, adapter, batches, tokenizer.pad_token_id,
-                              cfg.data.max_length, acc=acc, flop_model=flop_model)
+    packs = packed_layout(cfg, adapter) != "none"
+    batches = probe_batches(first, cfg.data.max_length) if packs else []
+    packing = resolve_packing(requested, model, adapter, batches, pad_id, cfg.data.max_length,
+                              acc=acc, flop_model=flop_model)
     if packs and packing["used"] == "none":
         data.use_padding()
-    return data, packing
+    return packing
 
 
 def build_tasks(cfg: Config, tokenizer, packing: dict, adapter: Adapter, acc: Accelerator,

@@ -1,5 +1,12 @@
-"""The loss's two shortcuts, checked on the run's own first examples before step 1 and
-switched off for a model where they do not hold.
+"""Before step 1, on the run's own first examples: that the model trains in the chosen
+precision (:func:`check_trains`), and the loss's two shortcuts, switched off for a model
+where they do not hold (:func:`check_loss_paths`).
+
+A model that fails one training forward and backward under bf16 autocast but runs in
+fp32 (a kernel without a bf16 path, such as DBRX's expert ``index_add_``) trains in fp32
+when ``train.precision=auto`` chose bf16, with one warning; asked for explicitly, bf16 is
+refused in one line. A model that fails in fp32 too cannot train on this data at all:
+one line naming the error and where it was raised, not a traceback.
 
 - **Head at target positions** (:mod:`leantune.train.head`): the LM head runs only where
   a loss reads it, returning ``[N, V]``. A model whose code after the head needs the
@@ -23,14 +30,19 @@ target, so the full-logits reference (``[B, T, V]`` in fp32) stays small at any
 from __future__ import annotations
 
 import logging
+import traceback
+from pathlib import Path
 
 import torch
+from peft import PeftModel
 
+from leantune.config import ConfigError
 from leantune.data.collate import collate_padded
 from leantune.data.encode import IGNORE, Encoded
-from leantune.model import first_line
+from leantune.model import ModelError, evaluating, first_line
 from leantune.train.chunked_loss import chunked_head, turn_off
 from leantune.train.head import run_everywhere
+from leantune.train.precision import Precision, fall_back, fp32_obstacle, in_fp32, to_fp32
 from leantune.train.step import forward_loss
 
 log = logging.getLogger(__name__)
@@ -48,6 +60,56 @@ def check_batch(examples: list[Encoded], pad_id: int, intervene: tuple[int, int]
         start = max(0, end + 1 - CHECK_TOKENS)
         cut.append(Encoded(e.input_ids[start:end + 1], e.labels[start:end + 1]))
     return collate_padded(cut, pad_id, intervene)
+
+
+def _trains(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
+    """Why one training-mode forward and backward of ``batch`` fails (the error and the
+    last frame), or None when it runs. Gradients are dropped and the RNG restored."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with evaluating(model, training=True), torch.random.fork_rng(devices=devices):
+        try:
+            forward_loss(model, batch, full_logits=True)[1].backward()
+        except Exception as e:  # noqa: BLE001 - what fails is reported, in one line
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            return (f"{type(e).__name__}: {first_line(e)} "
+                    f"({Path(frame.filename).name}:{frame.lineno})")
+        finally:
+            model.zero_grad(set_to_none=True)
+    return None
+
+
+def check_trains(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                 precision: Precision, device: torch.device) -> Precision:
+    """The precision the run trains in (see the module docstring): ``precision``, or fp32
+    when ``auto`` chose bf16 and the model fails under it but not in fp32 (then ``model``
+    computes in fp32 from here on).
+
+    Raises:
+        ModelError: the model fails one training step on ``batch`` in fp32 too.
+        ConfigError: bf16 was asked for and fails, or the fp32 fallback is impossible.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    name = type(base).__name__
+    error = _trains(model, batch)
+    if error is None:
+        return precision
+    obstacle = fp32_obstacle(model) if precision.used != "fp32" else None
+    if precision.used != "fp32" and obstacle is None:
+        with in_fp32(model):
+            fails_in_fp32 = _trains(model, batch)
+    else:
+        fails_in_fp32 = error if precision.used == "fp32" else None
+    if fails_in_fp32:
+        raise ModelError(f"{name} cannot train on this run's first examples: one forward and "
+                         f"backward fails ({fails_in_fp32})")
+    if precision.requested != "auto" or obstacle is not None:
+        raise ConfigError(f"train.precision={precision.requested}: {name} fails under bf16 "
+                          f"({error}); {obstacle or 'it runs in fp32'}: use "
+                          "train.precision=fp32")
+    reason = f"{name} fails under bf16 autocast ({error}) and runs in fp32"
+    log.warning("train.precision=auto: %s; training in fp32", reason)
+    to_fp32(model)
+    return fall_back(precision, reason, device)
 
 
 def _off(what: str, reason: str) -> dict:

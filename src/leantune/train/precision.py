@@ -34,7 +34,7 @@ import os
 import platform
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -247,6 +247,12 @@ def measure_auto(config, device: torch.device, key: str) -> tuple[str, float | N
                          f"here ({'>=' if used != 'fp32' else '<'} {MIN_RATIO})")
 
 
+def fall_back(precision: Precision, reason: str, device: torch.device) -> Precision:
+    """``precision`` turned to fp32 (its peak for MFU measured in fp32), for ``reason``."""
+    fp32 = choose("fp32", "auto", None, device)
+    return replace(fp32, requested=precision.requested, reason=reason, ratio=precision.ratio)
+
+
 def autocast_forward(model: torch.nn.Module, dtype: torch.dtype | None, device_type: str) -> None:
     """Run every call of ``model`` under ``torch.autocast(device_type, dtype)`` (None: as
     is). It patches the instance's ``forward`` (as Accelerate's mixed precision does), so
@@ -310,26 +316,33 @@ def fp32_obstacle(model: torch.nn.Module) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def in_fp32(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block ``model`` computes in float32: its autocast is off and its
-    half-precision weights and buffers are float32, cast back afterwards (bf16 -> fp32 ->
-    bf16 is exact, so the run goes on with the very same weights). Check
-    :func:`fp32_obstacle` first."""
+def to_fp32(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.dtype]]:
+    """Make ``model`` compute in float32 from now on: autocast off, half-precision weights
+    and buffers cast up in place (the same Parameter objects: an optimizer built on them
+    is unaffected). Returns what was cast, with its dtype. Check :func:`fp32_obstacle`
+    first."""
     model = _unwrapped(model)
-    autocast = getattr(model, "leantune_autocast", None)
     half = [(t, t.dtype) for t in _half_tensors(model)]
     for t, _ in half:
         t.data = t.data.float()
-    if autocast is not None:
+    if getattr(model, "leantune_autocast", None) is not None:
         model.leantune_autocast = None
+    return half
+
+
+@contextlib.contextmanager
+def in_fp32(model: torch.nn.Module) -> Iterator[None]:
+    """:func:`to_fp32` for the block, undone afterwards (bf16 -> fp32 -> bf16 is exact, so
+    the run goes on with the very same weights and its own autocast)."""
+    autocast = getattr(_unwrapped(model), "leantune_autocast", None)
+    half = to_fp32(model)
     try:
         yield
     finally:
         for t, dtype in half:
             t.data = t.data.to(dtype)
         if autocast is not None:
-            model.leantune_autocast = autocast
+            _unwrapped(model).leantune_autocast = autocast
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -48,8 +48,9 @@ def test_lora_defaults_skip_moe_routers_and_the_wrapped_model_runs(arch):
     assert out.logits.isfinite().all()
 
 
-def test_peft_refusal_is_one_line_with_the_fix(tmp_path, capsys):
-    """Mamba with LoRA's default targets: PEFT refuses out_proj; exit 2, no traceback."""
+def test_peft_refusal_is_one_line_with_the_fix(tmp_path, capsys, caplog):
+    """Mamba: PEFT refuses LoRA on out_proj (its kernels read the weight directly). The
+    default targets leave it out and train; naming it is exit 2 in one line."""
     tok = make_tokenizer()
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(MambaConfig(
@@ -58,8 +59,14 @@ def test_peft_refusal_is_one_line_with_the_fix(tmp_path, capsys):
     tok.save_pretrained(tmp_path / "mamba")
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": " b"}\n' * 8)
-    rc = cli.main(["train", f"model.name_or_path={tmp_path / 'mamba'}", f"data.path={data}",
-                   f"train.output_dir={tmp_path / 'run'}", "train.progress=false"])
+    common = [f"model.name_or_path={tmp_path / 'mamba'}", f"data.path={data}",
+              "train.progress=false", "train.max_steps=1", "eval.generate=0"]
+    assert cli.main(["train", *common, f"train.output_dir={tmp_path / 'auto'}"]) == 0
+    assert "PEFT does not wrap out_proj on mamba" in caplog.text
+    assert "LoRA goes on dt_proj, in_proj, x_proj" in caplog.text
+    capsys.readouterr()
+    rc = cli.main(["train", *common, f"train.output_dir={tmp_path / 'run'}",
+                   "adapter.target_modules=[in_proj,out_proj,x_proj]"])
     err = capsys.readouterr().err
     errors = [x for x in err.splitlines() if x.startswith("leantune: error:")]
     assert rc == 2 and len(errors) == 1 and "Traceback" not in err

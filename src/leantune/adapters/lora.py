@@ -28,12 +28,34 @@ log = logging.getLogger(__name__)
 def lora_targets(model: nn.Module, spec: list[str] | str) -> list[str]:
     """PEFT ``target_modules`` for ``adapter.target_modules`` (auto = all-linear: every
     linear layer but the output head and mixture-of-experts routers; PEFT's own
-    ``all-linear`` would wrap the routers too)."""
+    ``all-linear`` would wrap the routers too). A preset leaves out what PEFT refuses to
+    wrap on this model (:func:`peft_refuses`), saying so once."""
     if isinstance(spec, list):
         return spec
-    if spec in ("auto", "all-linear"):
-        return all_linear_targets(model)
-    return preset_targets(model, spec)
+    found = all_linear_targets(model) if spec in ("auto", "all-linear") else preset_targets(
+        model, spec)
+    refused = [t for t in found if peft_refuses(model, t)]
+    if refused and len(refused) < len(found):
+        log.warning("adapter.target_modules=%s: PEFT does not wrap %s on %s (its kernels read "
+                    "those weights directly); LoRA goes on %s", spec, ", ".join(refused),
+                    model.config.model_type, ", ".join(t for t in found if t not in refused))
+        return [t for t in found if t not in refused]
+    return found
+
+
+def peft_refuses(model: nn.Module, target: str) -> bool:
+    """Whether PEFT's own rule refuses LoRA on ``target`` for this model: ``out_proj`` and
+    ``conv1d`` of Mamba-based models, whose fused kernels read the weight itself and would
+    skip the adapter. PEFT's check is asked, so its rule and ours cannot drift apart."""
+    try:
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:
+        return False
+    try:
+        _check_lora_target_modules_mamba(LoraConfig(), model, target.rsplit(".", 1)[-1])
+    except ValueError:
+        return True
+    return False
 
 
 def fused_expert_targets(config: LoraConfig, model: nn.Module) -> set[str]:

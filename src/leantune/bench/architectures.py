@@ -128,8 +128,10 @@ def train_run(entry: Entry, argv: list[str], out_dir: Path) -> dict:
     packing, probe = summary["packing"], summary["packing"].get("probe")
     return {"verdict": "padded" if packing["used"] == "none" else "exact",
             "reason": packing["reason"], "packing": packing["used"],
-            "probe": probe and {k: probe.get(k) for k in ("errors", "dtype", "seconds")},
+            "probe": probe and {k: probe[k] for k in ("errors", "judged", "run_dtype",
+                                                      "run_errors", "seconds")},
             "precision": {k: summary["precision"][k] for k in ("used", "reason")},
+            "head_at_targets": summary["head_at_targets"],
             "chunked_loss": summary["chunked_loss"], "loss": summary["final_train_loss"]}
 
 

@@ -108,3 +108,22 @@ def test_fused_moe_experts_take_lora_without_dropout(tmp_path, caplog):
     again = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(config),
                                       tmp_path / "adapter").eval()
     torch.testing.assert_close(again(input_ids=ids, use_cache=False).logits, expected)
+
+
+def test_a_preset_target_that_fails_alone_is_left_out(caplog):
+    """DeepSeek-V4's o_a_proj subclasses nn.Linear but multiplies per head group: under
+    LoRA it fails the first forward. The preset's other targets take the adapter (said
+    once); naming o_a_proj is still refused in one line."""
+    from leantune.bench.tiny_models import build_tiny
+    from leantune.config import ConfigError
+
+    model = build_adapter(AdapterConfig(method="lora")).apply(build_tiny("deepseek_v4",
+                                                                         vocab=300))
+    targets = model.peft_config["default"].target_modules
+    assert "o_a_proj" not in targets and {"o_b_proj", "q_a_proj", "up_proj"} <= set(targets)
+    assert "o_a_proj fails under PEFT's lora wrapper on DeepseekV4ForCausalLM" in caplog.text
+    assert any("o_b_proj" in n and hasattr(m, "lora_A") for n, m in model.named_modules())
+    with pytest.raises(ConfigError, match=r"PEFT cannot wrap DeepseekV4ForCausalLM's modules "
+                                          r"\[o_a_proj, o_b_proj\]: the wrapped model fails"):
+        build_adapter(AdapterConfig(method="lora", target_modules=["o_a_proj", "o_b_proj"])
+                      ).apply(build_tiny("deepseek_v4", vocab=300))

@@ -6,9 +6,11 @@ with a check that every trained tensor was found.
 
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import IA3Config, PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
@@ -16,6 +18,8 @@ from leantune.adapters.base import Adapter, smoke_forward
 from leantune.adapters.targets import linear_layers
 from leantune.config import ConfigError
 from leantune.model import first_line
+
+log = logging.getLogger(__name__)
 
 
 class PeftAdapter(Adapter):
@@ -33,6 +37,7 @@ class PeftAdapter(Adapter):
                 the modules tried, PEFT's words and the fix.
         """
         config = self.peft_config(model)
+        pristine = copy.deepcopy(config)  # PEFT rewrites the config it is given
         # Before PEFT touches the model: a refusal can leave it half wrapped.
         facts = type(model).__name__, sorted({n.rsplit(".", 1)[-1] for n in linear_layers(model)})
         try:
@@ -42,8 +47,37 @@ class PeftAdapter(Adapter):
         try:
             smoke_forward(wrapped)
         except Exception as e:  # noqa: BLE001 - any failure here is the wrapping's
+            wrapped = self._without_misfits(wrapped, pristine, facts, e)
+        return wrapped
+
+    def _without_misfits(self, wrapped: PeftModel, config: PeftConfig,
+                         facts: tuple[str, list[str]], error: Exception) -> PeftModel:
+        """After the wrapped model failed its first forward with ``error``: for targets a
+        preset chose, the model wrapped again without those that fail on their own (a
+        layer that subclasses ``nn.Linear`` but is not ``x W^T``, such as DeepSeek-V4's
+        grouped ``o_a_proj``), said once; for targets named by the user, or when none or
+        all fail alone, the one-line refusal."""
+        targets = sorted(config.target_modules or [])
+        if isinstance(self.cfg.target_modules, list) or not targets:
             raise self._cannot_wrap(*facts, config, "the wrapped model fails its first forward",
-                                    e) from None
+                                    error) from None
+        base, misfits = wrapped.unload(), []
+        for target in targets:
+            trial = get_peft_model(base, _only(config, [target]))
+            try:
+                smoke_forward(trial)
+            except Exception:  # noqa: BLE001 - the targets that fail alone are left out
+                misfits.append(target)
+            base = trial.unload()
+        kept = [t for t in targets if t not in misfits]
+        if not misfits or not kept:
+            raise self._cannot_wrap(*facts, config, "the wrapped model fails its first forward",
+                                    error) from None
+        log.warning("adapter.target_modules=%s: %s fails under PEFT's %s wrapper on %s (%s); "
+                    "the adapter goes on %s", self.cfg.target_modules, ", ".join(misfits),
+                    self.name, facts[0], first_line(error), ", ".join(kept))
+        wrapped = get_peft_model(base, _only(config, kept))
+        smoke_forward(wrapped)
         return wrapped
 
     def _cannot_wrap(self, arch: str, leaves: list[str], config: PeftConfig, what: str,
@@ -78,3 +112,13 @@ class PeftAdapter(Adapter):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()
+
+
+def _only(config: PeftConfig, targets: list[str]) -> PeftConfig:
+    """A copy of ``config`` that targets ``targets`` alone (IA3's feed-forward layers cut
+    to match, as PEFT requires them among the targets)."""
+    config = copy.deepcopy(config)
+    config.target_modules = list(targets)
+    if isinstance(config, IA3Config):
+        config.feedforward_modules = [t for t in config.feedforward_modules or [] if t in targets]
+    return config

@@ -106,3 +106,19 @@ def test_without_fp32_a_noise_floor_judges(monkeypatch, eps, exact):
     assert report["exact"] == exact, report
     if not exact:  # a leak of ~1e-2 that the bf16 tolerance alone would have let through
         assert report["errors"]["grads"] < BF16.grads
+
+
+def test_the_bf16_guard_judges_finiteness_not_rounding():
+    """Exactness is decided in fp32; the run-precision pass only guards against values
+    that are not finite there (bf16 rounding through a deep model is large and no leak)."""
+    exact = {"errors": {"logits": 1e-7, "loss": 0.0, "grads": 2e-7}, "finite": True,
+             "padded_finite": True, "backward": True, "error": None}
+    rounding = exact | {"errors": {"logits": 2e-2, "loss": 9e-3, "grads": 4e-2}}
+    fp32 = tolerance_for(torch.float32)
+    assert probe.verdict(exact, fp32, rounding, torch.bfloat16) == (None, None)
+    reason, _ = probe.verdict(exact, fp32, rounding | {"finite": False}, torch.bfloat16)
+    assert reason == ("in bfloat16, packed loss or gradients are not finite where padded "
+                      "ones are")
+    reason, _ = probe.verdict(exact, fp32, rounding | {"error": "RuntimeError: x"},
+                              torch.bfloat16)
+    assert reason.startswith("in bfloat16, the model's forward fails on packed rows")

@@ -203,7 +203,8 @@ def run_probe(model: torch.nn.Module, batches: list[Rows], pad_id: int,
     - a bf16 run is judged in fp32 where :func:`~leantune.train.precision.in_fp32` can
       make it compute so (a CPU run's fp32 base with its autocast off; half weights cast
       up when the model fits twice), then run once more in its own precision as a
-      guard: packed loss and gradients finite there, within the bf16 tolerance;
+      guard against non-finite values: packed loss and gradients must be finite there
+      where padded ones are (their differences are reported, not judged);
     - otherwise (FSDP-sharded weights, 4-bit layers computing in bf16, no room) it is
       judged in its own precision against a noise floor measured on the same examples,
       padded against each example alone: a difference is rounding up to
@@ -280,13 +281,13 @@ def verdict(judged: dict, tol: Tolerance, guard: dict | None, run_dtype: torch.d
         return f"packed rows differ from padded ones ({over})", None
     if guard is None:
         return None, None
+    # The guard's differences are not judged: exactness was, in fp32, and bf16 rounding
+    # through a deep model (SmolLM2's 30 layers: 9e-3 on the summed loss) is no leak.
     name = str(run_dtype).removeprefix("torch.")
     if guard["error"]:
         return f"in {name}, the model's forward fails on packed rows ({guard['error']})", None
     if guard["padded_finite"] and not guard["finite"]:
         return f"in {name}, packed loss or gradients are not finite where padded ones are", None
-    if over := _over(guard["errors"], tolerance_for(run_dtype)):
-        return f"in {name}, packed rows differ from padded ones beyond rounding ({over})", None
     return None, None
 
 

@@ -17,39 +17,19 @@ os.environ.setdefault("LEANTUNE_CACHE", tempfile.mkdtemp(prefix="leantune-tests-
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, PhiConfig,
                           Qwen2Config, Qwen3Config)
 
+from leantune.bench.tiny_models import CHATML, CORPUS, tiny_tokenizer
+
 # Tiny matmuls gain nothing from threads, and lose a lot when another process holds the cores.
 torch.set_num_threads(1)
 
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "What is the capital of France? The capital of France is Paris.",
-    "user assistant system: hello, how are you today? I am fine, thank you.",
-    "def add(a, b):\n    return a + b  # numbers 0 1 2 3 4 5 6 7 8 9",
-    "Instruction: translate. Input: bonjour. Response: hello. ### Response:",
-] * 20
-
-
-def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
-                                   pad_token="<pad>", additional_special_tokens=SPECIAL[3:])
-    fast.chat_template = chat_template
-    return fast
+# The package's tiny tokenizer (a 300-token byte-level BPE with a ChatML template), which
+# the architecture sweep trains its tiny models with too.
+make_tokenizer = tiny_tokenizer
 
 
 def make_spm_tokenizer() -> PreTrainedTokenizerFast:

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, Llama4TextConfig, Phi3Config
 
+from leantune.bench.packing_check import examples as random_examples
 from leantune.config import load_config
 from leantune.data.batching import pack_batch
 from leantune.data.collate import collate_packed, collate_padded, pad_positions
-from leantune.data.encode import IGNORE, Encoded
+from leantune.data.encode import Encoded
 from leantune.train import loop
 from leantune.train.probe import (full_width_rows, probe_batches, resolve_packing,
                                   row_index_hazard, run_probe)
@@ -25,12 +26,8 @@ VOCAB = 300
 
 
 def make(lengths: list[int], seed: int = 0) -> list[Encoded]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(5, VOCAB, (n,), generator=g).tolist()
-        out.append(Encoded(ids, [IGNORE] * (n // 3) + ids[n // 3:]))
-    return out
+    """Random examples (ids 5 and up), the first third of each a prompt."""
+    return random_examples(VOCAB, lengths, seed)
 
 
 def rows_of(examples: list[Encoded], bins: list[list[int]]) -> list[list[Encoded]]:

@@ -293,9 +293,10 @@ CORPUS = [
 ] * 20
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE of 300 tokens trained here on :data:`CORPUS`, with a ChatML chat
-    template: pad 0, BOS 1, EOS ``<|im_end|>`` 4 (the ids :data:`SIZES` gives the models)."""
+def tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of 300 tokens trained here on :data:`CORPUS`, with a chat template
+    (ChatML by default): pad 0, BOS 1, EOS ``<|im_end|>`` 4 (the ids :data:`SIZES` gives
+    the models). The test suite's tiny models use it too."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -304,7 +305,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
                                    pad_token="<pad>", additional_special_tokens=SPECIAL[3:])
-    fast.chat_template = CHATML
+    fast.chat_template = chat_template
     return fast
 
 

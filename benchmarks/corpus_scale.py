@@ -13,7 +13,7 @@ its peak resident memory is its own, alternately over ``--rounds``:
   num_proc=2)`` (arrow files), the usual recipe.
 
 Then windows of ``--max-length`` tokens are read back at random through the training
-path (:class:`~leantune.data.replay.CorpusFeed`, 8 windows per micro-batch, positions
+path (:class:`~leantune.train.replay.CorpusFeed`, 8 windows per micro-batch, positions
 restarting at every document), with the process's resident memory before and after.
 Results go to ``benchmarks/results/corpus_scale.json``.
 """
@@ -36,7 +36,7 @@ def make_corpus(path: Path, gigabytes: float) -> dict:
     """Cycle real documents into ``path`` until it holds ``gigabytes`` of JSONL."""
     import sysconfig
 
-    from leantune.embedded import sharegpt_rows
+    from leantune.data.embedded import sharegpt_rows
 
     docs = [p.read_text(encoding="utf-8", errors="replace")
             for p in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
@@ -107,7 +107,7 @@ def read_windows(directory: str, max_length: int, batches: int) -> dict:
     import numpy as np
 
     from leantune.config import ReplayConfig
-    from leantune.data.replay import CorpusFeed
+    from leantune.train.replay import CorpusFeed
     from leantune.data.windows import TokenCorpus, Windows, held_out
     from leantune.train.metrics import resident_bytes
 
@@ -138,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from leantune.config import ModelConfig
-    from leantune.model import resolve_local
+    from leantune.model.load import resolve_local
 
     tok = resolve_local(ModelConfig())  # the embedded SmolLM2 (dequantized once, cached)
     results = {"setup": vars(args), "runs": []}

@@ -86,7 +86,7 @@ def llama_cpp_reply(llm, prompt_ids: list[int], max_new: int, eos: int | None):
 
 @torch.no_grad()
 def hf_reply(model, tokenizer, prompt: str, max_new: int, to_the_end: bool = False):
-    """What ``leantune generate`` runs for one prompt (leantune.generate.generate: greedy,
+    """What ``leantune generate`` runs for one prompt (leantune.model.generate.generate: greedy,
     KV cache, the rendered prompt without added special tokens): new ids and seconds;
     ``to_the_end`` forbids EOS until ``max_new`` tokens, for equal work in the timing."""
     start = time.perf_counter()
@@ -136,7 +136,7 @@ def lora_over_base(run_dir: Path, tmp: Path, ref, held, threads: int) -> dict | 
     from transformers import AutoModelForCausalLM
 
     from leantune.export import ExportError, export_gguf_lora
-    from leantune.model import dequantize_gguf
+    from leantune.model.load import dequantize_gguf
     from leantune.config import load_config
 
     try:
@@ -178,8 +178,8 @@ def main(argv=None) -> int:
     from leantune.config import load_config
     from leantune.data.dataset import build_splits
     from leantune.export import export_gguf, export_run
-    from leantune.serve import load_for_generation
-    from leantune.train.precision import cpu_info
+    from leantune.adapters.loading import load_for_generation
+    from leantune.model.precision import cpu_info
 
     cfg = load_config(args.run_dir / "config.yaml")
     summary = json.loads((args.run_dir / "summary.json").read_text())

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from leantune.data.packing import pack
+from leantune.packing.bins import pack
 
 RESULTS = Path(__file__).parent / "results" / "pack_lengths.json"
 

@@ -9,7 +9,7 @@ from leantune.adapters import build_adapter
 from leantune.bench.common import sharegpt_exchanges
 from leantune.bench.packing import run_mode
 from leantune.config import AdapterConfig, ModelConfig
-from leantune.model import load_model, load_tokenizer, resolve_local
+from leantune.model.load import load_model, load_tokenizer, resolve_local
 print(leantune.__file__, file=sys.stderr)
 acc = Accelerator(cpu=True)
 cfg = ModelConfig(name_or_path="embedded:smollm2"); source = resolve_local(cfg)

@@ -23,6 +23,7 @@ from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, P
                           Qwen2Config, Qwen3Config)
 
 from leantune.bench.tiny_models import CHATML, CORPUS, tiny_tokenizer
+from leantune.objectives import NEXT_TOKEN, NextToken
 
 # Tiny matmuls gain nothing from threads, and lose a lot when another process holds the cores.
 torch.set_num_threads(1)
@@ -30,6 +31,18 @@ torch.set_num_threads(1)
 # The package's tiny tokenizer (a 300-token byte-level BPE with a ChatML template), which
 # the architecture sweep trains its tiny models with too.
 make_tokenizer = tiny_tokenizer
+
+
+def loss_sum(model, batch) -> tuple[torch.Tensor, int]:
+    """The SFT loss summed over ``batch``'s target tokens, and their count."""
+    return NEXT_TOKEN.loss_sum(model, batch), NEXT_TOKEN.count(batch)
+
+
+class NanLoss(NextToken):
+    """The SFT loss, made NaN: a step that must not update anything."""
+
+    def loss_sum(self, model, batch):
+        return super().loss_sum(model, batch) * float("nan")
 
 
 def make_spm_tokenizer() -> PreTrainedTokenizerFast:
@@ -88,8 +101,8 @@ def tiny_config(arch: str, vocab_size: int):
 def auto_precision_is_fp32(monkeypatch):
     """train.precision=auto measures bf16 against fp32 and may pick bf16-mixed on an AMX or
     GPU machine; the suite's exact parity checks must not depend on which CPU CI draws.
-    tests/train/test_precision.py tests the measurement and the choice themselves."""
-    import leantune.train.precision as precision
+    tests/model/test_precision.py tests the measurement and the choice themselves."""
+    import leantune.model.precision as precision
 
     monkeypatch.setattr(precision, "linear_ratio", lambda shapes, device, reps=3: 1.0)
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from leantune.cli import main
 from leantune.config import Config, load_config
-from leantune.configtools import option_lines
+from leantune.config.parsing import option_lines
 
 STEP_FILES = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
               "optimizer.pt", "rng.pt", "trainer_state.json"]

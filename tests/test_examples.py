@@ -30,7 +30,7 @@ def test_examples_load(name):
 
 def test_task_example_trains_and_scores_the_same_tasks():
     cfg = load_config(ROOT / "examples" / "task.yaml")
-    from leantune.data.tasks import parse_task_path, task_names
+    from leantune.config.tasks import parse_task_path, task_names
 
     assert parse_task_path(cfg.data.path, "train")[0] == task_names(cfg.eval.tasks)
 

@@ -17,9 +17,9 @@ import pytest
 import leantune.report.plots as plots
 import leantune.train.loop as loop
 from leantune.cli import main
-from leantune.report import load_run, write_report
+from leantune.report import load_run, report_after_training, write_report
 from leantune.report.runs import ReportError
-from test_eval_sets import write_rows
+from helpers import write_rows
 from train.test_loop import config
 
 
@@ -34,6 +34,8 @@ def runs(llama_dir, tmp_path_factory):
     loop.train(config(llama_dir, chat_rows, root / "plain", *common))
     loop.train(config(llama_dir, chat_rows, root / "ff", *common, "fast_forward.enabled=true",
                       "fast_forward.interval=3", "fast_forward.eval_examples=4"))
+    for run_dir in (root / "plain", root / "ff"):  # as `leantune train` does after training
+        assert report_after_training(run_dir) == run_dir / "report" / "index.html"
     return root / "plain", root / "ff"
 
 

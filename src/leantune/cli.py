@@ -21,10 +21,10 @@ from leantune.bench.cli import (add_bench_parsers, cmd_bench_adapters,  # noqa: 
                                 cmd_bench_all, cmd_bench_architectures, cmd_bench_continual,
                                 cmd_bench_fast_forward, cmd_bench_packing, cmd_bench_tasks)
 from leantune.config import ConfigError, describe_options, load_config
-from leantune.console import setup_logging as _setup_logging
+from leantune.common.console import setup_logging as _setup_logging
 from leantune.data.sources import DataError
 from leantune.export import GGUF_QUANTS, ExportError
-from leantune.model import ModelError
+from leantune.model.load import ModelError
 from leantune.report.runs import ReportError
 from leantune.train.run_dir import RunDirError
 
@@ -49,15 +49,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(cfg)
     if PartialState().is_main_process:
+        from leantune.report import report_after_training
         from leantune.train.summary import summary_text
 
+        report_after_training(cfg.train.output_dir)
         print(summary_text(summary, cfg.train.output_dir))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     _setup_logging("warning")
-    from leantune.serve import answer_prompts, load_for_generation
+    from leantune.adapters.loading import load_for_generation
+    from leantune.model.generate import answer_prompts
 
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
@@ -80,14 +83,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging("warning")
-    from leantune.eval_sets import default_out, evaluate_target, format_table
+    from leantune.eval.sets import default_out, evaluate_target, format_table
 
     target = Path(args.target)
     overrides = {k: v for k, v in (("max_length", args.max_length),
                                    ("max_examples", args.max_examples)) if v is not None}
     if not args.data and not args.task:
         raise ConfigError("give at least one --data FILE or --task NAMES")
-    from leantune.data.tasks import task_names
+    from leantune.config.tasks import task_names
 
     try:
         tasks = task_names(args.task) if args.task else []

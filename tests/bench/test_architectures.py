@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-import leantune.train.loop as loop
+import leantune.report
 from leantune.bench.architectures import run_architecture, run_line
 from leantune.bench.tiny_models import VARIANTS, build_tiny, tiny_config
 from leantune.cli import main
@@ -41,7 +41,7 @@ SLICE_RUN = ("eval.max_new_tokens=8",)
 def test_trains_through_the_command_without_a_bug(kind, tmp_path, monkeypatch):
     # The report (plots: half of a tiny run) only reads the finished run, and a failing
     # one is logged, not raised: it can change no verdict.
-    monkeypatch.setattr(loop, "report", lambda run: None)
+    monkeypatch.setattr(leantune.report, "report_after_training", lambda run_dir: None)
     model_type, changes = VARIANTS.get(kind, (kind, None))
     record = run_architecture(model_type, changes, main, tmp_path, PRECISIONS, ("lora",),
                               SLICE_RUN)
@@ -61,7 +61,7 @@ def test_gemma3n_keeps_its_per_layer_lists():
 
 
 def test_the_bench_command_writes_verdicts_counts_and_the_machine(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loop, "report", lambda run: None)
+    monkeypatch.setattr(leantune.report, "report_after_training", lambda run_dir: None)
     out = tmp_path / "architectures.json"
     assert main(["bench", "architectures", "--only", "llama,nope", "--precisions", "fp32",
                  "--methods", "lora", "--out", str(out)]) == 0

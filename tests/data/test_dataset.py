@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from leantune.config import DataConfig
-from leantune.data.batching import epoch_batches
-from leantune.data.collate import collate_padded
+from leantune.packing.batching import epoch_batches
+from leantune.packing.collate import collate_padded
 from leantune.data.dataset import build_splits
 from leantune.data.encode import IGNORE, Encoded
 from leantune.data.sources import DataError

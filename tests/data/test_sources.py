@@ -8,7 +8,7 @@ import json
 import pytest
 
 from leantune.data.sources import DataError, read_rows
-from leantune.embedded import recover_json_array
+from leantune.data.embedded import recover_json_array
 
 RECORDS = [
     {"prompt": "Q: 1+1?", "completion": "2"},

@@ -10,7 +10,8 @@ import pytest
 from leantune import cli
 from leantune.data import tasks
 from leantune.data.sources import read_rows
-from leantune.data.tasks import load_docs, parse_task_path, subset, task_names
+from leantune.config.tasks import parse_task_path, task_names
+from leantune.data.tasks import load_docs, subset
 
 def test_documents_are_deduplicated_zero_shot_and_cached(olmo, tmp_path):
     docs = load_docs("arc_easy")

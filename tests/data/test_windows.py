@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from leantune.config import ReplayConfig
-from leantune.data.collate import collate_padded
+from leantune.packing.collate import collate_padded
 from leantune.data.corpus import build_corpus
 from leantune.data.encode import IGNORE
-from leantune.data.replay import CorpusFeed
+from leantune.train.replay import CorpusFeed
 from leantune.data.windows import TokenCorpus, Windows, document_chunks, held_out
-from leantune.model import load_model
+from leantune.model.load import load_model
 from leantune.config import ModelConfig
-from leantune.train.step import loss_sum
+from conftest import loss_sum
 
 WORDS = "the quick brown fox jumps over a lazy dog def add return numbers hello".split()
 

@@ -14,9 +14,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from conftest import save_tiny_model
-from leantune.export.gguf_file import GGUFExportError, permute_for_llama_rope, write_gguf
-from leantune.export.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
-from leantune.export.ollama import default_system, ollama_modelfile
+from leantune.export.gguf.writer import GGUFExportError, permute_for_llama_rope, write_gguf
+from leantune.export.gguf.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+from leantune.export.gguf.ollama import default_system, ollama_modelfile
 
 
 def test_permuted_rows_rotate_in_adjacent_pairs_as_llama_cpp_does():
@@ -145,8 +145,8 @@ def test_agrees_with_the_gguf_llama_cpp_wrote_for_smollm2(tmp_path):
     import gguf
 
     from leantune.config import load_config
-    from leantune.embedded import smollm2_gguf
-    from leantune.model import dequantize_gguf
+    from leantune.data.embedded import smollm2_gguf
+    from leantune.model.load import dequantize_gguf
 
     original = smollm2_gguf()
     cfg = load_config(None, ["model.name_or_path=embedded:smollm2"]).model

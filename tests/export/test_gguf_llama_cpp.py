@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import train_tiny_run
 from leantune.cli import main
-from leantune.export.gguf_file import write_gguf
+from leantune.export.gguf.writer import write_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import train_tiny_run
 from leantune.cli import main
-from leantune.export.gguf_file import write_gguf
+from leantune.export.gguf.writer import write_gguf
 
 
 def tensors(path) -> dict[str, np.ndarray]:

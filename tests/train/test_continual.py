@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import leantune.train.loop as loop
 from conftest import Crash, crash_after_checkpoint
 from leantune.config import ConfigError, load_config
+from leantune.report import write_report
 from leantune.train.run_dir import RunDirError
 from leantune.train.schedule import Schedule
 
@@ -80,6 +81,7 @@ def test_replay_run_reports_every_corpus(llama_dir, corpora, tmp_path):
     corpora_stats = summary["data"]["corpora"]
     assert corpora_stats["code"]["documents"] == 30 and corpora_stats["code"][
         "held_out_documents"] == 3  # eval_fraction 0.1 of 30 documents
+    write_report([out])  # what `leantune train` does next
     assert all((out / "report" / f).is_file() for f in ("index.html", "lr.png", "eval_sets.png"))
 
 

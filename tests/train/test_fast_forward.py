@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 import leantune.train.loop as loop
 from leantune.config import FastForwardConfig, load_config
-from leantune.model import load_model
+from leantune.model.load import load_model
 from leantune.config import ConfigError
-from leantune.evaluate import evaluate
+from leantune.eval.loss import evaluate
 from leantune.train.fast_forward import (FastForward, FFLoss, ff_set_size, halves_loss,
                                          run_stage, split_halves, stage_due)
 

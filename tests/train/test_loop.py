@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 import leantune.train.loop as loop
-from conftest import Crash, crash_after_checkpoint
+from conftest import Crash, NanLoss, crash_after_checkpoint
 from leantune.adapters import build_adapter
 from leantune.config import load_config
-from leantune.data.batching import epoch_batches
+from leantune.packing.batching import epoch_batches
 from leantune.data.dataset import build_splits
-from leantune.model import load_model, load_tokenizer
-from leantune.train.flops import FlopModel
+from leantune.model.load import load_model, load_tokenizer
+from leantune.model.flops import FlopModel
 from leantune.train.run_dir import RunDirError
 
 SUMMARY_KEYS = {"method", "model", "train_tokens", "optimizer_steps", "train_flops", "ff_flops",
@@ -235,16 +235,14 @@ def test_logged_lr_follows_the_configured_schedule(schedule, llama_dir, chat_dat
 
 def nan_on_step(monkeypatch, bad_step: int) -> None:
     """The training loss of optimizer step ``bad_step`` (one micro-batch a step) is NaN."""
-    import leantune.train.step as step_mod
+    real, calls = loop.train_step, []
 
-    real, calls = step_mod.loss_sum, []
-
-    def loss_sum(model, batch):
+    def train_step(model, optimizer, micro, acc, max_grad_norm, objective):
         calls.append(1)
-        loss, n = real(model, batch)
-        return (loss * float("nan") if len(calls) == bad_step else loss), n
+        return real(model, optimizer, micro, acc, max_grad_norm,
+                    NanLoss() if len(calls) == bad_step else objective)
 
-    monkeypatch.setattr(step_mod, "loss_sum", loss_sum)
+    monkeypatch.setattr(loop, "train_step", train_step)
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(

@@ -16,12 +16,14 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, LlamaF
 from leantune.config import ConfigError, load_config
 from leantune.data.encode import IGNORE, Encoded
 from leantune.train import loop
-from leantune.train.chunked_loss import chunked_head
-from leantune.model import ModelError
+from leantune.model.chunked_loss import chunked_head
+from leantune.model.load import ModelError
 from leantune.train.loss_paths import CHECK_TOKENS, check_batch, check_loss_paths, check_trains
-from leantune.train.precision import Precision, autocast_forward, compute_dtype
-from leantune.train.step import forward_loss, loss_sum
-from test_head import arch_dirs, build, packed_batch  # noqa: F401
+from leantune.model.precision import Precision, autocast_forward, compute_dtype
+from conftest import loss_sum
+from leantune.model.logprobs import full_nll, model_inputs, target_logprobs
+from leantune.model.head import head_at
+from helpers import arch_dirs, build, packed_batch  # noqa: F401
 
 
 def test_both_stay_on_where_exact(arch_dirs):
@@ -50,7 +52,7 @@ def test_chunked_goes_off_after_soft_capping():
     assert "after the head" in chunked["reason"]
     assert chunked_head(model) is None  # from now on the model's own head and loss
     with torch.no_grad():
-        torch.testing.assert_close(loss_sum(model, batch)[0], forward_loss(model, batch)[1])
+        torch.testing.assert_close(loss_sum(model, batch)[0], -target_logprobs(model, batch).sum())
 
 
 class NeedsEveryPosition(LlamaForCausalLM):
@@ -83,15 +85,17 @@ def test_head_at_targets_goes_off_where_the_model_needs_every_position(caplog):
     assert not chunked["used"] and "cannot run at target positions" in chunked["reason"]
     assert "the LM head at target positions only: off" in caplog.text
     with torch.no_grad():  # every path now runs the full head: the model's own loss
-        logits, loss, _ = forward_loss(model, batch)
-        _, full, _ = forward_loss(model, batch, full_logits=True)
+        with head_at(model, batch["labels"] != -100):
+            logits = model(**model_inputs(batch)).logits
+        loss = -target_logprobs(model, batch).sum()
+        _, full = full_nll(model, batch)
     assert logits.dim() == 3 and torch.equal(loss, full)
 
 
 def train_as(tmp_path, tokenizer, monkeypatch, convert, *overrides) -> dict:
     """A two-step run of a tiny Llama turned, as it loads, into ``convert(loaded)`` (a
     model class or hooks transformers cannot save)."""
-    import leantune.model as model_module
+    import leantune.model.load as model_module
 
     directory = tmp_path / "model"
     torch.manual_seed(0)
@@ -181,7 +185,7 @@ def test_auto_falls_back_to_fp32_where_bf16_fails(caplog):
 
 
 def test_a_run_that_auto_put_in_bf16_trains_in_fp32(tmp_path, tokenizer, monkeypatch):
-    import leantune.train.precision as precision
+    import leantune.model.precision as precision
 
     monkeypatch.setattr(precision, "linear_ratio", lambda shapes, device, reps=3: 3.0)
     monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path / "cache"))  # not the session's 1.0

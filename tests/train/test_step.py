@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from leantune.adapters import build_adapter
 from leantune.config import AdapterConfig
-from leantune.data.collate import collate_padded
+from leantune.packing.collate import collate_padded
 from leantune.data.encode import IGNORE, Encoded
-from leantune.train.step import loss_sum, train_step
+from conftest import NanLoss, loss_sum
+from leantune.objectives import NEXT_TOKEN
+from leantune.train.step import train_step
 
 # (length, prompt tokens without a label): target counts 3, 11, 6, 12 - deliberately unequal.
 SHAPES = [(6, 3), (13, 2), (9, 3), (16, 4)]
@@ -79,7 +81,7 @@ def test_accumulation_equals_one_big_batch(lora_model, max_grad_norm):
         results.append(train_step(model, opt, batches, acc, max_grad_norm))
     split, whole = results
 
-    assert split.target_tokens == whole.target_tokens == 32
+    assert split.count == whole.count == 32
     assert split.loss == pytest.approx(expected_loss, rel=1e-6)
     assert whole.loss == pytest.approx(expected_loss, rel=1e-6)
     if max_grad_norm is None:
@@ -129,21 +131,18 @@ def test_loss_sum_ignores_padding_and_masked_labels(lora_model):
 def test_a_non_finite_step_makes_no_update(fault, lora_model, tokenizer, monkeypatch):
     """NaN loss, or a finite loss with an infinite gradient: weights and AdamW moments are
     left exactly as they were, and the step says so."""
-    import leantune.train.step as step_mod
-
     acc = Accelerator(cpu=True)
     opt = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
     batch = collate_padded(make_examples(len(tokenizer)), tokenizer.pad_token_id)
     assert train_step(lora_model, opt, [batch], acc, 1.0).applied  # moments now exist
     before, moments = trainable(lora_model), copy.deepcopy(opt.state_dict())
+    objective = NEXT_TOKEN
     if fault == "nan_loss":
-        real = step_mod.loss_sum
-        monkeypatch.setattr(step_mod, "loss_sum",
-                            lambda m, b: (real(m, b)[0] * float("nan"), real(m, b)[1]))
+        objective = NanLoss()
     else:
         param = next(p for p in lora_model.parameters() if p.requires_grad)
         param.register_hook(lambda g: g * float("inf"))
-    result = train_step(lora_model, opt, [batch], acc, 1.0)
+    result = train_step(lora_model, opt, [batch], acc, 1.0, objective)
     assert not result.applied
     assert all(torch.equal(before[n], p) for n, p in trainable(lora_model).items())
     state = opt.state_dict()["state"]

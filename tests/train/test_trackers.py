@@ -13,7 +13,7 @@ import leantune.train.loop as loop
 from conftest import Crash
 from leantune.cli import main
 from leantune.train.trackers import hyperparameters, scalars
-from test_eval_sets import write_rows
+from helpers import write_rows
 from train.test_loop import config
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

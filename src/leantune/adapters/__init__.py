@@ -11,7 +11,7 @@ from leantune.adapters.lora import LoRA, QLoRA
 from leantune.adapters.prompt_tuning import PromptTuning
 from leantune.adapters.reft import Reft
 from leantune.config import AdapterConfig, ModelConfig
-from leantune.model import load_model, resolve_dtype
+from leantune.model.load import load_model, resolve_dtype
 
 METHODS: dict[str, type[Adapter]] = {
     "lora": LoRA, "qlora": QLoRA, "ia3": IA3, "prompt_tuning": PromptTuning, "full": Full,

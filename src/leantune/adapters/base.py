@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from leantune.config import AdapterConfig
-from leantune.model import evaluating
+from leantune.model.flops import logical_numel
+from leantune.model.load import evaluating
 
 
 class NotMergeable(ValueError):
@@ -80,13 +81,6 @@ class Adapter:
 
     def merge(self, model: nn.Module) -> nn.Module:
         raise NotMergeable(f"adapter.method={self.name} cannot be merged into the base model")
-
-
-def logical_numel(p: torch.Tensor) -> int:
-    """Elements of a parameter as the model sees it: a 4-bit weight packs two per byte
-    (bitsandbytes keeps the true shape in ``quant_state``)."""
-    state = getattr(p, "quant_state", None)
-    return state.shape.numel() if state is not None else p.numel()
 
 
 def unique_parameters(model: nn.Module) -> list[nn.Parameter]:

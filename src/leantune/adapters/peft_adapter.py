@@ -17,7 +17,7 @@ from torch import nn
 from leantune.adapters.base import Adapter, smoke_forward
 from leantune.adapters.targets import linear_layers
 from leantune.config import ConfigError
-from leantune.model import first_line
+from leantune.model.load import first_line
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from leantune.adapters.base import Adapter, NotMergeable
 from leantune.config import AdapterConfig, parse_positions
-from leantune.data.collate import PREFIX, SUFFIX, intervention_kinds
+from leantune.packing.collate import PREFIX, SUFFIX, intervention_kinds
 
 CONFIG_FILE, WEIGHTS_FILE = "reft_config.json", "reft_model.safetensors"
 

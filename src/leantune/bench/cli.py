@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from leantune.config import ConfigError
-from leantune.console import setup_logging as _setup_logging
+from leantune.common.console import setup_logging as _setup_logging
 
 
 def cmd_bench_packing(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@ import random
 
 from leantune.data.encode import Encoded, encode
 from leantune.data.formats import Example, SHAREGPT_ROLES
-from leantune.embedded import sharegpt_rows
-from leantune.train.precision import CPU_FLAGS, cpu_info  # noqa: F401 (the benches' import)
+from leantune.data.embedded import sharegpt_rows
+from leantune.model.precision import CPU_FLAGS, cpu_info  # noqa: F401 (the benches' import)
 
 
 def sharegpt_exchanges(tokenizer, n: int, max_length: int, seed: int = 0,

@@ -24,13 +24,14 @@ from accelerate import Accelerator
 from leantune.adapters import build_adapter
 from leantune.bench.common import cpu_info, sharegpt_exchanges, task_examples
 from leantune.config import AdapterConfig, ModelConfig, load_config
-from leantune.data.batching import Batcher, epoch_batches
+from leantune.packing.batching import Batcher, epoch_batches
 from leantune.data.encode import Encoded
-from leantune.evaluate import evaluate
-from leantune.model import load_model, load_tokenizer, resolve_local
+from leantune.eval.loss import evaluate
+from leantune.model.load import load_model, load_tokenizer, resolve_local
 from leantune.train.fast_forward import FastForward, ff_set_size, halves_loss, split_halves
-from leantune.train.flops import FlopModel
-from leantune.train.step import targets, train_step
+from leantune.model.flops import FlopModel
+from leantune.model.logprobs import count_targets
+from leantune.train.step import train_step
 
 
 def train_run(model, init: dict, batches: list[dict], lr: float, flop_model: FlopModel,
@@ -77,7 +78,7 @@ def train_run(model, init: dict, batches: list[dict], lr: float, flop_model: Flo
             ff.before_step(step)
         train_step(model, optimizer, [batch], acc, max_grad_norm=1.0)
         ledger["seconds"] += time.perf_counter() - tick
-        step_flops = flop_model.train(*batch["input_ids"].shape, heads=targets(batch))
+        step_flops = flop_model.train(*batch["input_ids"].shape, heads=count_targets(batch))
         ledger["train_flops"] += step_flops
         ledger["steps"] = step
         due = ff is not None and ff.pending

@@ -24,10 +24,10 @@ from accelerate import Accelerator
 from leantune.adapters import build_adapter
 from leantune.bench.common import sharegpt_exchanges
 from leantune.config import AdapterConfig, ModelConfig
-from leantune.data.batching import Batcher
+from leantune.packing.batching import Batcher
 from leantune.data.encode import Encoded
-from leantune.evaluate import evaluate
-from leantune.model import load_model, load_tokenizer, resolve_local
+from leantune.eval.loss import evaluate
+from leantune.model.load import load_model, load_tokenizer, resolve_local
 from leantune.train.metrics import PeakMemory
 from leantune.train.step import train_step
 
@@ -77,7 +77,7 @@ def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[
             real += int(batch["token_mask"].sum())
             positions += batch["input_ids"].numel()
             rows += batch["input_ids"].shape[0]
-            targets += result.target_tokens
+            targets += result.count
     eval_loss = evaluate(model, held_out, 8, lambda b: batcher.collate_examples(b, "online"),
                          acc)["loss"]
     return {"mode": mode, "seconds": seconds, "tokens_per_second": real / seconds,

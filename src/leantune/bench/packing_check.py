@@ -1,7 +1,7 @@
 """An independent check of packing: every example's loss and the gradients of every
 trainable weight, packed rows against padded ones, on layouts chosen to be hard.
 
-It shares no code with leantune's packing probe (:mod:`leantune.train.probe`) but the
+It shares no code with leantune's packing probe (:mod:`leantune.packing.probe`) but the
 collators, so that ``leantune bench architectures`` can tell a probe that passes wrongly
 (a silent contamination) from a model that really packs exactly.
 """
@@ -14,9 +14,9 @@ import torch
 
 from leantune.adapters import build_adapter
 from leantune.config import AdapterConfig, ConfigError
-from leantune.data.collate import collate_packed, collate_padded
+from leantune.packing.collate import collate_packed, collate_padded
 from leantune.data.encode import IGNORE, Encoded
-from leantune.model import first_line
+from leantune.model.load import first_line
 
 MAX_LENGTH = 128  # the rows' width (data.max_length of the tiny runs)
 

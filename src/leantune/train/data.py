@@ -2,9 +2,9 @@
 the held-out sets evaluated at every eval, the Fast Forward set, and counts.
 
 - ``examples``: rows are examples (fine-tuning), split into train / eval / FF rows and
-  batched by :class:`~leantune.data.batching.Batcher`.
+  batched by :class:`~leantune.packing.batching.Batcher`.
 - ``corpus``: raw text (continual pre-training), tokenized once into cached shards and
-  fed as windows by :class:`~leantune.data.replay.CorpusFeed`, with replay of an earlier
+  fed as windows by :class:`~leantune.train.replay.CorpusFeed`, with replay of an earlier
   corpus. Whole documents of each corpus are held out for eval (and FF).
 
 Every corpus of ``data.eval_corpora`` (and the replayed one) adds a held-out set, so
@@ -23,14 +23,15 @@ import torch
 from accelerate import Accelerator
 
 from leantune.config import Config, ConfigError
-from leantune.data.batching import Batcher
+from leantune.packing.batching import Batcher
 from leantune.data.corpus import build_corpus
 from leantune.data.dataset import build_splits
 from leantune.data.encode import Encoded
 from leantune.data.formats import Example
-from leantune.data.replay import CorpusFeed
-from leantune.data.sources import DataError
+from leantune.train.replay import CorpusFeed
+from leantune.data.sources import DataError, set_name
 from leantune.data.windows import TokenCorpus, Windows, document_chunks, held_out
+from leantune.packing.probe_compare import Rows
 from leantune.train.fast_forward import ff_set_size
 from leantune.train.state import TrainState, epoch_plan, micro_batches
 
@@ -88,19 +89,6 @@ class TrainData:
         if self.feed is None:
             return f"{len(self.batcher.examples)} train examples"
         return " + ".join(f"{len(w)} {name} windows" for name, w in self.feed.windows.items())
-
-
-def set_name(path: str, taken: set[str]) -> str:
-    """A short, unique name for a data set: its directory name, or its file name without
-    the suffix (``embedded:sharegpt`` -> ``sharegpt``)."""
-    p = Path(path.rstrip("/"))
-    base = path.split(":", 1)[1] if path.startswith("embedded:") else (
-        p.name if p.is_dir() else p.stem)
-    name, k = base or "data", 2
-    while name in taken:
-        name, k = f"{base}-{k}", k + 1
-    taken.add(name)
-    return name
 
 
 def build_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | None,
@@ -216,3 +204,16 @@ def corpus_stats(corpus: TokenCorpus, *held: np.ndarray) -> dict:
             "held_out_documents": sum(len(h) for h in held),
             "empty_skipped": corpus.meta["empty_skipped"],
             "bad_skipped": corpus.meta["bad_skipped"], "key": corpus.key}
+
+
+def first_rows(data, cfg: Config, world: int) -> Rows:
+    """Process 0's first micro-batch of epoch 0 (as :class:`~leantune.train.data.TrainData`
+    would hand it out), as packed rows of examples."""
+    if data.feed is not None:
+        per_micro = cfg.train.batch_size * world
+        units = data.feed.step_units(TrainState(), per_micro * cfg.train.grad_accum, 1,
+                                     cfg.train.seed)
+        return data.feed.packed_rows(units[:per_micro][::world])
+    plan = epoch_plan(data.batcher.unit_lengths, cfg, world, 0)
+    first = next(b for b in plan if len(b) >= world)
+    return data.batcher.packed_rows(first[::world])

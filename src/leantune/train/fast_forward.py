@@ -13,7 +13,7 @@ a revert restores the accepted point exactly.
 
 Only trainable tensors move; optimizer moments and the LR schedule clock are untouched.
 Under gradient accumulation ``delta`` is one optimizer step's update; under DDP every
-process holds the same parameters and :func:`~leantune.evaluate.evaluate` reduces the
+process holds the same parameters and :func:`~leantune.eval.loss.evaluate` reduces the
 FF-set loss over processes, so every process takes the same decisions.
 
 Three rules bound what a tiny FF set can do, by construction rather than by tuning:
@@ -177,7 +177,7 @@ def split_halves(examples: Sequence, target_tokens: Callable[[object], int] | No
 
 def halves_loss(parts: list[list], measure: Callable[[list], dict]) -> Callable[[], FFLoss]:
     """An FF loss function over ``parts``: ``measure(examples)`` gives ``{"loss",
-    "target_tokens"}`` (:func:`~leantune.evaluate.evaluate`); the whole set's loss is the
+    "target_tokens"}`` (:func:`~leantune.eval.loss.evaluate`); the whole set's loss is the
     parts' token-weighted mean, so it equals one evaluation of the whole set."""
 
     def loss() -> FFLoss:

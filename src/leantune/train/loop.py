@@ -4,7 +4,8 @@ stage by name.
 build_run -> (evaluate + sample replies before) -> repeat [train_step -> maybe a Fast
 Forward stage -> log_step -> maybe evaluate -> maybe save_checkpoint] until the step
 budget is spent -> finish (evaluate + replies after, final checkpoint, adapter,
-``summary.json``, ``report/``).
+``summary.json``). ``leantune train`` then writes ``report/`` from the run directory
+(:func:`leantune.report.report_after_training`).
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from tqdm.auto import tqdm
 
 from leantune.config import Config
 from leantune.data.encode import prompt_and_reference
-from leantune.evaluate import evaluate
-from leantune.generate import generate
-from leantune.model import first_line
-from leantune.multiple_choice import macro
-from leantune.report import write_report
+from leantune.eval.loss import evaluate
+from leantune.model.generate import generate
+from leantune.model.load import first_line
+from leantune.eval.multiple_choice import macro
 from leantune.train.build import Run, build_run, eval_mode
 from leantune.train.checkpoint import (accelerate_format, sharded, latest_checkpoint,
                                        save_accelerate_checkpoint, save_checkpoint, save_output)
 from leantune.train.metrics import PeakMemory, peak_memory_bytes, write_json
-from leantune.train.precision import mfu
+from leantune.model.mfu import mfu
 from leantune.train.step import StepResult, train_step
 from leantune.train.summary import build_summary
 
@@ -68,7 +68,8 @@ def train_steps(run: Run, batches, bar: tqdm) -> None:
         lr = set_lr(run)
         if run.ff is not None:
             run.ff.before_step(state.step + 1)
-        result = train_step(run.model, run.optimizer, micro, acc, cfg.optim.max_grad_norm)
+        result = train_step(run.model, run.optimizer, micro, acc, cfg.optim.max_grad_norm,
+                            run.objective)
         check_finite(run, result)
         flops = state.train_flops
         state.account(micro, result, run.flop_model, acc, time.perf_counter() - tick)
@@ -174,7 +175,8 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
         if not s.examples:
             continue
         results[s.name] = evaluate(run.model, s.examples, run.cfg.eval.batch_size,
-                                   lambda b: run.data.batcher.collate_examples(b, mode), run.acc)
+                                   lambda b: run.data.batcher.collate_examples(b, mode), run.acc,
+                                   run.objective)
         run.state.eval_flops += run.flop_model.forward_examples(s.examples)
     if not results:
         return None
@@ -217,16 +219,6 @@ def checkpoint(run: Run) -> None:
                         run.acc.unwrap_model(run.model), run.optimizer, asdict(run.state),
                         run.cfg.checkpoint.keep_last_n)
     run.acc.wait_for_everyone()
-
-
-def report(run: Run) -> None:
-    """``report/index.html`` and its plots. The run itself is saved by now: a report that
-    fails is logged, not raised, and ``leantune report RUN_DIR`` can write it again."""
-    try:
-        log.info("report: %s", write_report([run.run_dir]))
-    except Exception as e:  # noqa: BLE001 - nothing of the run depends on it
-        log.error("the run is saved, but its report failed (%s: %s); retry with "
-                  "`leantune report %s`", type(e).__name__, e, run.run_dir)
 
 
 def sample_prompts(examples, tokenizer, n: int) -> list[tuple[str, str, bool]]:
@@ -272,7 +264,6 @@ def finish(run: Run, prompts, replies_before: list[str]) -> dict:
         save_output(run.run_dir, run.adapter, run.acc.unwrap_model(run.model), run.tokenizer,
                     full)
         write_json(run.run_dir / "summary.json", summary)
-        report(run)
     run.acc.wait_for_everyone()
     for tracker in run.acc.trackers:  # TensorBoard/W&B, if asked for. Not end_training():
         tracker.finish()              # it also tears down the process group

@@ -8,10 +8,10 @@ when ``train.precision=auto`` chose bf16, with one warning; asked for explicitly
 refused in one line. A model that fails in fp32 too cannot train on this data at all:
 one line naming the error and where it was raised, not a traceback.
 
-- **Head at target positions** (:mod:`leantune.train.head`): the LM head runs only where
+- **Head at target positions** (:mod:`leantune.model.head`): the LM head runs only where
   a loss reads it, returning ``[N, V]``. A model whose code after the head needs the
   full ``[B, T, V]`` (a reshape, a slice along the sequence) fails or differs.
-- **Chunked loss** (:mod:`leantune.train.chunked_loss`): the head and the cross-entropy
+- **Chunked loss** (:mod:`leantune.model.chunked_loss`): the head and the cross-entropy
   together, chunk by chunk. A model that transforms its logits after the head (Gemma-2's
   soft-capping, Cohere's logit scale) differs.
 
@@ -37,13 +37,13 @@ import torch
 from peft import PeftModel
 
 from leantune.config import ConfigError
-from leantune.data.collate import collate_padded
+from leantune.packing.collate import collate_padded
 from leantune.data.encode import IGNORE, Encoded
-from leantune.model import ModelError, evaluating, first_line
-from leantune.train.chunked_loss import chunked_head, turn_off
-from leantune.train.head import run_everywhere
-from leantune.train.precision import Precision, fall_back, fp32_obstacle, in_fp32, to_fp32
-from leantune.train.step import forward_loss
+from leantune.model.load import ModelError, evaluating, first_line
+from leantune.model.chunked_loss import chunked_head, turn_off
+from leantune.model.head import run_everywhere
+from leantune.model.precision import Precision, fall_back, fp32_obstacle, in_fp32, to_fp32
+from leantune.model.logprobs import full_nll, target_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _trains(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | Non
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with evaluating(model, training=True), torch.random.fork_rng(devices=devices):
         try:
-            forward_loss(model, batch, full_logits=True)[1].backward()
+            full_nll(model, batch)[1].backward()
         except Exception as e:  # noqa: BLE001 - what fails is reported, in one line
             frame = traceback.extract_tb(e.__traceback__)[-1]
             return (f"{type(e).__name__}: {first_line(e)} "
@@ -146,8 +146,8 @@ def check_loss_paths(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """
     tolerance = 1e-4 if dtype == torch.float32 else 1e-3
     with torch.no_grad():
-        _, full, _ = forward_loss(model, batch, full_logits=True)
-        head = _compare(lambda: forward_loss(model, batch)[1], full, tolerance,
+        _, full = full_nll(model, batch)
+        head = _compare(lambda: -target_logprobs(model, batch).sum(), full, tolerance,
                         "the LM head at target positions only")
         if not head["used"]:
             run_everywhere(model)
@@ -161,7 +161,7 @@ def check_loss_paths(model: torch.nn.Module, batch: dict[str, torch.Tensor],
             chunks = {"used": False, "reason": "the LM head is not a plain nn.Linear",
                       "difference": None}
         else:
-            chunks = _compare(lambda: forward_loss(model, batch, chunked=True)[1], full,
+            chunks = _compare(lambda: -target_logprobs(model, batch, chunked=True).sum(), full,
                               tolerance, "train.chunked_loss")
     if not chunks["used"]:
         turn_off(model)

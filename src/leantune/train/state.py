@@ -12,9 +12,10 @@ import torch
 from accelerate import Accelerator
 
 from leantune.config import Config
-from leantune.data.batching import Batcher, select_batches
-from leantune.train.flops import FlopModel
-from leantune.train.step import StepResult, targets
+from leantune.packing.batching import Batcher, select_batches
+from leantune.model.flops import FlopModel
+from leantune.model.logprobs import count_targets
+from leantune.train.step import StepResult
 
 
 @dataclass
@@ -76,14 +77,14 @@ class TrainState:
                 flop_model: FlopModel, acc: Accelerator, seconds: float) -> None:
         """Add one optimizer step's tokens (all processes), FLOPs and time."""
         local = torch.tensor([[int(b["token_mask"].sum()), b["input_ids"].numel(),
-                               flop_model.train(*b["input_ids"].shape, heads=targets(b)),
-                               b["input_ids"].shape[0],
-                               int(b["num_examples"])] for b in micro],
+                               flop_model.train(*b["input_ids"].shape, heads=count_targets(b)),
+                               b["input_ids"].shape[0], int(b["num_examples"]),
+                               count_targets(b)] for b in micro],
                              dtype=torch.float64, device=acc.device).sum(0)
-        real, positions, flops, rows, examples = acc.reduce(local, "sum").tolist()
+        real, positions, flops, rows, examples, targets = acc.reduce(local, "sum").tolist()
         self.step += 1
         self.last_loss = result.loss
-        self.target_tokens += result.target_tokens
+        self.target_tokens += int(targets)
         self.real_tokens += int(real)
         self.positions += int(positions)
         self.train_flops += int(flops)

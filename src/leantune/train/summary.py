@@ -8,7 +8,7 @@ from pathlib import Path
 
 from leantune.train.build import Run
 from leantune.train.metrics import peak_memory_bytes
-from leantune.report.page import mfu_text
+from leantune.model.mfu import mfu_text
 
 
 def build_summary(run: Run, after: dict | None, prompts, replies_before: list[str],

@@ -1,0 +1,153 @@
+"""Cross-field and range checks of a loaded :class:`~leantune.config.Config` that types
+alone cannot express; each failure names the key and what is allowed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from leantune.config.parsing import ConfigError
+from leantune.config.tasks import task_names
+
+if TYPE_CHECKING:
+    from leantune.config.schema import AdapterConfig, Config, ScheduleConfig
+
+TARGET_PRESETS = ("auto", "all-linear", "attention", "mlp")
+
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks that types alone cannot express."""
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "eval.batch_size": cfg.eval.batch_size,
+        "adapter.r": cfg.adapter.r,
+        "adapter.num_virtual_tokens": cfg.adapter.num_virtual_tokens,
+        "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
+        "train.log_every": cfg.train.log_every,
+        "fast_forward.interval": cfg.fast_forward.interval,
+        "fast_forward.max_steps_per_stage": cfg.fast_forward.max_steps_per_stage,
+        "data.eval_tokens": cfg.data.eval_tokens,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    for key, value in {"eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every,
+                       "train.max_steps": cfg.train.max_steps,
+                       "data.max_examples": cfg.data.max_examples,
+                       "fast_forward.eval_examples": cfg.fast_forward.eval_examples}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
+    if cfg.fast_forward.max_cost is not None and not cfg.fast_forward.max_cost > 0:
+        raise ConfigError("fast_forward.max_cost: must be > 0 or null, got "
+                          f"{cfg.fast_forward.max_cost}")
+    # A negative cap would slice from the end in build_splits and move rows silently.
+    if cfg.data.eval_examples is not None and cfg.data.eval_examples < 0:
+        raise ConfigError(f"data.eval_examples: must be >= 0 or null, got {cfg.data.eval_examples}")
+    if cfg.data.batching == "token_budget":
+        if cfg.data.token_budget is None or cfg.data.token_budget < cfg.data.max_length:
+            raise ConfigError(f"data.token_budget: batching=token_budget needs a budget >= "
+                              f"data.max_length ({cfg.data.max_length}), got {cfg.data.token_budget}")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
+    _validate_schedule(cfg.schedule)
+    _validate_continual(cfg)
+    for key, value in {"fast_forward.burn_in": cfg.fast_forward.burn_in,
+                       "fast_forward.min_improvement": cfg.fast_forward.min_improvement}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    _validate_adapter(cfg.adapter)
+    if cfg.eval.tasks is not None:
+        try:
+            task_names(cfg.eval.tasks)
+        except ValueError as e:
+            raise ConfigError(f"eval.tasks: {e}") from None
+    if cfg.eval.task_examples is not None and cfg.eval.task_examples < 1:
+        raise ConfigError(f"eval.task_examples: must be >= 1 or null, got {cfg.eval.task_examples}")
+    if cfg.optim.lr is not None and cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0 (or null for the method's usual LR), got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    if cfg.train.epochs <= 0 and cfg.train.max_steps is None:
+        raise ConfigError("train.epochs: must be > 0 when train.max_steps is null")
+    _validate_precision(cfg)
+
+
+def _validate_precision(cfg: Config) -> None:
+    """fp32 compute needs fp32 weights, and bf16 means bf16 weights."""
+    precision, dtype = cfg.train.precision, cfg.model.dtype
+    if precision == "fp32" and dtype in ("bfloat16", "float16"):
+        raise ConfigError(f"train.precision=fp32 with model.dtype={dtype}: fp32 compute needs "
+                          "float32 weights; use model.dtype=auto or float32, or "
+                          "train.precision=bf16-mixed (frozen base in bf16, trainable fp32)")
+    if precision == "bf16" and dtype in ("float32", "float16"):
+        raise ConfigError(f"train.precision=bf16 with model.dtype={dtype}: bf16 holds every "
+                          "weight in bfloat16; use model.dtype=auto or bfloat16")
+
+
+def _validate_schedule(s: ScheduleConfig) -> None:
+    if not 0.0 <= s.warmup_ratio < 1.0:
+        raise ConfigError(f"schedule.warmup_ratio: must be in [0, 1), got {s.warmup_ratio}")
+    for key in ("min_lr_ratio", "decay_ratio", "const_lr_ratio", "cooldown_ratio"):
+        value = getattr(s, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"schedule.{key}: must be in [0, 1], got {value}")
+    for key in ("warmup_steps", "decay_steps", "cooldown_steps"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"schedule.{key}: must be >= 0, got {getattr(s, key)}")
+    if s.anneal_from is not None and s.decay_steps == 0 and s.decay_ratio == 0:
+        raise ConfigError("schedule.decay_steps: anneal_from needs the anneal's length: "
+                          "decay_steps > 0 (or decay_ratio > 0, of the checkpoint's steps)")
+    if s.kind == "infinite" and s.warmup_ratio + s.cooldown_ratio + s.decay_ratio > 1.0:
+        raise ConfigError("schedule.cooldown_ratio: warmup_ratio + cooldown_ratio + decay_ratio "
+                          f"must not exceed 1 for kind=infinite, got {s.warmup_ratio} + "
+                          f"{s.cooldown_ratio} + {s.decay_ratio}")
+
+
+def _validate_continual(cfg: Config) -> None:
+    """Corpus mode, replay, and where a run starts from."""
+    r = cfg.data.replay
+    if r.path is not None and cfg.data.mode != "corpus":
+        raise ConfigError("data.replay.path: replay mixes raw-text windows; set data.mode=corpus")
+    for key, value in {"ratio": r.ratio, "final_ratio": r.final_ratio}.items():
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.replay.{key}: must be in [0, 1), got {value}")
+    if (r.ratio > 0 or (r.final_ratio or 0) > 0) and r.path is None:
+        raise ConfigError("data.replay.path: a replay ratio above 0 needs the corpus to replay")
+    if cfg.train.init_from is not None and cfg.schedule.anneal_from is not None:
+        raise ConfigError("train.init_from: give either train.init_from (a new run from those "
+                          "weights) or schedule.anneal_from (anneal that run), not both")
+    if cfg.data.mode == "corpus" and cfg.data.packing == "offline":
+        raise ConfigError("data.packing: 'offline' packs examples ahead of time; corpus windows "
+                          "are full already: use online, none or naive")
+
+
+def parse_positions(text: str) -> tuple[int, int]:
+    """ReFT's ``adapter.positions``: ``"f7+l7"`` -> (7, 7); ``"f5"`` -> (5, 0); ``"l3"`` ->
+    (0, 3).
+
+    Raises:
+        ConfigError: anything else (a repeated part included).
+    """
+    parts = text.split("+")
+    if not all(len(p) > 1 and p[0] in "fl" and p[1:].isdigit() for p in parts) or len(
+            {p[0] for p in parts}) != len(parts):
+        raise ConfigError(f"adapter.positions: {text!r} is not like 'f7+l7', 'f5' or 'l3'")
+    counts = {p[0]: int(p[1:]) for p in parts}
+    return counts.get("f", 0), counts.get("l", 0)
+
+
+def _validate_adapter(a: AdapterConfig) -> None:
+    if isinstance(a.target_modules, str) and a.target_modules not in TARGET_PRESETS:
+        raise ConfigError(f"adapter.target_modules: {a.target_modules!r} is not a preset; choose "
+                          f"one of {list(TARGET_PRESETS)} or give a list of module names")
+    if isinstance(a.target_modules, list) and not a.target_modules:
+        raise ConfigError("adapter.target_modules: the list is empty")
+    if a.prompt_init == "text" and not a.prompt_init_text:
+        raise ConfigError("adapter.prompt_init_text: prompt_init=text needs a non-empty text")
+    if isinstance(a.layers, str) and a.layers != "all":
+        raise ConfigError(f"adapter.layers: {a.layers!r}; give a list of layer indices or 'all'")
+    if isinstance(a.layers, list) and (not a.layers or min(a.layers) < 0):
+        raise ConfigError(f"adapter.layers: {a.layers}; need at least one index, all >= 0")
+    parse_positions(a.positions)
+    if a.use_dora and a.method not in ("lora", "qlora"):
+        raise ConfigError(f"adapter.use_dora: DoRA is a LoRA variant; adapter.method is {a.method!r}")

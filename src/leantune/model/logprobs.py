@@ -1,0 +1,101 @@
+"""Log-probabilities of a batch's target tokens: the one place where the next-token shift,
+the LM head and the log-softmax meet. Training objectives, the held-out loss, Fast
+Forward's FF set, multiple-choice scores, the packing probe and the start-up checks all
+read them from here.
+
+A collated batch (:mod:`leantune.packing.collate`) holds ``input_ids`` ``[B, T]``,
+``labels`` ``[B, T]`` (``-100`` where no prediction is scored) and an ``attention_mask``
+or packed ``position_ids``. Position ``t`` predicts ``labels[t + 1]``::
+
+    lp[b, t] = log softmax(head(h[b, t]))[labels[b, t + 1]]     where labels[b, t + 1] != -100
+
+Three ways to compute the same numbers:
+
+- **at targets** (default): the head runs only at the ``N`` target positions
+  (:func:`~leantune.model.head.head_at`), logits ``[N, V]``;
+- **chunked**: head and log-softmax together, in chunks of targets, so the ``[N, V]``
+  logits never exist (:mod:`leantune.model.chunked_loss`), where the head is a plain
+  linear layer;
+- **everywhere**: the model's own ``[B, T, V]`` logits (:func:`forward_logits`), the
+  reference the other two are checked against at start-up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from leantune.data.encode import IGNORE
+from leantune.model.chunked_loss import chunked_head, linear_log_probs
+from leantune.model.head import head_at
+
+# What the model's forward takes from a batch; everything else is bookkeeping.
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "intervention_mask")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model gets: ids, mask or positions (no labels, no bookkeeping), and never a
+    KV cache: with one, transformers ignores packed position_ids."""
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS} | {"use_cache": False}
+
+
+def next_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, T]``: at position t the label it predicts, ``labels[t + 1]`` (-100 at the end).
+    The labels are shifted rather than the logits: slicing ``[B, T, V]`` would copy them."""
+    return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Positions that predict a target: where the LM head runs."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[N]`` fp32 ``log softmax(logits)[targets]`` for logits ``[N, V]``, targets ``[N]``."""
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits at every position, ``[B, T, V]`` (a model that prepends ``n``
+    virtual tokens, prompt tuning, returns ``n + T``: the last T, aligned with the labels)."""
+    logits = model(**model_inputs(batch)).logits
+    return logits[:, -batch["labels"].shape[1]:]
+
+
+def target_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                    chunked: bool = False) -> torch.Tensor:
+    """``[N]`` fp32, differentiable: the log-probability of every target token of
+    ``batch``, in row-major order of the targets' positions; the head runs at those
+    positions only, or (``chunked``, where it applies) inside the log-softmax, chunk by
+    chunk."""
+    labels = next_labels(batch)
+    select = labels != IGNORE
+    head = chunked_head(model) if chunked else None
+    hidden: list[torch.Tensor] | None = [] if head is not None else None
+    with head_at(model, select, hidden):
+        logits = model(**model_inputs(batch)).logits
+    if hidden:  # the head saw no rows: it runs inside the log-softmax
+        return linear_log_probs(hidden[-1], head, labels[select])
+    if logits.dim() == 3:  # the head was not reached as expected: it ran everywhere
+        logits = logits[:, -labels.shape[1]:][select]
+    return token_logprobs(logits, labels[select])
+
+
+def full_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [B, T, V], summed negative log-likelihood of the targets)`` with the head
+    everywhere: the reference the shortcuts are checked against."""
+    logits = forward_logits(model, batch)
+    labels = next_labels(batch)
+    select = labels != IGNORE
+    return logits, -token_logprobs(logits[select], labels[select]).sum()
+
+
+def dense(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, T]`` float64: per-target ``values`` ``[N]`` (row-major order) placed at the
+    positions that predict them, 0 elsewhere; row sums over an example's span give its
+    sequence log-probability."""
+    select = next_labels(batch) != IGNORE
+    out = torch.zeros(select.shape, dtype=torch.float64, device=values.device)
+    out[select] = values.detach().double()
+    return out

@@ -107,9 +107,9 @@ def read_windows(directory: str, max_length: int, batches: int) -> dict:
     import numpy as np
 
     from leantune.config import ReplayConfig
-    from leantune.train.replay import CorpusFeed
     from leantune.data.windows import TokenCorpus, Windows, held_out
     from leantune.train.metrics import resident_bytes
+    from leantune.train.replay import CorpusFeed
 
     before = resident_bytes()
     corpus = TokenCorpus(Path(directory))

@@ -135,9 +135,9 @@ def lora_over_base(run_dir: Path, tmp: Path, ref, held, threads: int) -> dict | 
     import llama_cpp
     from transformers import AutoModelForCausalLM
 
+    from leantune.config import load_config
     from leantune.export import ExportError, export_gguf_lora
     from leantune.model.load import dequantize_gguf
-    from leantune.config import load_config
 
     try:
         info = export_gguf_lora(run_dir, tmp / "lora-f32.gguf", "f32")
@@ -175,10 +175,10 @@ def main(argv=None) -> int:
     import llama_cpp
     from transformers import AutoModelForCausalLM
 
+    from leantune.adapters.loading import load_for_generation
     from leantune.config import load_config
     from leantune.data.dataset import build_splits
     from leantune.export import export_gguf, export_run
-    from leantune.adapters.loading import load_for_generation
     from leantune.model.precision import cpu_info
 
     cfg = load_config(args.run_dir / "config.yaml")

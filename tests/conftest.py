@@ -18,9 +18,17 @@ os.environ.setdefault("LEANTUNE_CACHE", tempfile.mkdtemp(prefix="leantune-tests-
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from transformers import (GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, PhiConfig,
-                          Qwen2Config, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PhiConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from leantune.bench.tiny_models import CHATML, CORPUS, tiny_tokenizer
 from leantune.objectives import NEXT_TOKEN, NextToken
@@ -97,14 +105,18 @@ def tiny_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
-@pytest.fixture(autouse=True)
-def auto_precision_is_fp32(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def auto_precision_is_fp32():
     """train.precision=auto measures bf16 against fp32 and may pick bf16-mixed on an AMX or
     GPU machine; the suite's exact parity checks must not depend on which CPU CI draws.
-    tests/model/test_precision.py tests the measurement and the choice themselves."""
+    Session-wide, so that runs trained in module-scoped fixtures (set up before any
+    function-scoped one) see it too. tests/model/test_precision.py tests the measurement
+    and the choice themselves."""
     import leantune.model.precision as precision
 
-    monkeypatch.setattr(precision, "linear_ratio", lambda shapes, device, reps=3: 1.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "linear_ratio", lambda shapes, device, reps=3: 1.0)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -218,3 +230,11 @@ def olmo(tmp_path, monkeypatch):
     monkeypatch.setenv("LEANTUNE_TASK_DATA", str(root))  # seen by subprocesses too
     monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path / "cache"))
     return root
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory):
+    """A tiny saved model of each of :data:`helpers.ARCHS` (Llama, GPT-2, Gemma)."""
+    from helpers import ARCHS
+
+    return {a: save_tiny_model(tmp_path_factory.mktemp(a), a) for a in ARCHS}

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny_model
 from leantune.adapters import build_adapter
 from leantune.config import AdapterConfig
 from leantune.data.encode import IGNORE, Encoded
@@ -18,11 +16,6 @@ from leantune.packing.collate import collate_rows
 
 ARCHS = ["llama", "gpt2", "gemma"]
 METHODS = ["lora", "dora", "ia3", "prompt_tuning", "loreft", "full"]
-
-
-@pytest.fixture(scope="module")
-def arch_dirs(tmp_path_factory):
-    return {a: save_tiny_model(tmp_path_factory.mktemp(a), a) for a in ARCHS}
 
 
 def build(directory: str, method: str):

@@ -174,8 +174,12 @@ def test_train_help_lists_every_option(capsys):
 
 
 def test_bench_subcommands_parse_their_own_options():
-    from leantune.cli import (build_parser, cmd_bench_adapters, cmd_bench_fast_forward,
-                              cmd_bench_packing)
+    from leantune.cli import (
+        build_parser,
+        cmd_bench_adapters,
+        cmd_bench_fast_forward,
+        cmd_bench_packing,
+    )
 
     args = build_parser().parse_args(["bench", "fast-forward", "--steps", "3", "--lr", "5e-5"])
     assert args.func is cmd_bench_fast_forward and (args.steps, args.lr) == (3, 5e-5)

@@ -19,8 +19,9 @@ import leantune.train.loop as loop
 from leantune.cli import main
 from leantune.report import load_run, report_after_training, write_report
 from leantune.report.runs import ReportError
-from helpers import write_rows
 from train.test_loop import config
+
+from helpers import write_rows
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,18 @@ import json
 import sys
 from pathlib import Path
 
-from leantune.bench.cli import (add_bench_parsers, cmd_bench_adapters,  # noqa: F401 (tests)
-                                cmd_bench_all, cmd_bench_architectures, cmd_bench_continual,
-                                cmd_bench_fast_forward, cmd_bench_packing, cmd_bench_tasks)
-from leantune.config import ConfigError, describe_options, load_config
+from leantune.bench.cli import (  # noqa: F401 (tests)
+    add_bench_parsers,
+    cmd_bench_adapters,
+    cmd_bench_all,
+    cmd_bench_architectures,
+    cmd_bench_continual,
+    cmd_bench_fast_forward,
+    cmd_bench_packing,
+    cmd_bench_tasks,
+)
 from leantune.common.console import setup_logging as _setup_logging
+from leantune.config import ConfigError, describe_options, load_config
 from leantune.data.sources import DataError
 from leantune.export import GGUF_QUANTS, ExportError
 from leantune.model.load import ModelError
@@ -43,9 +50,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("train.resume=true")
     cfg = load_config(config, overrides)
     _setup_logging(cfg.logging.level)
-    from leantune.train.loop import train  # heavy imports only once the config is valid
-
     from accelerate import PartialState
+
+    from leantune.train.loop import train  # heavy imports only once the config is valid
 
     summary = train(cfg)
     if PartialState().is_main_process:

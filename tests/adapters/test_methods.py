@@ -13,9 +13,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny_model
 from leantune.adapters import NotMergeable, build_adapter, count_parameters, load_base
 from leantune.config import AdapterConfig, ModelConfig
+
+from conftest import save_tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "phi", "gemma"]
 METHODS = ["lora", "dora", "qlora", "ia3", "prompt_tuning", "full"]

@@ -8,15 +8,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tokenizer, save_tiny_model
 from leantune.adapters import build_adapter, count_parameters, load_base
 from leantune.adapters.reft import DiReFT, LoReFT, parse_positions, prompt_mask
 from leantune.config import AdapterConfig, ModelConfig
-from leantune.packing.collate import (PREFIX, SUFFIX, collate_packed, collate_padded,
-                                   intervention_kinds)
 from leantune.data.encode import IGNORE, Encoded
 from leantune.model.generate import generate
-from conftest import loss_sum
+from leantune.packing.collate import (
+    PREFIX,
+    SUFFIX,
+    collate_packed,
+    collate_padded,
+    intervention_kinds,
+)
+
+from conftest import loss_sum, make_tokenizer, save_tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "phi", "gemma"]
 

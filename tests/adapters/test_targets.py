@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Llama4TextConfig, MambaConfig, MixtralConfig,
-                          Qwen2MoeConfig)
+from transformers import (
+    AutoModelForCausalLM,
+    Llama4TextConfig,
+    MambaConfig,
+    MixtralConfig,
+    Qwen2MoeConfig,
+)
 
 from leantune import cli
 from leantune.adapters import build_adapter
 from leantune.adapters.targets import all_linear_targets, linear_layers
 from leantune.config import AdapterConfig
+
 from conftest import make_tokenizer
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

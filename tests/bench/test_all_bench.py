@@ -22,7 +22,7 @@ def test_every_documented_bench_command_is_run_with_its_settings():
         r"^(?:leantune bench|python benchmarks/)([^#\n]*)", text, flags=re.M)}
     shown = {c for c in shown if c.split()[0] != "all"}
     ran = set()
-    for name, args in BENCHES:
+    for _, args in BENCHES:
         first = args[0].removeprefix("script:")
         ran.add(" ".join([first, *args[1:]]))
     assert ran == shown

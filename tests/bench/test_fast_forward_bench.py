@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM
 from leantune.adapters import build_adapter
 from leantune.bench.fast_forward import format_summary, plot_curves, train_run
 from leantune.config import AdapterConfig, FastForwardConfig
-from leantune.packing.batching import Batcher
 from leantune.data.encode import IGNORE, Encoded
 from leantune.eval.loss import evaluate
-from leantune.train.fast_forward import FastForward
 from leantune.model.flops import FlopModel
+from leantune.packing.batching import Batcher
+from leantune.train.fast_forward import FastForward
 
 
 def test_ff_run_stops_at_the_plain_runs_loss_and_accounts_both(llama_dir, tmp_path):

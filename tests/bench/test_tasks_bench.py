@@ -7,8 +7,13 @@ import json
 
 import pytest
 
-from leantune.bench.tasks import (VARIANTS, bench_tasks, format_table, split_variants,
-                                   variant_overrides)
+from leantune.bench.tasks import (
+    VARIANTS,
+    bench_tasks,
+    format_table,
+    split_variants,
+    variant_overrides,
+)
 
 
 def test_variants_share_rows_steps_and_documents(llama_dir, olmo, tmp_path):

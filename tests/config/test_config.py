@@ -10,7 +10,12 @@ import pytest
 import yaml
 
 from leantune.config import (
-    Config, ConfigError, ModelConfig, describe_options, load_config, parse_override,
+    Config,
+    ConfigError,
+    ModelConfig,
+    describe_options,
+    load_config,
+    parse_override,
 )
 
 

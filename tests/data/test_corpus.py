@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import leantune.data.corpus as corpus_mod
-from leantune.data.corpus import (build_corpus, encode_documents, iter_documents,
-                                  tokenize_corpus)
+from leantune.data.corpus import build_corpus, encode_documents, iter_documents, tokenize_corpus
 from leantune.data.sources import DataError
 from leantune.data.windows import TokenCorpus
 

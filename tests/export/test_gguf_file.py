@@ -13,10 +13,11 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import save_tiny_model
-from leantune.export.gguf.writer import GGUFExportError, permute_for_llama_rope, write_gguf
-from leantune.export.gguf.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
 from leantune.export.gguf.ollama import default_system, ollama_modelfile
+from leantune.export.gguf.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+from leantune.export.gguf.writer import GGUFExportError, permute_for_llama_rope, write_gguf
+
+from conftest import save_tiny_model
 
 
 def test_permuted_rows_rotate_in_adjacent_pairs_as_llama_cpp_does():

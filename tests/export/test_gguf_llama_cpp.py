@@ -18,9 +18,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import train_tiny_run
 from leantune.cli import main
 from leantune.export.gguf.writer import write_gguf
+
+from conftest import train_tiny_run
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import train_tiny_run
 from leantune.cli import main
 from leantune.export.gguf.writer import write_gguf
+
+from conftest import train_tiny_run
 
 
 def tensors(path) -> dict[str, np.ndarray]:

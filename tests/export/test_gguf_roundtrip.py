@@ -17,8 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import train_tiny_run
 from leantune.cli import main
+
+from conftest import train_tiny_run
 
 # ||Δ logits|| / ||logits|| against the unquantized merged model, and the least top-1
 # agreement, on random ids. Tiny random models (hidden 32) magnify quantization error; the

@@ -8,9 +8,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import train_tiny_run
 from leantune.cli import main
 from leantune.export import ExportError, export_run
+
+from conftest import train_tiny_run
 
 
 @pytest.fixture(scope="module", params=["lora", "dora"])

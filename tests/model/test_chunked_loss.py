@@ -1,6 +1,7 @@
 """The chunked head + log-softmax: the same log-probabilities, losses and gradients as the
-plain head's logits through ``F.cross_entropy`` (and an fp64 reference), in chunks smaller than the
-targets, for every adapter method and architecture; close under bf16 autocast. Its start-up check is in test_loss_paths.py."""
+plain head's logits through ``F.cross_entropy`` (and an fp64 reference), in chunks
+smaller than the targets, for every adapter method and architecture; close under bf16
+autocast. Its start-up check is in test_loss_paths.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 import leantune.model.chunked_loss as chunked_loss
 from leantune.model.chunked_loss import chunked_head, linear_log_probs
 from leantune.model.logprobs import count_targets, target_logprobs
-from helpers import ARCHS, METHODS, arch_dirs, build, packed_batch  # noqa: F401
+
+from helpers import ARCHS, METHODS, build, packed_batch
 
 
 @pytest.fixture(autouse=True)

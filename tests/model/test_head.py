@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from helpers import ARCHS, METHODS, arch_dirs, build, packed_batch  # noqa: F401
-from leantune.adapters import build_adapter
-from leantune.config import AdapterConfig
-from leantune.packing.collate import collate_rows
-from leantune.data.encode import IGNORE, Encoded
+from leantune.data.encode import IGNORE
 from leantune.model.head import head_at, output_head
 from leantune.model.logprobs import count_targets, full_nll, model_inputs, target_logprobs
+
+from helpers import ARCHS, METHODS, build, packed_batch
+
 
 def loss_and_grads(model, batch, full: bool):
     model.zero_grad(set_to_none=True)

@@ -14,8 +14,16 @@ from safetensors.torch import save_file
 
 from leantune.config import ModelConfig
 from leantune.data.embedded import package_file
-from leantune.model.load import (ModelError, future_leak, load_model, load_tokenizer, resolve_dtype,
-                            resolve_local, resolve_source)
+from leantune.model.load import (
+    ModelError,
+    future_leak,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_local,
+    resolve_source,
+)
+
 from conftest import make_tokenizer
 
 

@@ -9,13 +9,20 @@ import math
 
 import pytest
 import torch
+from transformers import Gemma3nTextConfig, LlamaConfig, PretrainedConfig
 
 import leantune.model.precision as precision
 from leantune.config import ConfigError, load_config
+from leantune.model.precision import (
+    Precision,
+    autocast_forward,
+    choose,
+    compute_dtype,
+    linear_ratio,
+    master_weights_fp32,
+    model_shapes,
+)
 from leantune.train import loop
-from leantune.model.precision import (Precision, autocast_forward, choose, compute_dtype,
-                                      linear_ratio, master_weights_fp32, model_shapes)
-from transformers import Gemma3nTextConfig, LlamaConfig, PretrainedConfig
 
 CONFIG = LlamaConfig(hidden_size=32, intermediate_size=64, vocab_size=101)
 CPU = torch.device("cpu")

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from leantune.data.encode import IGNORE, Encoded
 from leantune.packing.batching import Batcher, pack_batch, select_batches
 from leantune.packing.collate import collate_packed
-from leantune.data.encode import IGNORE, Encoded
 
 LENGTHS = [5, 40, 12, 33, 7, 21, 9, 64, 3, 18, 27, 11]
 

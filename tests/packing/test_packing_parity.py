@@ -15,12 +15,12 @@ from transformers import AutoModelForCausalLM
 
 from leantune.adapters import build_adapter
 from leantune.config import AdapterConfig, load_config
-from leantune.packing.collate import collate_packed, collate_padded
 from leantune.data.encode import IGNORE, Encoded
-from leantune.train import loop
+from leantune.packing.collate import collate_packed, collate_padded
 from leantune.packing.probe import resolve_packing, run_probe
-from conftest import loss_sum
-from conftest import save_tiny_model
+from leantune.train import loop
+
+from conftest import loss_sum, save_tiny_model
 
 LENGTHS = [(9, 3), (4, 1), (14, 5), (6, 2), (11, 4)]  # (tokens, prompt tokens)
 BINS = [[2, 1], [4, 0, 3]]  # rows of 18 and 24 tokens: pads in the first row

@@ -10,18 +10,24 @@ import logging
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, Llama4TextConfig, Phi3Config
+from transformers import AutoModelForCausalLM, Llama4TextConfig, LlamaConfig, Phi3Config
 
 from leantune.bench.packing_check import examples as random_examples
 from leantune.config import load_config
+from leantune.data.encode import Encoded
 from leantune.packing.batching import pack_batch
 from leantune.packing.collate import collate_packed, collate_padded, pad_positions
-from leantune.data.encode import Encoded
+from leantune.packing.probe import (
+    full_width_rows,
+    probe_batches,
+    resolve_packing,
+    row_index_hazard,
+    run_probe,
+)
 from leantune.train import loop
-from leantune.packing.probe import (full_width_rows, probe_batches, resolve_packing,
-                                  row_index_hazard, run_probe)
-from conftest import loss_sum
 from leantune.train.step import StepResult
+
+from conftest import loss_sum
 
 VOCAB = 300
 

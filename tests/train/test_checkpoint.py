@@ -14,8 +14,12 @@ from transformers import AutoModelForCausalLM
 import leantune.train.checkpoint as ckpt
 from leantune.adapters import build_adapter
 from leantune.config import AdapterConfig
-from leantune.train.checkpoint import (checkpoints, latest_checkpoint, load_checkpoint,
-                                       save_checkpoint)
+from leantune.train.checkpoint import (
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from leantune.train.run_dir import RunDirError
 
 FILES = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.pt",

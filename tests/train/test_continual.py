@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 import leantune.train.loop as loop
-from conftest import Crash, crash_after_checkpoint
 from leantune.config import ConfigError, load_config
 from leantune.report import write_report
 from leantune.train.run_dir import RunDirError
 from leantune.train.schedule import Schedule
+
+from conftest import Crash, crash_after_checkpoint
 
 WORDS = "the quick brown fox jumps over a lazy dog hello how are you today".split()
 
@@ -202,7 +203,8 @@ def test_eval_corpora_beside_fine_tuning(llama_dir, corpora, tmp_path):
     summary = loop.train(load_config(None, [
         f"model.name_or_path={llama_dir}", f"data.path={chat}", "data.eval_fraction=0.2",
         f"data.eval_corpora={{prose: {corpora['english']}}}", f"data.cache_dir={corpora['cache']}",
-        "data.eval_tokens=128", "data.max_length=64", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
+        "data.eval_tokens=128", "data.max_length=64", f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=2",
         "train.progress=false"]))
     assert {n: t["role"] for n, t in summary["eval_sets"].items()} == {"chat": "data",
                                                                        "prose": "extra"}

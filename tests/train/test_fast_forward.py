@@ -12,12 +12,18 @@ import torch
 from safetensors.torch import load_file
 
 import leantune.train.loop as loop
-from leantune.config import FastForwardConfig, load_config
-from leantune.model.load import load_model
-from leantune.config import ConfigError
+from leantune.config import ConfigError, FastForwardConfig, load_config
 from leantune.eval.loss import evaluate
-from leantune.train.fast_forward import (FastForward, FFLoss, ff_set_size, halves_loss,
-                                         run_stage, split_halves, stage_due)
+from leantune.model.load import load_model
+from leantune.train.fast_forward import (
+    FastForward,
+    FFLoss,
+    ff_set_size,
+    halves_loss,
+    run_stage,
+    split_halves,
+    stage_due,
+)
 
 
 def quadratic(params: list[torch.Tensor], target: list[torch.Tensor]):
@@ -206,7 +212,9 @@ def test_halves_balance_targets_and_weigh_to_the_whole_set():
     assert abs(sum(halves[0]) - sum(halves[1])) <= max(sizes)
     assert split_halves([5], lambda n: n) == [[5]]
     # A stand-in evaluation: each example's loss is its size, weighted by its size.
-    measure = lambda ex: {"loss": sum(n * n for n in ex) / sum(ex), "target_tokens": sum(ex)}
+    def measure(ex):
+        return {"loss": sum(n * n for n in ex) / sum(ex), "target_tokens": sum(ex)}
+
     got = halves_loss(halves, measure)()
     assert got.loss == pytest.approx(measure(sizes)["loss"], rel=1e-12)
     assert got.parts == tuple(measure(h)["loss"] for h in halves)

@@ -1,5 +1,5 @@
 """The training loop end to end on tiny models: the loss falls, the summary holds the
-figures DESIGN.md asks for (and they add up), and an interrupted run resumed from its
+figures the run directory promises (and they add up), and an interrupted run resumed from its
 checkpoint ends bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 import leantune.train.loop as loop
-from conftest import Crash, NanLoss, crash_after_checkpoint
 from leantune.adapters import build_adapter
 from leantune.config import load_config
-from leantune.packing.batching import epoch_batches
 from leantune.data.dataset import build_splits
-from leantune.model.load import load_model, load_tokenizer
 from leantune.model.flops import FlopModel
+from leantune.model.load import load_model, load_tokenizer
+from leantune.packing.batching import epoch_batches
 from leantune.train.run_dir import RunDirError
+
+from conftest import Crash, NanLoss, crash_after_checkpoint
 
 SUMMARY_KEYS = {"method", "model", "train_tokens", "optimizer_steps", "train_flops", "ff_flops",
                 "ff_stages", "ff_steps_accepted", "wall_seconds", "tokens_per_second",

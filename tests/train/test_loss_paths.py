@@ -15,15 +15,16 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, LlamaF
 
 from leantune.config import ConfigError, load_config
 from leantune.data.encode import IGNORE, Encoded
-from leantune.train import loop
 from leantune.model.chunked_loss import chunked_head
-from leantune.model.load import ModelError
-from leantune.train.loss_paths import CHECK_TOKENS, check_batch, check_loss_paths, check_trains
-from leantune.model.precision import Precision, autocast_forward, compute_dtype
-from conftest import loss_sum
-from leantune.model.logprobs import full_nll, model_inputs, target_logprobs
 from leantune.model.head import head_at
-from helpers import arch_dirs, build, packed_batch  # noqa: F401
+from leantune.model.load import ModelError
+from leantune.model.logprobs import full_nll, model_inputs, target_logprobs
+from leantune.model.precision import Precision, autocast_forward, compute_dtype
+from leantune.train import loop
+from leantune.train.loss_paths import CHECK_TOKENS, check_batch, check_loss_paths, check_trains
+
+from conftest import loss_sum
+from helpers import build, packed_batch
 
 
 def test_both_stay_on_where_exact(arch_dirs):

@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import leantune.train.loop as loop
-from conftest import Crash, crash_after_checkpoint
 from leantune.cli import main
 from leantune.config import METHOD_LR, load_config
+
+from conftest import Crash, crash_after_checkpoint
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 METHODS = ["lora", "qlora", "ia3", "prompt_tuning", "full", "loreft"]

@@ -12,8 +12,8 @@ import torch
 
 from leantune.config import ReplayConfig
 from leantune.data.corpus import build_corpus
-from leantune.train.replay import CorpusFeed, WindowOrder, replay_ratio, replay_windows
 from leantune.data.windows import TokenCorpus, Windows
+from leantune.train.replay import CorpusFeed, WindowOrder, replay_ratio, replay_windows
 from leantune.train.state import TrainState
 
 
@@ -119,7 +119,7 @@ def test_resumed_feed_yields_the_same_next_batches(two_corpora, tokenizer):
                                                                1, "cpu")
     state = TrainState()
     first = feed(two_corpora, tokenizer, cfg).micro_batches(state, 2, 2, 1, 0, 50, 1, "cpu")
-    for step in range(40):  # past the end of an epoch of the new corpus's windows
+    for _ in range(40):  # past the end of an epoch of the new corpus's windows
         for _ in range(2):
             assert torch.equal(next(straight)["input_ids"], next(first)["input_ids"])
         straight_state.step += 1

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from leantune.config import load_config
-from leantune.train.state import (TrainState, change_world, epoch_plan, micro_batches,
-                                  remaining_plan)
+from leantune.train.state import TrainState, change_world, epoch_plan, micro_batches, remaining_plan
 
 LENGTHS = [random.Random(0).randint(3, 40) for _ in range(120)]
 

@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from leantune.adapters import build_adapter
 from leantune.config import AdapterConfig
-from leantune.packing.collate import collate_padded
 from leantune.data.encode import IGNORE, Encoded
-from conftest import NanLoss, loss_sum
 from leantune.objectives import NEXT_TOKEN
+from leantune.packing.collate import collate_padded
 from leantune.train.step import train_step
+
+from conftest import NanLoss, loss_sum
 
 # (length, prompt tokens without a label): target counts 3, 11, 6, 12 - deliberately unequal.
 SHAPES = [(6, 3), (13, 2), (9, 3), (16, 4)]

@@ -10,11 +10,12 @@ import json
 import pytest
 
 import leantune.train.loop as loop
-from conftest import Crash
 from leantune.cli import main
 from leantune.train.trackers import hyperparameters, scalars
-from helpers import write_rows
 from train.test_loop import config
+
+from conftest import Crash
+from helpers import write_rows
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -7,8 +7,10 @@ starts at 1, so training starts from the base model; merging multiplies ``l`` in
 from __future__ import annotations
 
 from peft import IA3Config
-from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-                                  TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
+from peft.utils.constants import (
+    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+)
 from torch import nn
 
 from leantune.adapters.peft_adapter import PeftAdapter

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from leantune.adapters import build_adapter, load_base
-from leantune.config import ConfigError, ModelConfig, load_config
+from leantune.config import ModelConfig, load_config
 from leantune.model.load import load_model, load_tokenizer, resolve_local
 
 

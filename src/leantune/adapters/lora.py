@@ -69,7 +69,9 @@ def fused_expert_targets(config: LoraConfig, model: nn.Module) -> set[str]:
     Empty where PEFT has no such mapping (older PEFT, other models)."""
     try:
         from peft.utils.transformers_weight_conversion import (
-            convert_peft_config_for_transformers, get_model_conversion_mapping)
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
     except ImportError:
         return set()
     probe = copy.deepcopy(config)
@@ -108,8 +110,8 @@ class QLoRA(LoRA):
 
     def quantization(self, compute_dtype: torch.dtype):
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401  (transformers' own message is less direct)
+            from transformers import BitsAndBytesConfig
         except ImportError:
             raise ImportError("adapter.method=qlora needs bitsandbytes (>= 0.46 for CPU): "
                               "pip install 'leantune[qlora]'") from None

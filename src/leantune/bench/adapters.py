@@ -11,8 +11,9 @@ Each run is its own process, so its memory figures are that method's alone: with
 process freed memory is reused and the high-water mark only grows. The table reports the
 peak during training (resident set on CPU, allocated on CUDA) and how much of it training
 added on top of the loaded model and data (gradients, optimizer state, activations);
-the process-wide peak also counts reading the data set. With ``rounds > 1`` the order reverses every other round, so
-a slow spell on the machine does not always land on the same method; medians reported.
+the process-wide peak also counts reading the data set. With ``rounds > 1`` the order
+reverses every other round, so a slow spell on the machine does not always land on the
+same method; medians reported.
 """
 
 from __future__ import annotations

@@ -51,8 +51,14 @@ import transformers
 import leantune
 from leantune.bench.common import cpu_info
 from leantune.bench.packing_check import MAX_LENGTH, check_method
-from leantune.bench.tiny_models import (all_kinds, build_tiny, chat_rows, save_tiny,
-                                        tiny_tokenizer, write_chat_data)
+from leantune.bench.tiny_models import (
+    all_kinds,
+    build_tiny,
+    chat_rows,
+    save_tiny,
+    tiny_tokenizer,
+    write_chat_data,
+)
 from leantune.model.load import first_line
 
 PRECISIONS = ("auto", "bf16-mixed")

@@ -7,8 +7,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from leantune.config import ConfigError
 from leantune.common.console import setup_logging as _setup_logging
+from leantune.config import ConfigError
 
 
 def cmd_bench_packing(args: argparse.Namespace) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import random
 
-from leantune.data.encode import Encoded, encode
-from leantune.data.formats import Example, SHAREGPT_ROLES
 from leantune.data.embedded import sharegpt_rows
+from leantune.data.encode import Encoded, encode
+from leantune.data.formats import SHAREGPT_ROLES, Example
 from leantune.model.precision import CPU_FLAGS, cpu_info  # noqa: F401 (the benches' import)
 
 

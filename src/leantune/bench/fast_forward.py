@@ -24,13 +24,13 @@ from accelerate import Accelerator
 from leantune.adapters import build_adapter
 from leantune.bench.common import cpu_info, sharegpt_exchanges, task_examples
 from leantune.config import AdapterConfig, ModelConfig, load_config
-from leantune.packing.batching import Batcher, epoch_batches
 from leantune.data.encode import Encoded
 from leantune.eval.loss import evaluate
-from leantune.model.load import load_model, load_tokenizer, resolve_local
-from leantune.train.fast_forward import FastForward, ff_set_size, halves_loss, split_halves
 from leantune.model.flops import FlopModel
+from leantune.model.load import load_model, load_tokenizer, resolve_local
 from leantune.model.logprobs import count_targets
+from leantune.packing.batching import Batcher, epoch_batches
+from leantune.train.fast_forward import FastForward, ff_set_size, halves_loss, split_halves
 from leantune.train.step import train_step
 
 

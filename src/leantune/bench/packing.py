@@ -24,10 +24,10 @@ from accelerate import Accelerator
 from leantune.adapters import build_adapter
 from leantune.bench.common import sharegpt_exchanges
 from leantune.config import AdapterConfig, ModelConfig
-from leantune.packing.batching import Batcher
 from leantune.data.encode import Encoded
 from leantune.eval.loss import evaluate
 from leantune.model.load import load_model, load_tokenizer, resolve_local
+from leantune.packing.batching import Batcher
 from leantune.train.metrics import PeakMemory
 from leantune.train.step import train_step
 

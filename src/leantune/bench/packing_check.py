@@ -14,9 +14,9 @@ import torch
 
 from leantune.adapters import build_adapter
 from leantune.config import AdapterConfig, ConfigError
-from leantune.packing.collate import collate_packed, collate_padded
 from leantune.data.encode import IGNORE, Encoded
 from leantune.model.load import first_line
+from leantune.packing.collate import collate_packed, collate_padded
 
 MAX_LENGTH = 128  # the rows' width (data.max_length of the tiny runs)
 

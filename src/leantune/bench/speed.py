@@ -132,7 +132,7 @@ def summarize(runs: dict[str, list[dict]], setup: dict) -> dict:
         m["precision_used"] = rs[0].get("precision_used", rs[0]["precision"])
         m["mfu"] = m["flops"] / m["seconds"] / setup["peak_flops"][dtype]
         med[name] = m
-    for name, m in med.items():
+    for m in med.values():
         for ref, label in ((BASELINE, "bare_fp32"), (PEER, "trl_padded")):
             if ref in med:
                 m[f"speed_vs_{label}"] = m["tokens_per_second"] / med[ref]["tokens_per_second"]

@@ -37,14 +37,13 @@ from leantune.adapters import build_adapter
 from leantune.bench.common import sharegpt_exchanges
 from leantune.bench.packing import run_mode
 from leantune.config import AdapterConfig, ModelConfig
-from leantune.packing.batching import Batcher
 from leantune.data.encode import IGNORE, Encoded
 from leantune.eval.loss import evaluate
-from leantune.model.load import load_model, load_tokenizer, resolve_local
 from leantune.model.chunked_loss import turn_off
 from leantune.model.flops import FlopModel
-from leantune.train.metrics import PeakMemory
+from leantune.model.load import load_model, load_tokenizer, resolve_local
 from leantune.model.precision import autocast_forward, choose
+from leantune.train.metrics import PeakMemory
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}  # PEFT's all-linear targets, as leantune's
 

@@ -10,9 +10,10 @@ The base model's accuracy is the LoRA run's "before" (LoRA starts as the base ex
 Settings follow the paper where it gives them (LoReFT / DiReFT: every layer, r = 8, f7+l7,
 tied, lr 9e-4, dropout 0; linear decay after 10 % warmup for every method); each other
 method trains at its default LR (``optim.lr: null``). ``lora_r8_lr1e-3`` (LoRA r8 at 1e-3)
-is there to ask for: a method comparison at one untuned LR says little. Seeds ``42 .. 42 + seeds - 1`` for every
-method (data order, split and init), in alternating order, so each method's two seeds
-bracket the noise; the table gives each seed's macro accuracy and their mean.
+is there to ask for: a method comparison at one untuned LR says little. Seeds
+``42 .. 42 + seeds - 1`` for every method (data order, split and init), in alternating
+order, so each method's two seeds bracket the noise; the table gives each seed's macro
+accuracy and their mean.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from leantune.packing.batching import pack_batch
-from leantune.packing.collate import collate_packed
 from leantune.data.encode import Encoded
 from leantune.eval.loss import evaluate
+from leantune.packing.batching import pack_batch
+from leantune.packing.collate import collate_packed
 from leantune.train.metrics import PeakMemory
 
 

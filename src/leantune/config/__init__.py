@@ -4,10 +4,21 @@
 
 from leantune.config.load import describe_options, load_config, reference_yaml
 from leantune.config.parsing import ConfigError, parse_override
-from leantune.config.schema import (METHOD_LR, AdapterConfig, CheckpointConfig, Config,
-                                    DataConfig, EvalConfig, FastForwardConfig, LoggingConfig,
-                                    ModelConfig, OptimConfig, ReplayConfig, ScheduleConfig,
-                                    TrainConfig)
+from leantune.config.schema import (
+                                    METHOD_LR,
+                                    AdapterConfig,
+                                    CheckpointConfig,
+                                    Config,
+                                    DataConfig,
+                                    EvalConfig,
+                                    FastForwardConfig,
+                                    LoggingConfig,
+                                    ModelConfig,
+                                    OptimConfig,
+                                    ReplayConfig,
+                                    ScheduleConfig,
+                                    TrainConfig,
+)
 from leantune.config.validate import parse_positions
 
 __all__ = ["METHOD_LR", "AdapterConfig", "CheckpointConfig", "Config", "ConfigError",

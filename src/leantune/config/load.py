@@ -10,10 +10,16 @@ from typing import Any
 
 import yaml
 
-from leantune.config.parsing import ConfigError, build, option_lines, parse_override, set_path, yaml_fields
+from leantune.config.parsing import (
+    ConfigError,
+    build,
+    option_lines,
+    parse_override,
+    set_path,
+    yaml_fields,
+)
 from leantune.config.schema import Config
 from leantune.config.validate import validate
-
 
 # Keys that moved to another section: their old spelling gets a message naming the new one.
 MOVED = {f"optim.{k}": f"schedule.{k}" for k in (

@@ -32,7 +32,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from leantune.common.files import atomic_dir, write_json
 from leantune.data.sources import DataError, Row, read_rows
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,7 @@ def corpus_key(path: str, pattern: str, split: str, text_field: str, tokenizer, 
         h.update(f"{name}\0{file_digest(f, memo)}\0".encode())
     h.update(json.dumps([FORMAT_VERSION, split, text_field, tokenizer_digest(tokenizer)]).encode())
     root.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_name(f"digests.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
+    write_json(memo_path, memo, indent=None)
     return h.hexdigest()
 
 
@@ -342,17 +340,10 @@ def build_corpus(path: str, tokenizer, cache_dir: str | None = None, text_field:
     if (target / "corpus.json").is_file():
         return target
     log.info("tokenizing %s once into %s", path, target)
-    tmp = root / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # replace=False: another process that finished the same corpus first keeps its copy
+    with atomic_dir(target, root / f".tmp-{key}-{os.getpid()}", replace=False) as tmp:
         meta = tokenize_corpus(path, tokenizer, tmp, text_field, pattern, split, skip_bad,
                                progress)
         meta["key"] = key
         (tmp / "corpus.json").write_text(json.dumps(meta, indent=1))
-        if target.exists():  # another process finished the same corpus first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

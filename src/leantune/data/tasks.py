@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from leantune.common.files import write_text
 from leantune.config.tasks import SPLITS, TASKS, parse_task_path
 from leantune.data.rows import DataError, Row
 
@@ -93,9 +94,7 @@ def load_docs(task: str, split: str = "validation") -> list[ChoiceDoc]:
         return [ChoiceDoc(**json.loads(line)) for line in cache.read_text().splitlines()]
     docs = list(_read_requests(source, task))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(asdict(d)) + "\n" for d in docs))
-    tmp.rename(cache)  # never a half-written cache
+    write_text(cache, "".join(json.dumps(asdict(d)) + "\n" for d in docs))
     return docs
 
 

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
-from leantune.packing.batching import pack_batch
-from leantune.packing.collate import intervention_kinds
 from leantune.data.tasks import ChoiceDoc
 from leantune.eval.requests import encode_pair
-from leantune.model.load import evaluating
+from leantune.eval.shard import gather_scores, my_share
 from leantune.model.head import head_at
+from leantune.model.load import evaluating
+from leantune.packing.batching import pack_batch
+from leantune.packing.collate import intervention_kinds
 
 
 @dataclass
@@ -128,8 +128,7 @@ def tree_loglikelihoods(model: torch.nn.Module, trees: list[Tree], batch_size: i
     dtype = next(model.parameters()).dtype
     mask_dtype = torch.bool if model.config._attn_implementation == "sdpa" else (
         dtype if dtype.is_floating_point else torch.float32)
-    rank, world = acc.process_index, acc.num_processes
-    mine = sorted(range(len(trees))[rank::world], key=lambda i: -trees[i].length)
+    mine = my_share(len(trees), acc, key=lambda i: -trees[i].length)
     scores: dict[int, list[float]] = {}
     with evaluating(model):
         for k in range(0, len(mine), batch_size):
@@ -159,10 +158,5 @@ def tree_loglikelihoods(model: torch.nn.Module, trees: list[Tree], batch_size: i
                 for branch in tree:
                     scores[i].append(float(lp[n:n + len(branch)].double().sum()))
                     n += len(branch)
-    if world > 1:
-        merged: dict[int, list[float]] = {}
-        for part in gather_object([scores]):
-            merged |= part
-        scores = merged
-    return [scores[i] for i in range(len(trees))]
+    return gather_scores(scores, len(trees), acc)
 

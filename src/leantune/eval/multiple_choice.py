@@ -29,19 +29,18 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
+from leantune.data.encode import Encoded
+from leantune.data.tasks import ChoiceDoc
 from leantune.eval.choice_trees import build_trees, tree_loglikelihoods
 from leantune.eval.requests import requests
+from leantune.eval.shard import gather_scores, my_share
+from leantune.model.flops import FlopModel
+from leantune.model.load import evaluating
+from leantune.model.logprobs import dense, target_logprobs
 from leantune.packing.batching import pack_batch
 from leantune.packing.collate import collate_padded, collate_rows
-from leantune.data.encode import IGNORE, Encoded
-from leantune.data.tasks import ChoiceDoc
-from leantune.model.load import evaluating
-from leantune.model.flops import FlopModel
-from leantune.model.logprobs import dense, target_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,7 @@ def loglikelihoods(model: torch.nn.Module, encoded: list[Encoded], batch_size: i
     result gathered on all of them), ``batch_size`` requests per forward, laid out
     ``online`` (packed) or ``none`` (padded)."""
     device = next(model.parameters()).device
-    rank, world = acc.process_index, acc.num_processes
-    mine = sorted(range(len(encoded))[rank::world], key=lambda i: -len(encoded[i].input_ids))
+    mine = my_share(len(encoded), acc, key=lambda i: -len(encoded[i].input_ids))
     scores: dict[int, float] = {}
     with evaluating(model):
         for k in range(0, len(mine), batch_size):
@@ -78,12 +76,7 @@ def loglikelihoods(model: torch.nn.Module, encoded: list[Encoded], batch_size: i
                     n = len(encoded[i].input_ids)
                     scores[i] = float(lp[r, offset:offset + n].sum())
                     offset += n
-    if world > 1:
-        merged: dict[int, float] = {}
-        for part in gather_object([scores]):
-            merged |= part
-        scores = merged
-    return [scores[i] for i in range(len(encoded))]
+    return gather_scores(scores, len(encoded), acc)
 
 
 def wilson(p: float, n: int, z: float = Z95) -> list[float]:

@@ -22,8 +22,8 @@ import dataclasses
 import string
 from pathlib import Path
 
+from leantune.adapters.loading import load_target
 from leantune.config import Config, DataConfig, ModelConfig
-from leantune.packing.batching import Batcher
 from leantune.data.dataset import DataStats, encode_all, load_examples
 from leantune.data.encode import prompt_and_reference
 from leantune.data.sources import read_rows, set_name
@@ -31,8 +31,8 @@ from leantune.data.tasks import ChoiceDoc, read_choice_rows, subset
 from leantune.eval.loss import evaluate
 from leantune.eval.multiple_choice import ChoiceScorer, macro
 from leantune.eval.requests import requests
-from leantune.adapters.loading import load_target
 from leantune.model.generate import generate_rendered
+from leantune.packing.batching import Batcher
 from leantune.packing.probe import probe_batches, resolve_packing
 
 

@@ -17,10 +17,9 @@ complete, so an interrupted export never leaves a half-written model behind.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from leantune.common.files import atomic_dir
 
 
 class ExportError(ValueError):
@@ -40,8 +39,8 @@ def export_run(run_dir: Path, out: Path) -> dict:
     """
     # The CLI imports this module for ExportError: keep the heavy imports here.
     from leantune.adapters import NotMergeable, build_adapter
-    from leantune.config import load_config
     from leantune.adapters.loading import load_for_generation
+    from leantune.config import load_config
 
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a leantune run directory (no config.yaml)")
@@ -61,17 +60,7 @@ def export_run(run_dir: Path, out: Path) -> dict:
 
 
 def _write_atomically(out: Path, write) -> None:
-    """Call ``write(tmp)`` on a fresh directory beside ``out``, then rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model is an ordinary directory
-    try:
+    """Call ``write(tmp)`` on a fresh directory beside ``out`` (an empty ``out``, checked by
+    the caller, is replaced), then rename it to ``out``."""
+    with atomic_dir(out) as tmp:
         write(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked by the caller
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -35,12 +35,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from leantune.data.encode import Encoded
-from leantune.model.load import config_size, text_config
 from leantune.model.head import output_head
+from leantune.model.load import config_size, text_config
 
 
 def logical_numel(p: torch.Tensor) -> int:

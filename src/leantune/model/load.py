@@ -1,6 +1,6 @@
 """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
 
-GGUF checkpoints are dequantized by transformers (slow: ~30 s for 135 M parameters), so
+GGUF checkpoints are dequantized by transformers (slow: it runs in Python), so
 the result is cached once as a plain HF directory and reloaded from there (< 1 s).
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from leantune.common.files import atomic_dir
 from leantune.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,9 @@ def dequantize_gguf(cfg: ModelConfig, directory: str, gguf_file: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -200,7 +198,7 @@ def load_model(cfg: ModelConfig, source: str | None = None, quantization=None,
     except ValueError as e:  # e.g. an architecture that has no causal-LM head
         raise ModelError(f"{source}: cannot be loaded as a causal LM ({first_line(e)})") from None
     # Training and eval never use a KV cache: with one, transformers silently stops
-    # honouring packed position_ids (see DESIGN.md).
+    # honouring packed position_ids (docs/architecture.md, "What passes between stages").
     model.config.use_cache = False
     if quantization is not None:
         keep_4bit_compute(model)  # before any no-grad forward, such as the check below

@@ -15,8 +15,8 @@
   model's own shapes (hidden -> intermediate, intermediate -> hidden, hidden -> hidden,
   hidden -> vocab) in fp32 and under bf16 autocast from fp32 weights (so the casts
   bf16-mixed pays are in the bill) and picks bf16-mixed when it is at least
-  :data:`MIN_RATIO` times faster. Seen here: an AVX512-BF16 Xeon without AMX runs bf16
-  at ~0.5x fp32 (so ``fp32``); AMX runs it at ~6x; an AVX2-only CPU at 1/14-1/24.
+  :data:`MIN_RATIO` times faster. What it measured on the CPU kinds met so far is in
+  BENCHMARKS.md.
 
 The peak for MFU (:func:`matmul_peak`) is the best of a few square ``torch.matmul`` runs
 (1024^3 on CPU, 8192^3 on CUDA) in the run's compute dtype, at the run's thread count.
@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from leantune.common.files import write_json
 from leantune.model.load import config_size, first_line, text_config
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 MIN_RATIO = 1.25  # bf16-mixed's linear speed-up needed to pay for its fp32 elementwise work
 TARGET_FLOPS = 2e9  # per timed matmul: long enough to time, short enough at 7B shapes
 
@@ -134,9 +134,7 @@ def cached(key: str, measure) -> float:
         store[key] = measure()
         try:  # a read-only home still trains: the figure is just measured again next time
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(store, indent=1) + "\n")
-            tmp.replace(path)
+            write_json(path, store, indent=1)
         except OSError:
             pass
     return store[key]
@@ -200,9 +198,9 @@ def linear_ratio(shapes: list[tuple[int, int]], device: torch.device, reps: int 
         x = torch.randn(tokens, fan_in, device=device, generator=g)
         w = torch.randn(fan_out, fan_in, device=device, generator=g) / fan_in**0.5
         with torch.no_grad():
-            seconds["fp32"] += _best_seconds(lambda: F.linear(x, w), device, reps)
+            seconds["fp32"] += _best_seconds(lambda x=x, w=w: F.linear(x, w), device, reps)
 
-            def mixed():
+            def mixed(x=x, w=w):
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     return F.linear(x, w)
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from leantune.packing.collate import collate_packed, collate_padded, collate_rows
 from leantune.data.encode import Encoded
 from leantune.packing.bins import pack
+from leantune.packing.collate import collate_packed, collate_padded, collate_rows
 
 GROUP_WINDOW = 50  # batches per length-sorted window in length_grouped selection
 

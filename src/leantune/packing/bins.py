@@ -1,6 +1,6 @@
 """Offline packing: group examples into bins of at most ``capacity`` tokens.
 
-A pure function, lengths in and bins of example indices out (DESIGN.md §2); the collator
+A pure function, lengths in and bins of example indices out; the collator
 turns each bin into one row whose ``position_ids`` restart at every example. No example is
 split or truncated here: callers truncate to ``capacity`` first.
 

@@ -38,10 +38,9 @@ from dataclasses import asdict, dataclass
 import torch
 from accelerate import Accelerator
 
-from leantune.config import Config
 from leantune.data.encode import Encoded
-from leantune.model.load import evaluating
 from leantune.model.flops import FlopModel
+from leantune.model.load import evaluating
 from leantune.model.precision import compute_dtype, fp32_obstacle, in_fp32
 from leantune.packing.probe_compare import Rows, compare_layouts, worst
 

@@ -27,10 +27,10 @@ import math
 import torch
 from accelerate import Accelerator
 
-from leantune.packing.collate import collate_padded, collate_rows
 from leantune.data.encode import Encoded
 from leantune.model.load import first_line
 from leantune.model.logprobs import full_nll
+from leantune.packing.collate import collate_padded, collate_rows
 
 Rows = list[list[Encoded]]  # the examples of each row of one packed micro-batch
 Spans = list[tuple[int, int, int]]  # (row, offset, length) of each example, in order

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from leantune.common.files import write_text
 from leantune.report.runs import ReportError, RunLog, load_run, load_runs
 
 __all__ = ["ReportError", "RunLog", "load_run", "load_runs", "report_after_training",
@@ -39,9 +40,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
         plots, note = [], "matplotlib is not installed: no plots (pip install 'leantune[plot]')"
         log.info(note)
     page = out / "index.html"
-    tmp = page.with_name(page.name + ".tmp")
-    tmp.write_text(render(runs, plots, note), encoding="utf-8")
-    tmp.replace(page)
+    write_text(page, render(runs, plots, note))
     return page
 
 

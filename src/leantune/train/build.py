@@ -15,30 +15,29 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from transformers import AutoConfig
 
-from leantune.adapters import (Adapter, build_adapter, count_parameters, load_base,
-                               memory_footprint)
+from leantune.adapters import Adapter, build_adapter, count_parameters, load_base, memory_footprint
 from leantune.adapters.base import unique_parameters
 from leantune.config import Config, ConfigError
 from leantune.config.tasks import task_names
 from leantune.data.tasks import ChoiceDoc, subset
 from leantune.eval.loss import evaluate
-from leantune.model.load import evaluating, load_tokenizer, resolve_dtype, resolve_local
 from leantune.eval.multiple_choice import ChoiceScorer
-from leantune.train.data import TrainData, build_data, first_rows
-from leantune.train.fast_forward import FastForward, halves_loss, split_halves
 from leantune.model.flops import FlopModel
-from leantune.train.loss_paths import check_batch, check_loss_paths, check_trains
-from leantune.train.metrics import MetricsLog, PeakMemory
+from leantune.model.load import evaluating, load_tokenizer, resolve_dtype, resolve_local
 from leantune.model.precision import Precision, choose
 from leantune.objectives import NEXT_TOKEN, Objective
 from leantune.packing.probe import probe_batches, resolve_packing
 from leantune.packing.probe_compare import Rows
+from leantune.train.data import TrainData, build_data, first_rows
+from leantune.train.fast_forward import FastForward, halves_loss, split_halves
+from leantune.train.loss_paths import check_batch, check_loss_paths, check_trains
+from leantune.train.metrics import MetricsLog, PeakMemory
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
+from leantune.train.state import TrainState, change_world
 from leantune.train.strategy import check_strategy, launch_request
 from leantune.train.trackers import project_configuration, start_trackers, tracker_names
-from leantune.train.state import TrainState, change_world
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ mid-write leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from leantune.adapters import Adapter
+from leantune.common.files import atomic_dir
 from leantune.train.run_dir import RunDirError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -105,23 +105,16 @@ def _commit(run_dir: Path, step: int, state: dict[str, Any], keep_last_n: int,
     """Finish ``.tmp-step-N`` (``write`` fills it, then the trainer state), flush it to
     disk, rename it to ``step-N`` and prune older checkpoints."""
     root = run_dir / "checkpoints"
-    final, tmp = root / f"step-{step}", _tmp_dir(run_dir, step)
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        full_state = {**state, "step": step, "host_rng": _host_rngs()}
-        (tmp / "trainer_state.json").write_text(json.dumps(full_state))
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-    except OSError as e:  # e.g. the disk filled up: drop the partial copy, keep the others
-        shutil.rmtree(tmp, ignore_errors=True)
+    final = root / f"step-{step}"
+    try:  # re-saving the same step (e.g. final == periodic) replaces it
+        with atomic_dir(final, _tmp_dir(run_dir, step), fsync=True, fresh=False) as tmp:
+            tmp.mkdir(exist_ok=True)
+            write(tmp)
+            full_state = {**state, "step": step, "host_rng": _host_rngs()}
+            (tmp / "trainer_state.json").write_text(json.dumps(full_state))
+    except OSError as e:  # e.g. the disk filled up: the partial copy is gone, the others kept
         raise RunDirError(f"could not write checkpoint step-{step} under {root} ({e}); the last "
                           f"complete checkpoint is {latest_checkpoint(run_dir)}") from None
-    if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
-        shutil.rmtree(final)
-    tmp.rename(final)
     _prune(root, keep_last_n)
     return final
 
@@ -198,16 +191,11 @@ def save_output(run_dir: Path, adapter: Adapter, model: torch.nn.Module, tokeniz
         RunDirError: it could not be written (the checkpoints are untouched).
     """
     final = run_dir / adapter.output_name
-    tmp = run_dir / f".tmp-{adapter.output_name}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        adapter.save(model, tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        with atomic_dir(final, run_dir / f".tmp-{adapter.output_name}") as tmp:
+            adapter.save(model, tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise RunDirError(f"could not write {final} ({e}); the last checkpoint, "
                           f"{latest_checkpoint(run_dir)}, holds the same weights") from None
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
     return final

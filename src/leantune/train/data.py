@@ -16,23 +16,22 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
 from leantune.config import Config, ConfigError
-from leantune.packing.batching import Batcher
 from leantune.data.corpus import build_corpus
 from leantune.data.dataset import build_splits
 from leantune.data.encode import Encoded
 from leantune.data.formats import Example
-from leantune.train.replay import CorpusFeed
 from leantune.data.sources import DataError, set_name
 from leantune.data.windows import TokenCorpus, Windows, document_chunks, held_out
+from leantune.packing.batching import Batcher
 from leantune.packing.probe_compare import Rows
 from leantune.train.fast_forward import ff_set_size
+from leantune.train.replay import CorpusFeed
 from leantune.train.state import TrainState, epoch_plan, micro_batches
 
 

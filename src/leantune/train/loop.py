@@ -17,17 +17,24 @@ from dataclasses import asdict
 
 from tqdm.auto import tqdm
 
+from leantune.common.files import write_json
 from leantune.config import Config
 from leantune.data.encode import prompt_and_reference
 from leantune.eval.loss import evaluate
+from leantune.eval.multiple_choice import macro
 from leantune.model.generate import generate
 from leantune.model.load import first_line
-from leantune.eval.multiple_choice import macro
-from leantune.train.build import Run, build_run, eval_mode
-from leantune.train.checkpoint import (accelerate_format, sharded, latest_checkpoint,
-                                       save_accelerate_checkpoint, save_checkpoint, save_output)
-from leantune.train.metrics import PeakMemory, peak_memory_bytes, write_json
 from leantune.model.mfu import mfu
+from leantune.train.build import Run, build_run, eval_mode
+from leantune.train.checkpoint import (
+    accelerate_format,
+    latest_checkpoint,
+    save_accelerate_checkpoint,
+    save_checkpoint,
+    save_output,
+    sharded,
+)
+from leantune.train.metrics import PeakMemory, peak_memory_bytes
 from leantune.train.step import StepResult, train_step
 from leantune.train.summary import build_summary
 

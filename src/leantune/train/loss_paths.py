@@ -37,13 +37,13 @@ import torch
 from peft import PeftModel
 
 from leantune.config import ConfigError
-from leantune.packing.collate import collate_padded
 from leantune.data.encode import IGNORE, Encoded
-from leantune.model.load import ModelError, evaluating, first_line
 from leantune.model.chunked_loss import chunked_head, turn_off
 from leantune.model.head import run_everywhere
-from leantune.model.precision import Precision, fall_back, fp32_obstacle, in_fp32, to_fp32
+from leantune.model.load import ModelError, evaluating, first_line
 from leantune.model.logprobs import full_nll, target_logprobs
+from leantune.model.precision import Precision, fall_back, fp32_obstacle, in_fp32, to_fp32
+from leantune.packing.collate import collate_padded
 
 log = logging.getLogger(__name__)
 

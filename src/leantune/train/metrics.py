@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import threading
@@ -15,15 +14,7 @@ from typing import Any
 
 import torch
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN/inf
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
+from leantune.common.files import jsonable
 
 
 class MetricsLog:
@@ -47,18 +38,11 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps(_jsonable(record)) + "\n")
+                f.write(json.dumps(jsonable(record)) + "\n")
         if self.tracker is not None:  # Accelerate logs on the main process only
             from leantune.train.trackers import scalars
 
             self.tracker.log(scalars(record), step=record["step"])
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def peak_memory_bytes() -> int:

@@ -24,11 +24,9 @@ import numpy as np
 import torch
 
 from leantune.config import ReplayConfig
-from leantune.packing.collate import collate_padded, collate_rows
 from leantune.data.encode import Encoded
 from leantune.data.windows import Windows
-
-STREAMS = ("data", "replay")  # data.path (D1), data.replay.path (D0)
+from leantune.packing.collate import collate_padded, collate_rows
 
 
 def replay_ratio(step: int, total_steps: int, cfg: ReplayConfig) -> float:

@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md): ``config.yaml`` (resolved), ``metrics.jsonl``,
+"""The run directory contract (README, "The run directory"): ``config.yaml`` (resolved), ``metrics.jsonl``,
 ``summary.json``, ``checkpoints/step-N/``, ``adapter/``, ``report/``.
 """
 

@@ -12,9 +12,9 @@ import torch
 from accelerate import Accelerator
 
 from leantune.config import Config
-from leantune.packing.batching import Batcher, select_batches
 from leantune.model.flops import FlopModel
 from leantune.model.logprobs import count_targets
+from leantune.packing.batching import Batcher, select_batches
 from leantune.train.step import StepResult
 
 

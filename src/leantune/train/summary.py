@@ -1,4 +1,4 @@
-"""``summary.json``: the figures DESIGN.md lists for a run, and a little more."""
+"""``summary.json``: the figures of a run that the README's run-directory table lists."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from leantune.model.mfu import mfu_text
 from leantune.train.build import Run
 from leantune.train.metrics import peak_memory_bytes
-from leantune.model.mfu import mfu_text
 
 
 def build_summary(run: Run, after: dict | None, prompts, replies_before: list[str],

@@ -21,8 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from leantune.export.gguf import GGUF_QUANTS
-from leantune.export.gguf.writer import (GGUFExportError, _new_file, _write_file_atomically,
-                                         model_arch, pack, rope_rows)
+from leantune.export.gguf.writer import (
+    GGUFExportError,
+    _new_file,
+    _write_file_atomically,
+    model_arch,
+    pack,
+    rope_rows,
+)
 
 LORA_QUANTS = ("f32", "f16", "bf16", "q8_0")
 assert set(LORA_QUANTS) <= set(GGUF_QUANTS)

@@ -21,7 +21,7 @@ dequantized then merged, full fine-tuning), then written with gguf-py: ``GGUFWri
   each rotation frequency by it).
 - Tied embeddings: no ``output.weight``; llama.cpp then reuses ``token_embd``.
 
-The file is written beside ``--out`` as ``.<name>.tmp`` and renamed when complete.
+The file is written beside ``--out`` as ``.<name>.tmp-<pid>`` and renamed when complete.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leantune.common.files import atomic_file
 from leantune.export.gguf import GGUF_QUANTS as QUANTS
 from leantune.export.merge import ExportError, export_run
 
@@ -133,16 +134,10 @@ def _new_file(out: Path, default_name: str) -> Path:
 
 
 def _write_file_atomically(out: Path, write):
-    """``write(tmp)`` to ``.<name>.tmp`` beside ``out``, renamed to ``out`` when it returns;
+    """``write(tmp)`` to a temporary file beside ``out``, renamed to ``out`` when it returns;
     removed if it raises. Returns what ``write`` returns."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        result = write(tmp)
-        tmp.rename(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return result
+    with atomic_file(out) as tmp:
+        return write(tmp)
 
 
 def write_gguf(model_dir: Path, out_file: Path, quant: str = "f16") -> dict:

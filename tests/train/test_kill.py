@@ -40,7 +40,7 @@ def before(module, name):
 if where == "step":
     import leantune.train.loop as m; before(m, "train_step")
 elif where == "checkpoint":  # files written, nothing renamed into place yet
-    import leantune.train.checkpoint as m; before(m.os, "fsync")
+    import leantune.common.files as m; before(m.os, "fsync")
 elif where == "fast_forward":  # an FF-set evaluation: a candidate is in the weights
     import leantune.train.build as m; before(m, "evaluate")
 from leantune.cli import main

@@ -33,7 +33,7 @@ def build(directory: str, method: str):
     return model, adapter
 
 
-def packed_batch(vocab: int, adapter) -> dict[str, torch.Tensor]:
+def packed_batch(vocab: int) -> dict[str, torch.Tensor]:
     """Two rows of packed examples with prompts masked: few positions predict a target."""
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -43,7 +43,7 @@ def packed_batch(vocab: int, adapter) -> dict[str, torch.Tensor]:
             ids = torch.randint(5, vocab, (n,), generator=g).tolist()
             row.append(Encoded(ids, [IGNORE] * prompt + ids[prompt:]))
         rows.append(row)
-    return collate_rows(rows, 0, intervene=adapter.positions)
+    return collate_rows(rows, 0)
 
 
 def write_rows(path, start: int, n: int) -> str:

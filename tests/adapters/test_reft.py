@@ -9,17 +9,20 @@ import pytest
 import torch
 
 from leantune.adapters import build_adapter, count_parameters, load_base
-from leantune.adapters.reft import DiReFT, LoReFT, parse_positions, prompt_mask
+from leantune.adapters.reft import (
+    PREFIX,
+    SUFFIX,
+    DiReFT,
+    LoReFT,
+    intervention_kinds,
+    kinds_from_prompt,
+    parse_positions,
+    prompt_mask,
+)
 from leantune.config import AdapterConfig, ModelConfig
 from leantune.data.encode import IGNORE, Encoded
 from leantune.model.generate import generate
-from leantune.packing.collate import (
-    PREFIX,
-    SUFFIX,
-    collate_packed,
-    collate_padded,
-    intervention_kinds,
-)
+from leantune.packing.collate import collate_packed, collate_padded
 
 from conftest import loss_sum, make_tokenizer, save_tiny_model
 
@@ -61,10 +64,10 @@ def test_interventions_start_as_the_identity(cls, arch_dirs):
     h = torch.randn(7, 16)
     torch.testing.assert_close(cls(16, 4, dropout=0.0)(h), h, atol=1e-6, rtol=0)
     _, model = reft(arch_dirs["llama"], "loreft" if cls is LoReFT else "direft", perturb=False)
-    batch = collate_padded(examples(2), 0, (7, 7))
+    batch = collate_padded(examples(2), 0)
     with torch.no_grad():
         edited = model(**{k: batch[k] for k in ("input_ids", "attention_mask",
-                                                 "intervention_mask")}).logits
+                                                 "prompt_position", "prompt_length")}).logits
         plain = model.base(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(edited, plain, atol=1e-5, rtol=0)
@@ -108,6 +111,22 @@ def test_positions_follow_the_short_prompt_rule(n, kinds):
     assert parse_positions("f7+l7") == (7, 7) and parse_positions("l3") == (0, 3)
 
 
+@pytest.mark.parametrize("prefix, suffix", [(7, 7), (2, 1), (0, 3), (5, 0), (1, 1)])
+def test_the_batched_rule_equals_the_rule_for_one_prompt(prefix, suffix):
+    """kinds_from_prompt (every position of a batch at once, as the model derives them
+    from a collated batch) against intervention_kinds, prompt by prompt, for every
+    prompt length up to 20, with completions and padding after each prompt."""
+    lengths = list(range(21))
+    width = 24
+    position = torch.full((len(lengths), width), -1)
+    length = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        position[row, :n], length[row, :n] = torch.arange(n), n
+    got = kinds_from_prompt(position, length, prefix, suffix)
+    for row, n in enumerate(lengths):
+        assert got[row].tolist() == intervention_kinds(n, prefix, suffix) + [0] * (width - n)
+
+
 def test_prompt_mask_follows_padding_on_either_side():
     left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     mask = prompt_mask(left, "f1+l2")
@@ -127,13 +146,13 @@ def test_parameter_count_is_2rd_plus_r_per_intervention(tied, per_layer, arch_di
 def test_hooks_edit_only_the_chosen_layer_and_positions(arch_dirs):
     _, model = reft(arch_dirs["llama"], layers=[1], positions="f2+l1")
     model.eval()
-    batch = collate_padded(examples(2), 0, (2, 1))
+    batch = collate_padded(examples(2), 0)
     seen = {}
     for i, layer in enumerate(model.base.model.layers):  # registered after ReFT's hooks
         layer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.detach()))
     with torch.no_grad():
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              intervention_mask=batch["intervention_mask"])
+              prompt_position=batch["prompt_position"], prompt_length=batch["prompt_length"])
         edited = dict(seen)
         base_logits = model(input_ids=batch["input_ids"],
                             attention_mask=batch["attention_mask"]).logits
@@ -142,7 +161,10 @@ def test_hooks_edit_only_the_chosen_layer_and_positions(arch_dirs):
                                attention_mask=batch["attention_mask"]).logits
     assert torch.equal(base_logits, base_only)  # no mask: the base model, bit for bit
     assert torch.equal(edited[0], plain[0])     # layer 0 is not chosen
-    marked = batch["intervention_mask"] > 0
+    prompts = [int(n.max()) for n in batch["prompt_length"]]
+    marked = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    for row, n in enumerate(prompts):  # the rule, prompt by prompt: f2+l1
+        marked[row, :n] = torch.tensor(intervention_kinds(n, 2, 1)) > 0
     assert torch.equal(edited[1][~marked], plain[1][~marked])  # unmarked positions untouched
     assert (edited[1][marked] - plain[1][marked]).abs().amax(-1).min() > 1e-4
 
@@ -152,8 +174,8 @@ def test_packed_rows_give_the_padded_loss(method, arch_dirs):
     _, model = reft(arch_dirs["llama"], method=method, positions="f2+l2")
     model.eval()
     exs = examples(4)
-    padded = collate_padded(exs, 0, (2, 2))
-    packed = collate_packed(exs, [[0, 3], [1, 2]], 0, intervene=(2, 2))
+    padded = collate_padded(exs, 0)
+    packed = collate_packed(exs, [[0, 3], [1, 2]], 0)
     with torch.no_grad():
         pad_sum, pad_n = loss_sum(model, padded)
         pack_sum, pack_n = loss_sum(model, packed)
@@ -168,7 +190,7 @@ def test_packed_rows_give_the_padded_loss(method, arch_dirs):
 def test_trains_round_trips_and_generates_in_batches(arch, arch_dirs, tmp_path):
     adapter, model = reft(arch_dirs[arch], positions="f2+l2")
     exs = examples(4)
-    batch = collate_padded(exs, 0, (2, 2))
+    batch = collate_padded(exs, 0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []
@@ -188,10 +210,9 @@ def test_trains_round_trips_and_generates_in_batches(arch, arch_dirs, tmp_path):
     # Loads from the directory alone: a different adapter config does not matter.
     reloaded = build_adapter(AdapterConfig(method="direft")).load(fresh, tmp_path / "adapter")
     with torch.no_grad():
-        want = model(**{k: batch[k] for k in ("input_ids", "attention_mask",
-                                               "intervention_mask")}).logits
-        got = reloaded(**{k: batch[k] for k in ("input_ids", "attention_mask",
-                                                 "intervention_mask")}).logits
+        keys = ("input_ids", "attention_mask", "prompt_position", "prompt_length")
+        want = model(**{k: batch[k] for k in keys}).logits
+        got = reloaded(**{k: batch[k] for k in keys}).logits
     assert torch.equal(want, got)
 
     tok = make_tokenizer()
@@ -235,7 +256,7 @@ def test_untied_layers_get_one_intervention_per_position_group_that_exists(arch_
 
 def test_gradient_checkpointing_recomputes_the_same_edits(arch_dirs):
     """Checkpointing re-runs each layer (and so the hooks) during backward."""
-    batch = collate_padded(examples(3), 0, (2, 2))
+    batch = collate_padded(examples(3), 0)
     grads = []
     for checkpointing in (False, True):
         _, model = reft(arch_dirs["llama"], positions="f2+l2")

@@ -14,7 +14,7 @@ from leantune.data.dataset import build_splits
 from leantune.data.encode import IGNORE, Encoded
 from leantune.data.sources import DataError
 from leantune.packing.batching import epoch_batches
-from leantune.packing.collate import collate_padded
+from leantune.packing.collate import collate_packed, collate_padded
 
 N = 40
 
@@ -168,7 +168,8 @@ def test_collate_padded():
     a = Encoded([5, 6, 7], [IGNORE, 6, 7])
     b = Encoded([8, 9, 10, 11, 12], [IGNORE, IGNORE, 10, 11, 12])
     batch = collate_padded([a, b], pad_id=0)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "token_mask", "num_examples"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "token_mask", "num_examples",
+                          "prompt_position", "prompt_length"}
     assert all(batch[k].shape == (2, 5) and batch[k].dtype == torch.long
                for k in ("input_ids", "attention_mask", "labels"))
     assert torch.equal(batch["token_mask"], batch["attention_mask"].bool())
@@ -177,6 +178,12 @@ def test_collate_padded():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE],
                                         [IGNORE, IGNORE, 10, 11, 12]]
+    # Where each prompt lies (the tokens before the first target): index in it, its length.
+    assert batch["prompt_position"].tolist() == [[0, -1, -1, -1, -1], [0, 1, -1, -1, -1]]
+    assert batch["prompt_length"].tolist() == [[1, 0, 0, 0, 0], [2, 2, 0, 0, 0]]
+    packed = collate_packed([a, b], [[1, 0]], pad_id=0)  # every packed example its own prompt
+    assert packed["prompt_position"].tolist() == [[0, 1, -1, -1, -1, 0, -1, -1]]
+    assert packed["prompt_length"].tolist() == [[2, 2, 0, 0, 0, 1, 0, 0]]
 
 
 def test_epoch_batches():

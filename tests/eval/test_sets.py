@@ -146,12 +146,14 @@ class LMEvalView(torch.nn.Module):
         pass
 
     def forward(self, input_ids, **_):
-        from leantune.packing.collate import intervention_kinds
+        from leantune.adapters.reft import intervention_kinds
+        from leantune.config import parse_positions
 
         extra = {}
-        if self.adapter is not None and self.adapter.positions is not None:
-            rows = [intervention_kinds(self.prompt_lengths[tuple(r.tolist())],
-                                       *self.adapter.positions) for r in input_ids]
+        if self.adapter is not None and self.adapter.name in ("loreft", "direft"):
+            positions = parse_positions(self.adapter.cfg.positions)
+            rows = [intervention_kinds(self.prompt_lengths[tuple(r.tolist())], *positions)
+                    for r in input_ids]
             mask = torch.zeros_like(input_ids)
             for i, kinds in enumerate(rows):
                 mask[i, :len(kinds)] = torch.tensor(kinds)
@@ -179,8 +181,7 @@ def test_choice_loglikelihoods_equal_lm_evaluation_harness(method, trained, llam
     pairs = [(c, k) for d in docs for c, k in zip(d.contexts, d.continuations)]
     mode = "none" if adapter is not None and not adapter.packs else "online"
     ours = loglikelihoods(model, requests(docs, tokenizer, 128), 5, mode, 128,
-                          tokenizer.pad_token_id, adapter and adapter.positions,
-                          Accelerator(cpu=True))
+                          tokenizer.pad_token_id, Accelerator(cpu=True))
     view = LMEvalView(model, adapter, {})
     lm = HFLM(pretrained=view, tokenizer=tokenizer, batch_size=1)
     for c, k in pairs:
@@ -197,7 +198,7 @@ def test_choice_loglikelihoods_equal_lm_evaluation_harness(method, trained, llam
         trees = build_trees(docs, tokenizer, 128)
         assert [t is None for t in trees] == [False] * 7 + [True]  # WinoGrande-style: no
         branches = tree_loglikelihoods(model, trees[:7], 3, 128, tokenizer.pad_token_id,
-                                       adapter and adapter.positions, Accelerator(cpu=True))
+                                       Accelerator(cpu=True))
         assert [x for b in branches for x in b] == pytest.approx(theirs[:20], rel=1e-5,
                                                                  abs=1e-4)
 
@@ -300,7 +301,7 @@ def test_shared_context_rows_fall_back_where_a_model_ignores_the_mask(llama_dir,
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     tokenizer = serve.load_target(Path(llama_dir))[1]
-    scorer = ChoiceScorer(tokenizer, 128, 4, "online", None, Accelerator(cpu=True))
+    scorer = ChoiceScorer(tokenizer, 128, 4, "online", Accelerator(cpu=True))
     honest = scorer.score(model, choice_docs())
     assert scorer.share_context  # llama + sdpa honours it
 
@@ -312,7 +313,7 @@ def test_shared_context_rows_fall_back_where_a_model_ignores_the_mask(llama_dir,
         def forward(self, attention_mask=None, **kw):  # drops the mask: attends causally
             return self.inner(**kw)
 
-    blind = ChoiceScorer(tokenizer, 128, 4, "none", None, Accelerator(cpu=True))
+    blind = ChoiceScorer(tokenizer, 128, 4, "none", Accelerator(cpu=True))
     with caplog.at_level("WARNING"):
         fallback = blind.score(MaskBlind(), choice_docs())
     assert not blind.share_context and "one row per choice" in caplog.text

@@ -84,7 +84,7 @@ def test_close_under_bf16_autocast():
 def test_model_loss_and_gradients_equal_plain(arch_dirs, arch, method):
     model, adapter = build(arch_dirs[arch], method)
     model.eval()  # no dropout: the two forwards must see the same function
-    batch = packed_batch(model.config.vocab_size, adapter)
+    batch = packed_batch(model.config.vocab_size)
     assert chunked_head(model) is not None
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss = -target_logprobs(model, batch, chunked=True).sum()

@@ -27,7 +27,7 @@ def loss_and_grads(model, batch, full: bool):
 def logits_of(model, batch, select):
     torch.manual_seed(0)
     with torch.no_grad(), head_at(model, select):
-        return model(**model_inputs(batch)).logits
+        return model(**model_inputs(batch, model)).logits
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -35,7 +35,7 @@ def logits_of(model, batch, select):
 def test_target_head_equals_full_head(arch_dirs, arch, method):
     model, adapter = build(arch_dirs[arch], method)
     model.train()
-    batch = packed_batch(model.config.vocab_size, adapter)
+    batch = packed_batch(model.config.vocab_size)
     ref_loss, ref_grads = loss_and_grads(model, batch, full=True)
     loss, grads = loss_and_grads(model, batch, full=False)
     labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)

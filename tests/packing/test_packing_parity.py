@@ -110,7 +110,7 @@ def as_rows(examples, bins):
 def test_probe_passes_exact_models(arch_dir, attn):
     model = lora(arch_dir, attn)
     examples = make_examples(model.config.vocab_size)
-    report = run_probe(model, [as_rows(examples, BINS)], pad_id=0, intervene=None)
+    report = run_probe(model, [as_rows(examples, BINS)], pad_id=0)
     assert report["exact"] and report["finite"], report
     assert report["errors"]["grads"] < report["tolerance"]["grads"]
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients
@@ -136,7 +136,7 @@ def test_probe_catches_position_blind_mixers_and_falls_back(caplog):
     torch.manual_seed(0)
     model = PositionBlindLM()
     batches = [as_rows(make_examples(50), BINS)]
-    assert run_probe(model, batches, 0, None)["errors"]["logits"] > 1e-2
+    assert run_probe(model, batches, 0)["errors"]["logits"] > 1e-2
     with caplog.at_level(logging.WARNING):
         decision = resolve_packing("online", model, None, batches, 0, max_length=64)
     assert decision["used"] == "none" and not decision["exact"]

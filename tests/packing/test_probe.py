@@ -82,7 +82,7 @@ def test_phi3_long_rope_pad_tails_longer_than_every_example_stay_inert():
         packed["position_ids"][r, w:] = torch.arange(128 - w)
     old, _ = loss_sum(model, packed)
     assert abs(float(old - ref)) / float(ref) > 1e-4
-    report = run_probe(model, [rows_of(examples, PHI3_BINS)], 0, None)
+    report = run_probe(model, [rows_of(examples, PHI3_BINS)], 0)
     assert report["exact"], report
 
 
@@ -100,7 +100,7 @@ def test_llama4_temperature_from_the_row_index_falls_back_with_the_reason(caplog
     assert decision["used"] == "none" and "floor_scale=16" in decision["reason"]
     assert "floor_scale=16" in caplog.text and "falling back to data.packing=none" in caplog.text
     # Not a false alarm: in fp32 the probe itself sees it on rows past floor_scale ...
-    assert not run_probe(model, [rows], 0, None)["exact"]
+    assert not run_probe(model, [rows], 0)["exact"]
     # ... and rows that never reach floor_scale pack exactly.
     short = rows_of(make([6, 5, 4]), [[0, 1], [2]])
     assert row_index_hazard(model.config, max_length=15) is None
@@ -134,15 +134,15 @@ def test_probe_catches_nan_gradients_of_a_pad_segment_and_falls_back():
     model = nan_prone_llama()
     examples = make([20, 12, 7])
     with_tail = rows_of(examples, [[0, 1], [2]])  # row 2 has a 25-token pad tail
-    report = run_probe(model, [with_tail], 0, None)
+    report = run_probe(model, [with_tail], 0)
     assert not report["finite"] and report["padded_finite"] and not report["exact"]
     assert "not finite where padded ones are" in report["reason"]
     decision = resolve_packing("online", model, None, [with_tail], 0, max_length=32)
     assert decision["used"] == "none"
     # Forward only, the same batch passes: only the backward shows it.
-    assert run_probe(model, [with_tail], 0, None, backward=False)["exact"]
+    assert run_probe(model, [with_tail], 0, backward=False)["exact"]
     # And it is the pad segment: rows without one pack exactly.
-    assert run_probe(model, [rows_of(examples, [[0, 2], [1]])[:1]], 0, None)["exact"]
+    assert run_probe(model, [rows_of(examples, [[0, 2], [1]])[:1]], 0)["exact"]
 
 
 def test_probe_batches_cover_the_full_width_and_a_long_pad_tail():

@@ -64,9 +64,9 @@ def within(errors: dict, tol) -> bool:
 def test_a_leak_of_1e_3_hides_in_bf16_and_shows_in_fp32():
     model = leaky_llama(3e-3)
     with evaluating(model):
-        in_bf16 = compare_layouts(model, rows(), 0, None, backward=True)
+        in_bf16 = compare_layouts(model, rows(), 0, backward=True)
     assert within(in_bf16, BF16)  # what judging in the run's bf16 used to accept
-    report = run_probe(model, [rows()], 0, None)
+    report = run_probe(model, [rows()], 0)
     assert report["dtype"] == "float32" and report["run_dtype"] == "bfloat16"
     assert report["judged"] == "float32" and not report["exact"]
     assert report["errors"]["logits"] > 5e-4 and report["errors"]["grads"] > 5e-4
@@ -75,19 +75,19 @@ def test_a_leak_of_1e_3_hides_in_bf16_and_shows_in_fp32():
 
 
 def test_exact_in_fp32_and_guarded_in_bf16():
-    report = run_probe(leaky_llama(0.0), [rows()], 0, None)
+    report = run_probe(leaky_llama(0.0), [rows()], 0)
     assert report["exact"] and report["judged"] == "float32", report
     assert report["errors"]["logits"] < 1e-6 and report["errors"]["grads"] < 1e-6
     guard = report["run_errors"]  # the second pass, in the run's own precision
     assert guard is not None and 0 < guard["logits"] < BF16.logits
-    single = run_probe(leaky_llama(0.0, autocast=False), [rows()], 0, None)
+    single = run_probe(leaky_llama(0.0, autocast=False), [rows()], 0)
     assert single["run_errors"] is None and single["flops"] * 2 == report["flops"]
 
 
 def test_half_weights_are_judged_in_fp32_and_restored_bit_for_bit():
     model = leaky_llama(3e-3, autocast=False).bfloat16()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = run_probe(model, [rows()], 0, None)
+    report = run_probe(model, [rows()], 0)
     assert report["judged"] == "float32" and report["run_dtype"] == "bfloat16"
     assert not report["exact"]
     after = model.state_dict()
@@ -97,7 +97,7 @@ def test_half_weights_are_judged_in_fp32_and_restored_bit_for_bit():
 @pytest.mark.parametrize("eps, exact", [(0.0, True), (3e-2, False)])
 def test_without_fp32_a_noise_floor_judges(monkeypatch, eps, exact):
     monkeypatch.setattr(probe, "fp32_obstacle", lambda model: "FSDP shards the weights")
-    report = run_probe(leaky_llama(eps), [rows()], 0, None)
+    report = run_probe(leaky_llama(eps), [rows()], 0)
     assert report["judged"] == "bfloat16 against a noise floor (FSDP shards the weights)"
     assert report["noise"]["grads"] > 0  # padded vs alone in bf16: rounding, measured
     tol = report["tolerance"]

@@ -29,7 +29,7 @@ from helpers import build, packed_batch
 
 def test_both_stay_on_where_exact(arch_dirs):
     model, adapter = build(arch_dirs["llama"], "lora")
-    batch = packed_batch(model.config.vocab_size, adapter)
+    batch = packed_batch(model.config.vocab_size)
     verdict = check_loss_paths(model.eval(), batch, torch.float32)
     assert verdict["head_at_targets"]["used"] and verdict["head_at_targets"]["difference"] < 1e-6
     assert verdict["chunked_loss"]["used"] and verdict["chunked_loss"]["difference"] < 1e-5
@@ -87,7 +87,7 @@ def test_head_at_targets_goes_off_where_the_model_needs_every_position(caplog):
     assert "the LM head at target positions only: off" in caplog.text
     with torch.no_grad():  # every path now runs the full head: the model's own loss
         with head_at(model, batch["labels"] != -100):
-            logits = model(**model_inputs(batch)).logits
+            logits = model(**model_inputs(batch, model)).logits
         loss = -target_logprobs(model, batch).sum()
         _, full = full_nll(model, batch)
     assert logits.dim() == 3 and torch.equal(loss, full)
@@ -135,7 +135,7 @@ def test_a_run_of_such_a_model_trains_with_the_full_head(tmp_path, tokenizer, mo
 def test_the_check_batch_is_cut_to_end_at_each_last_target():
     long = Encoded(list(range(3, 403)), [IGNORE] * 380 + list(range(383, 403)))
     short = Encoded([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8])
-    batch = check_batch([long, short], pad_id=0, intervene=None)
+    batch = check_batch([long, short], pad_id=0)
     assert batch["input_ids"].shape == (2, CHECK_TOKENS)
     assert batch["input_ids"][0, -1] == 402 and (batch["labels"][0] != IGNORE).sum() == 20
     assert batch["input_ids"][1, :4].tolist() == [5, 6, 7, 8]

@@ -34,15 +34,12 @@ class Adapter:
         packs: packed rows (several examples per row, restarting positions) keep the
             method exact. False where the method adds tokens to each row, not example.
         merge_note: printed by ``leantune export`` when merging is not a plain fold.
-        positions: ReFT's ``(prefix, suffix)`` prompt positions, which the collator marks
-            in an ``intervention_mask``; None for methods that act on every position.
     """
 
     name = "adapter"
     output_name = "adapter"
     packs = True
     merge_note: str | None = None
-    positions: tuple[int, int] | None = None
 
     def __init__(self, cfg: AdapterConfig) -> None:
         self.cfg = cfg

@@ -15,9 +15,10 @@ is a ``torch.nn.utils.parametrizations.orthogonal`` of an unconstrained matrix: 
 optimizer and Fast Forward both step in that matrix's space, so no re-orthonormalization
 is ever needed.
 
-Native, on plain forward hooks: the collator says where to edit (``intervention_mask``
-[B, T]: 0, PREFIX or SUFFIX per position, every packed example with its own), the
-model's forward takes it and the hooks read it. Generation edits the prompt's positions
+Native, on plain forward hooks: every collated batch says where each example's prompt
+lies (``prompt_position``, ``prompt_length``; every packed example with its own), the
+model's forward takes those (:attr:`ReftModel.batch_inputs`), derives the positions to
+edit (:func:`kinds_from_prompt`) and the hooks read them. Generation edits the prompt's positions
 in the prefill pass only, never generated tokens. Saved as ``reft_config.json`` +
 ``reft_model.safetensors`` together, so a directory loads on its own.
 """
@@ -35,9 +36,41 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from leantune.adapters.base import Adapter, NotMergeable
 from leantune.config import AdapterConfig, parse_positions
-from leantune.packing.collate import PREFIX, SUFFIX, intervention_kinds
 
 CONFIG_FILE, WEIGHTS_FILE = "reft_config.json", "reft_model.safetensors"
+PREFIX, SUFFIX = 1, 2  # intervention_mask values; 0 = leave the position alone
+
+
+def intervention_kinds(n: int, prefix: int, suffix: int) -> list[int]:
+    """Per position of an ``n``-token prompt: PREFIX for its first ``prefix`` tokens,
+    SUFFIX for its last ``suffix``, else 0 (ReFT's ``f{prefix}+l{suffix}``).
+
+    A prompt shorter than ``prefix + suffix`` is split between them (the paper's rule):
+    ``prefix <- min(prefix, n // 2)`` and ``suffix <- min(suffix, ceil(n / 2))``, so no
+    position is both.
+    """
+    if n < prefix + suffix:
+        prefix, suffix = min(prefix, n // 2), min(suffix, (n + 1) // 2)
+    kinds = [0] * n
+    kinds[:prefix] = [PREFIX] * prefix
+    if suffix:
+        kinds[n - suffix:] = [SUFFIX] * suffix
+    return kinds
+
+
+def kinds_from_prompt(position: torch.Tensor, length: torch.Tensor, prefix: int, suffix: int
+                      ) -> torch.Tensor:
+    """:func:`intervention_kinds` for every position at once: ``position`` [B, T] is a
+    token's index in its example's prompt (-1 outside prompts), ``length`` [B, T] that
+    prompt's length; returns ``intervention_mask`` [B, T]."""
+    short = length < prefix + suffix
+    first = torch.where(short, torch.clamp(length // 2, max=prefix), prefix)
+    last = torch.where(short, torch.clamp((length + 1) // 2, max=suffix), suffix)
+    inside = position >= 0
+    mask = torch.zeros_like(position)
+    mask[inside & (position >= length - last)] = SUFFIX
+    mask[inside & (position < first)] = PREFIX
+    return mask
 
 
 @dataclass
@@ -116,9 +149,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 class ReftModel(nn.Module):
     """A frozen causal LM with interventions hooked onto the outputs of ``spec.layers``.
 
-    ``forward(..., intervention_mask=[B, T])`` edits the marked positions; without a
-    mask the base model runs untouched. ``generate`` marks the prompt's own positions.
+    ``forward(..., prompt_position=[B, T], prompt_length=[B, T])`` edits the first and
+    last prompt positions ``spec.positions`` names (an explicit ``intervention_mask``
+    [B, T] of PREFIX / SUFFIX / 0 takes precedence); without either the base model runs
+    untouched. ``generate`` marks the prompt's own positions.
     """
+
+    #: the bookkeeping keys of a collated batch this model's forward takes
+    batch_inputs = ("prompt_position", "prompt_length")
 
     def __init__(self, base: nn.Module, spec: ReftSpec):
         super().__init__()
@@ -189,7 +227,10 @@ class ReftModel(nn.Module):
         return flat.view_as(h)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                intervention_mask=None, **kwargs):
+                intervention_mask=None, prompt_position=None, prompt_length=None, **kwargs):
+        if intervention_mask is None and prompt_position is not None:
+            intervention_mask = kinds_from_prompt(prompt_position, prompt_length,
+                                                  *parse_positions(self.spec.positions))
         # The mask stays set after the forward: gradient checkpointing re-runs the layers
         # (and so the hooks) during backward, which must edit the same positions again.
         self._set_mask(intervention_mask)
@@ -216,13 +257,10 @@ class ReftModel(nn.Module):
 
 def prompt_mask(attention_mask: torch.Tensor, positions: str) -> torch.Tensor:
     """``intervention_mask`` [B, T] for prompts marked by ``attention_mask`` (any padding)."""
-    prefix, suffix = parse_positions(positions)
-    mask = torch.zeros_like(attention_mask, dtype=torch.long)
-    for row, real in enumerate(attention_mask.bool()):
-        where = real.nonzero().squeeze(1)
-        mask[row, where] = torch.tensor(intervention_kinds(len(where), prefix, suffix),
-                                        dtype=torch.long, device=mask.device)
-    return mask
+    real = attention_mask.bool()
+    position = torch.where(real, real.long().cumsum(1) - 1, -1)
+    length = torch.where(real, real.long().sum(1, keepdim=True), 0)
+    return kinds_from_prompt(position, length, *parse_positions(positions))
 
 
 class Reft(Adapter):
@@ -231,10 +269,6 @@ class Reft(Adapter):
     def __init__(self, cfg: AdapterConfig):
         super().__init__(cfg)
         self.name = cfg.method
-
-    @property
-    def positions(self) -> tuple[int, int]:
-        return parse_positions(self.cfg.positions)
 
     def spec(self, model: nn.Module) -> ReftSpec:
         n = model.config.num_hidden_layers

@@ -30,8 +30,8 @@ from leantune.eval.requests import encode_pair
 from leantune.eval.shard import gather_scores, my_share
 from leantune.model.head import head_at
 from leantune.model.load import evaluating
+from leantune.model.logprobs import model_inputs
 from leantune.packing.batching import pack_batch
-from leantune.packing.collate import intervention_kinds
 
 
 @dataclass
@@ -60,8 +60,8 @@ def build_trees(docs: list[ChoiceDoc], tokenizer, max_length: int) -> list[Tree 
     return trees
 
 
-def collate_trees(rows: list[list[Tree]], pad_id: int, intervene: tuple[int, int] | None,
-                  mask_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[list[tuple]]]:
+def collate_trees(rows: list[list[Tree]], pad_id: int, mask_dtype: torch.dtype
+                  ) -> tuple[dict[str, torch.Tensor], list[list[tuple]]]:
     """Right-padded rows, each holding the trees of ``rows[r]`` side by side (block-
     diagonal, like packed examples), and, per tree (in row order) and branch, the
     ``(row, position predicting it, token)`` of every branch token.
@@ -69,40 +69,38 @@ def collate_trees(rows: list[list[Tree]], pad_id: int, intervene: tuple[int, int
     Returns:
         ``input_ids`` / ``position_ids`` [B, T], ``attention_mask`` [B, 1, T, T] (bool:
         True where attended; or additive in ``mask_dtype``: 0 / its minimum; pads attend
-        to themselves only), and ``intervention_mask`` [B, T] at each context's prompt
-        positions when ``intervene``.
+        to themselves only), and ``prompt_position`` / ``prompt_length`` [B, T]: each
+        context is its tree's prompt (as :mod:`leantune.packing.collate` marks prompts).
     """
     width = max(sum(t.length for t in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
     allowed[:, torch.arange(width), torch.arange(width)] = True  # pads see themselves
-    kinds = torch.zeros((len(rows), width), dtype=torch.long)
+    prompt = torch.full((len(rows), width), -1, dtype=torch.long)
+    length = torch.zeros((len(rows), width), dtype=torch.long)
     targets = []
     for r, row in enumerate(rows):
         at = 0
         for t in row:
-            targets.append(_place(t, r, at, ids, pos, allowed, kinds, intervene))
+            targets.append(_place(t, r, at, ids, pos, allowed, prompt, length))
             at += t.length
     if mask_dtype == torch.bool:
         mask = allowed
     else:
         mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(
             ~allowed, torch.finfo(mask_dtype).min)
-    batch = {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None]}
-    if intervene is not None:
-        batch["intervention_mask"] = kinds
-    return batch, targets
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None],
+            "prompt_position": prompt, "prompt_length": length}, targets
 
 
-def _place(t: Tree, r: int, at: int, ids, pos, allowed, kinds, intervene) -> list[list[tuple]]:
+def _place(t: Tree, r: int, at: int, ids, pos, allowed, prompt, length) -> list[list[tuple]]:
     """Write tree ``t`` into row ``r`` from position ``at``; its branches' targets."""
     n = len(t.context)
     ids[r, at:at + n] = torch.tensor(t.context)
     pos[r, at:at + n] = torch.arange(n)
     allowed[r, at:at + n, at:at + n] = torch.ones(n, n, dtype=torch.bool).tril()
-    if intervene is not None:
-        kinds[r, at:at + n] = torch.tensor(intervention_kinds(n, *intervene))
+    prompt[r, at:at + n], length[r, at:at + n] = torch.arange(n), n
     start, branches = at + n, []
     for x in t.branches:
         end = start + len(x)
@@ -118,8 +116,7 @@ def _place(t: Tree, r: int, at: int, ids, pos, allowed, kinds, intervene) -> lis
 
 @torch.no_grad()
 def tree_loglikelihoods(model: torch.nn.Module, trees: list[Tree], batch_size: int,
-                        max_length: int, pad_id: int, intervene: tuple[int, int] | None,
-                        acc: Accelerator) -> list[list[float]]:
+                        max_length: int, pad_id: int, acc: Accelerator) -> list[list[float]]:
     """Every branch's summed log-likelihood, per tree (sharded over processes, gathered on
     all of them): ``batch_size`` trees per forward, longest first, side by side in rows of
     at most ``max_length`` positions."""
@@ -137,7 +134,7 @@ def tree_loglikelihoods(model: torch.nn.Module, trees: list[Tree], batch_size: i
                     for b in pack_batch([trees[i].length for i in chunk], max_length)]
             order = [i for row in rows for i in row]  # the order the targets come in
             batch, targets = collate_trees([[trees[i] for i in row] for row in rows], pad_id,
-                                           intervene, mask_dtype)
+                                           mask_dtype)
             flat = [tgt for tree in targets for branch in tree for tgt in branch]
             row_ix, at, tok = (torch.tensor(col, device=device) for col in zip(*flat))
             # The head runs only where a branch token is predicted; a context's last
@@ -145,8 +142,8 @@ def tree_loglikelihoods(model: torch.nn.Module, trees: list[Tree], batch_size: i
             select = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=device)
             select[row_ix, at] = True
             with head_at(model, select):
-                logits = model(**{key: v.to(device) for key, v in batch.items()},
-                               use_cache=False).logits
+                batch = {key: v.to(device) for key, v in batch.items()}
+                logits = model(**model_inputs(batch, model)).logits
             if logits.dim() == 2:  # [N, V] in row-major order of ``select``
                 logits = logits[select.flatten().cumsum(0).sub(1).view(select.shape)[row_ix, at]]
             else:

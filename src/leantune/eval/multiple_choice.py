@@ -49,8 +49,7 @@ Z95 = 1.959964
 
 @torch.no_grad()
 def loglikelihoods(model: torch.nn.Module, encoded: list[Encoded], batch_size: int,
-                   mode: str, max_length: int, pad_id: int,
-                   intervene: tuple[int, int] | None, acc: Accelerator) -> list[float]:
+                   mode: str, max_length: int, pad_id: int, acc: Accelerator) -> list[float]:
     """The summed target log-probability of every request (sharded over processes, the
     result gathered on all of them), ``batch_size`` requests per forward, laid out
     ``online`` (packed) or ``none`` (padded)."""
@@ -62,12 +61,11 @@ def loglikelihoods(model: torch.nn.Module, encoded: list[Encoded], batch_size: i
             ids = mine[k:k + batch_size]
             if mode == "none":
                 rows = [[i] for i in ids]
-                batch = collate_padded([encoded[i] for i in ids], pad_id, intervene)
+                batch = collate_padded([encoded[i] for i in ids], pad_id)
             else:
                 bins = pack_batch([len(encoded[i].input_ids) for i in ids], max_length)
                 rows = [[ids[j] for j in b] for b in bins]
-                batch = collate_rows([[encoded[i] for i in r] for r in rows], pad_id,
-                                     intervene=intervene)
+                batch = collate_rows([[encoded[i] for i in r] for r in rows], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             lp = dense(target_logprobs(model, batch), batch).cpu()
             for r, row in enumerate(rows):
@@ -136,7 +134,6 @@ class ChoiceScorer:
     max_length: int
     batch_size: int
     mode: str                       # online | none: the layout of one row per choice
-    intervene: tuple[int, int] | None
     acc: Accelerator
     flop_model: FlopModel | None = None  # to count the forwards' FLOPs
     share_context: bool = True
@@ -159,7 +156,7 @@ class ChoiceScorer:
             shared = [i for i, t in enumerate(trees) if t is not None]
             for i, branch in zip(shared, tree_loglikelihoods(
                     model, [trees[i] for i in shared], self.batch_size, self.max_length,
-                    self.tokenizer.pad_token_id, self.intervene, self.acc)):
+                    self.tokenizer.pad_token_id, self.acc)):
                 lls[starts[i]:starts[i + 1]] = branch
         rest = [j for j, ll in enumerate(lls) if ll is None]
         for j, ll in zip(rest, self._flat(model, [encoded[j] for j in rest])):
@@ -170,7 +167,7 @@ class ChoiceScorer:
 
     def _flat(self, model: torch.nn.Module, encoded: list[Encoded]) -> list[float]:
         return loglikelihoods(model, encoded, self.batch_size, self.mode, self.max_length,
-                              self.tokenizer.pad_token_id, self.intervene, self.acc)
+                              self.tokenizer.pad_token_id, self.acc)
 
     def _check(self, model, docs, trees, encoded, starts, n: int = 8) -> None:
         """Tree rows against one row per choice on the first ``n`` shared documents."""
@@ -181,7 +178,7 @@ class ChoiceScorer:
         try:
             got = tree_loglikelihoods(model, [trees[i] for i in picked], self.batch_size,
                                       self.max_length, self.tokenizer.pad_token_id,
-                                      self.intervene, self.acc)
+                                      self.acc)
         except Exception as e:  # noqa: BLE001 - a backend without custom masks (flash-attn)
             log.warning("this model cannot score choices on a shared context (%s: %s); "
                         "scoring one row per choice", type(e).__name__, e)

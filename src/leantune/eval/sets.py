@@ -92,8 +92,7 @@ def score_set(model, tokenizer, path: str, data: DataConfig, adapter, batch_size
     packing = eval_packing(model, adapter, encoded, data, batch_size, tokenizer.pad_token_id,
                            accelerator) if encoded else {"used": "none"}
     mode = packing["used"]
-    batcher = Batcher.build([], mode, data.max_length, tokenizer.pad_token_id,
-                            intervene=adapter.positions if adapter else None)
+    batcher = Batcher.build([], mode, data.max_length, tokenizer.pad_token_id)
     result = {"path": path, "format": fmt, "rows": stats.rows_read, "examples": len(encoded),
               "truncated": stats.truncated, "packing": mode,
               "dropped": stats.dropped_too_long + stats.dropped_no_target,
@@ -127,8 +126,7 @@ def choice_scorer(model, tokenizer, adapter, docs: list[ChoiceDoc], data: DataCo
     encoded = requests(docs[:64], tokenizer, data.max_length)
     mode = eval_packing(model, adapter, encoded, data, batch_size, tokenizer.pad_token_id,
                         accelerator)["used"] if encoded else "none"
-    return ChoiceScorer(tokenizer, data.max_length, batch_size, mode,
-                        adapter.positions if adapter else None, accelerator,
+    return ChoiceScorer(tokenizer, data.max_length, batch_size, mode, accelerator,
                         share_context=adapter is None or adapter.virtual_tokens == 0)
 
 

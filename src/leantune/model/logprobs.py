@@ -29,14 +29,20 @@ from leantune.data.encode import IGNORE
 from leantune.model.chunked_loss import chunked_head, linear_log_probs
 from leantune.model.head import head_at
 
-# What the model's forward takes from a batch; everything else is bookkeeping.
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "intervention_mask")
+# What every model's forward takes from a batch; the rest is bookkeeping, which a model
+# may ask for by name (``batch_inputs``: ReFT reads where the prompts lie).
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the model gets: ids, mask or positions (no labels, no bookkeeping), and never a
-    KV cache: with one, transformers ignores packed position_ids."""
-    return {k: v for k, v in batch.items() if k in MODEL_KEYS} | {"use_cache": False}
+def model_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """What ``model`` gets: ids, mask or positions (no labels), the bookkeeping keys it
+    names in ``batch_inputs``, and never a KV cache: with one, transformers ignores packed
+    position_ids."""
+    while model is not None and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module  # DistributedDataParallel, DeepSpeedEngine
+    keys = MODEL_KEYS + tuple(getattr(model, "batch_inputs", ()))
+    return {k: v for k, v in batch.items() if k in keys} | {"use_cache": False}
 
 
 def next_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -58,7 +64,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's logits at every position, ``[B, T, V]`` (a model that prepends ``n``
     virtual tokens, prompt tuning, returns ``n + T``: the last T, aligned with the labels)."""
-    logits = model(**model_inputs(batch)).logits
+    logits = model(**model_inputs(batch, model)).logits
     return logits[:, -batch["labels"].shape[1]:]
 
 
@@ -73,7 +79,7 @@ def target_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     head = chunked_head(model) if chunked else None
     hidden: list[torch.Tensor] | None = [] if head is not None else None
     with head_at(model, select, hidden):
-        logits = model(**model_inputs(batch)).logits
+        logits = model(**model_inputs(batch, model)).logits
     if hidden:  # the head saw no rows: it runs inside the log-softmax
         return linear_log_probs(hidden[-1], head, labels[select])
     if logits.dim() == 3:  # the head was not reached as expected: it ran everywhere

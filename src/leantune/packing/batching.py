@@ -117,16 +117,15 @@ class Batcher:
     max_length: int
     pad_id: int
     units: list[list[int]]
-    intervene: tuple[int, int] | None = None  # ReFT's (prefix, suffix) prompt positions
 
     @classmethod
     def build(cls, examples: list[Encoded], mode: str, max_length: int, pad_id: int,
-              strategy: str = "bfd", intervene: tuple[int, int] | None = None) -> Batcher:
+              strategy: str = "bfd") -> Batcher:
         if mode == "offline":
             units = pack([len(e.input_ids) for e in examples], max_length, strategy)
         else:
             units = [[i] for i in range(len(examples))]
-        return cls(examples, mode, max_length, pad_id, units, intervene)
+        return cls(examples, mode, max_length, pad_id, units)
 
     @property
     def unit_lengths(self) -> list[int]:
@@ -135,7 +134,7 @@ class Batcher:
     def collate(self, unit_ids: list[int]) -> dict[str, torch.Tensor]:
         """The micro-batch made of ``units[unit_ids]``."""
         if self.mode == "offline":
-            return collate_rows(self.packed_rows(unit_ids), self.pad_id, intervene=self.intervene)
+            return collate_rows(self.packed_rows(unit_ids), self.pad_id)
         return self.collate_examples([self.examples[self.units[u][0]] for u in unit_ids],
                                      self.mode)
 
@@ -151,7 +150,6 @@ class Batcher:
     def collate_examples(self, examples: list[Encoded], mode: str) -> dict[str, torch.Tensor]:
         """Lay out ``examples`` as one micro-batch: padded, or packed per ``mode``."""
         if mode == "none":
-            return collate_padded(examples, self.pad_id, self.intervene)
+            return collate_padded(examples, self.pad_id)
         bins = pack_batch([len(e.input_ids) for e in examples], self.max_length)
-        return collate_packed(examples, bins, self.pad_id, restart_positions=mode != "naive",
-                              intervene=self.intervene)
+        return collate_packed(examples, bins, self.pad_id, restart_positions=mode != "naive")

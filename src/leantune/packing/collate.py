@@ -1,8 +1,10 @@
 """Collators: encoded examples in, model-ready tensors out.
 
-Two layouts, both with ``labels`` aligned to ``input_ids`` (the loss shifts them) and a
-``token_mask`` of real (non-pad) tokens that is bookkeeping only, never a model input
-(and, for ReFT, an ``intervention_mask`` saying where each example's prompt is edited):
+Two layouts, both with ``labels`` aligned to ``input_ids`` (the loss shifts them) and
+bookkeeping that is no model input unless the model asks for it: a ``token_mask`` of
+real (non-pad) tokens, and where each example's prompt lies, ``prompt_position`` (0 ..
+n-1 over an example's ``n`` prompt tokens, -1 elsewhere) and ``prompt_length`` (``n``
+there, 0 elsewhere), from which ReFT derives the positions it edits:
 
 - padded: one example per row, right-padded, with an ``attention_mask``.
 - packed: several examples per row (``bins``), ``position_ids`` restarting at 0 at every
@@ -21,26 +23,6 @@ import torch
 
 from leantune.data.encode import IGNORE, Encoded
 
-# Keys of a collated batch that the model takes; the rest is bookkeeping.
-PREFIX, SUFFIX = 1, 2  # intervention_mask values; 0 = leave the position alone
-
-
-def intervention_kinds(n: int, prefix: int, suffix: int) -> list[int]:
-    """Per position of an ``n``-token prompt: PREFIX for its first ``prefix`` tokens,
-    SUFFIX for its last ``suffix``, else 0 (ReFT's ``f{prefix}+l{suffix}``).
-
-    A prompt shorter than ``prefix + suffix`` is split between them (the paper's rule):
-    ``prefix <- min(prefix, n // 2)`` and ``suffix <- min(suffix, ceil(n / 2))``, so no
-    position is both.
-    """
-    if n < prefix + suffix:
-        prefix, suffix = min(prefix, n // 2), min(suffix, (n + 1) // 2)
-    kinds = [0] * n
-    kinds[:prefix] = [PREFIX] * prefix
-    if suffix:
-        kinds[n - suffix:] = [SUFFIX] * suffix
-    return kinds
-
 
 def prompt_length(e: Encoded) -> int:
     """Tokens before the first target; the whole example when every token is a target
@@ -49,84 +31,74 @@ def prompt_length(e: Encoded) -> int:
     return first or len(e.input_ids)
 
 
-def _kinds(e: Encoded, intervene: tuple[int, int]) -> list[int]:
-    kinds = intervention_kinds(prompt_length(e), *intervene)
-    return kinds + [0] * (len(e.input_ids) - len(kinds))
+def prompt_columns(e: Encoded) -> tuple[list[int], list[int]]:
+    """``(prompt_position, prompt_length)`` for each token of ``e``."""
+    n, total = prompt_length(e), len(e.input_ids)
+    return list(range(n)) + [-1] * (total - n), [n] * n + [0] * (total - n)
 
 
-def collate_padded(examples: list[Encoded], pad_id: int,
-                   intervene: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+def collate_padded(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example of the batch.
-
-    Args:
-        intervene: ``(prefix, suffix)`` prompt positions a ReFT edits; adds
-            ``intervention_mask`` [B, T] (see :func:`intervention_kinds`).
 
     Returns:
         ``input_ids`` [B, T] (pad_id where padded), ``attention_mask`` [B, T] (1 = real),
         ``labels`` [B, T] (-100 where padded or not a target), ``token_mask`` [B, T],
-        ``num_examples`` (a 0-dim count).
+        ``prompt_position`` and ``prompt_length`` [B, T], ``num_examples`` (a 0-dim count).
     """
     longest = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    shape = (len(examples), longest)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    where, length = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-           "token_mask": mask.bool(), "num_examples": torch.tensor(len(examples))}
-    if intervene is not None:
-        kinds = torch.zeros((len(examples), longest), dtype=torch.long)
-        for i, e in enumerate(examples):
-            kinds[i, :len(e.input_ids)] = torch.tensor(_kinds(e, intervene))
-        out["intervention_mask"] = kinds
-    return out
+        columns = prompt_columns(e)
+        where[i, :n], length[i, :n] = torch.tensor(columns[0]), torch.tensor(columns[1])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "token_mask": mask.bool(), "prompt_position": where, "prompt_length": length,
+            "num_examples": torch.tensor(len(examples))}
 
 
 def collate_packed(examples: list[Encoded], bins: list[list[int]], pad_id: int,
-                   restart_positions: bool = True, intervene: tuple[int, int] | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   restart_positions: bool = True) -> dict[str, torch.Tensor]:
     """One row per bin of example indices (into ``examples``), padded to the longest row.
 
     Args:
         restart_positions: False gives naive packing (positions run on across examples,
             so attention crosses example boundaries): only for showing why it is wrong.
-        intervene: as in :func:`collate_padded`; every example of a row gets its own
-            prefix and suffix positions.
 
     Returns:
-        ``input_ids``, ``position_ids``, ``labels``, ``token_mask``, each [rows, T], and
+        ``input_ids``, ``position_ids``, ``labels``, ``token_mask``, ``prompt_position``,
+        ``prompt_length``, each [rows, T] (every packed example with its own prompt), and
         ``num_examples``.
     """
+    keys = ("input_ids", "labels", "position_ids", "prompt_position", "prompt_length")
     rows = []
     for b in bins:
-        ids, labels, pos, kinds = [], [], [], []
+        row: dict[str, list[int]] = {k: [] for k in keys}
         for i in b:
             e = examples[i]
-            ids += e.input_ids
-            labels += [IGNORE] + e.labels[1:]
-            start = 0 if restart_positions else len(pos)
-            pos += range(start, start + len(e.input_ids))
-            kinds += _kinds(e, intervene) if intervene is not None else []
-        rows.append((ids, labels, pos, kinds))
-    longest = max(len(r[0]) for r in rows)
+            start = 0 if restart_positions else len(row["position_ids"])
+            where, length = prompt_columns(e)
+            for k, v in zip(keys, (e.input_ids, [IGNORE] + e.labels[1:],
+                                   range(start, start + len(e.input_ids)), where, length)):
+                row[k] += v
+        rows.append(row)
+    longest = max(len(r["input_ids"]) for r in rows)
     cap = max(len(examples[i].input_ids) for b in bins for i in b)  # the longest example
-    out = {k: torch.full((len(rows), longest), v, dtype=torch.long)
-           for k, v in (("input_ids", pad_id), ("labels", IGNORE), ("position_ids", 0))}
-    if intervene is not None:
-        out["intervention_mask"] = torch.zeros((len(rows), longest), dtype=torch.long)
+    fill = {"input_ids": pad_id, "labels": IGNORE, "position_ids": 0, "prompt_position": -1,
+            "prompt_length": 0}
+    out = {k: torch.full((len(rows), longest), fill[k], dtype=torch.long) for k in keys}
     token_mask = torch.zeros((len(rows), longest), dtype=torch.bool)
-    for r, (ids, labels, pos, kinds) in enumerate(rows):
-        n = len(ids)
-        out["input_ids"][r, :n] = torch.tensor(ids)
-        out["labels"][r, :n] = torch.tensor(labels)
-        out["position_ids"][r, :n] = torch.tensor(pos)
+    for r, row in enumerate(rows):
+        n = len(row["input_ids"])
+        for k in keys:
+            out[k][r, :n] = torch.tensor(row[k])
         out["position_ids"][r, n:] = pad_positions(longest - n, cap)
-        if intervene is not None:
-            out["intervention_mask"][r, :n] = torch.tensor(kinds)
         token_mask[r, :n] = True
     return out | {"token_mask": token_mask, "num_examples": torch.tensor(sum(map(len, bins)))}
 
@@ -142,8 +114,8 @@ def pad_positions(n: int, cap: int) -> torch.Tensor:
     return torch.arange(n) % cap
 
 
-def collate_rows(rows: list[list[Encoded]], pad_id: int, restart_positions: bool = True,
-                 intervene: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+def collate_rows(rows: list[list[Encoded]], pad_id: int, restart_positions: bool = True
+                 ) -> dict[str, torch.Tensor]:
     """:func:`collate_packed` with one row per given group of examples (a pre-packed bin, a
     corpus window's document pieces)."""
     flat = [e for row in rows for e in row]
@@ -151,4 +123,4 @@ def collate_rows(rows: list[list[Encoded]], pad_id: int, restart_positions: bool
     for row in rows:
         bins.append(list(range(k, k + len(row))))
         k += len(row)
-    return collate_packed(flat, bins, pad_id, restart_positions, intervene)
+    return collate_packed(flat, bins, pad_id, restart_positions)

@@ -174,8 +174,7 @@ def fp32_blocked(model: torch.nn.Module, acc: Accelerator | None) -> str | None:
     return obstacle
 
 
-def run_probe(model: torch.nn.Module, batches: list[Rows], pad_id: int,
-              intervene: tuple[int, int] | None, backward: bool = True,
+def run_probe(model: torch.nn.Module, batches: list[Rows], pad_id: int, backward: bool = True,
               acc: Accelerator | None = None, flop_model: FlopModel | None = None) -> dict:
     """Packed against padded (:func:`~leantune.packing.probe_compare.compare_layouts`) on each
     of ``batches``, judged where rounding cannot hide a leak, and what it cost.
@@ -206,7 +205,7 @@ def run_probe(model: torch.nn.Module, batches: list[Rows], pad_id: int,
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
 
     def compare(got: str = "packed") -> dict:
-        return worst([compare_layouts(model, rows, pad_id, intervene, backward, acc, got)
+        return worst([compare_layouts(model, rows, pad_id, backward, acc, got)
                       for rows in batches])
 
     guard = noise = obstacle = None
@@ -322,8 +321,7 @@ def resolve_packing(requested: str, model: torch.nn.Module, adapter, batches: li
     if hazard is not None:
         log.warning("%s; falling back to data.packing=none", hazard)
         return decision | {"reason": hazard}
-    report = run_probe(model, batches, pad_id, adapter.positions if adapter else None,
-                       backward, acc, flop_model)
+    report = run_probe(model, batches, pad_id, backward, acc, flop_model)
     log.info(describe_probe(report))
     decision |= {"exact": report["exact"], "reason": report["reason"], "probe": report}
     if requested == "naive":

@@ -37,15 +37,15 @@ Spans = list[tuple[int, int, int]]  # (row, offset, length) of each example, in 
 Layout = list[tuple[dict[str, torch.Tensor], Spans]]
 
 
-def layout(kind: str, rows: Rows, pad_id: int, intervene: tuple[int, int] | None) -> Layout:
+def layout(kind: str, rows: Rows, pad_id: int) -> Layout:
     """The examples of ``rows`` laid out as ``kind``: packed, padded or alone (see the
     module docstring)."""
     flat = [e for r in rows for e in r]
     if kind == "padded":
-        return [(collate_padded(flat, pad_id, intervene),
+        return [(collate_padded(flat, pad_id),
                  [(i, 0, len(e.input_ids)) for i, e in enumerate(flat)])]
     if kind == "alone":
-        return [(collate_padded([e], pad_id, intervene), [(0, 0, len(e.input_ids))])
+        return [(collate_padded([e], pad_id), [(0, 0, len(e.input_ids))])
                 for e in flat]
     spans = []
     for r, row in enumerate(rows):
@@ -53,7 +53,7 @@ def layout(kind: str, rows: Rows, pad_id: int, intervene: tuple[int, int] | None
         for e in row:
             spans.append((r, offset, len(e.input_ids)))
             offset += len(e.input_ids)
-    return [(collate_rows(rows, pad_id, intervene=intervene), spans)]
+    return [(collate_rows(rows, pad_id), spans)]
 
 
 def run_layout(model: torch.nn.Module, batches: Layout, trainable: list[torch.Tensor],
@@ -87,8 +87,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def compare_layouts(model: torch.nn.Module, rows: Rows, pad_id: int,
-                    intervene: tuple[int, int] | None, backward: bool,
+def compare_layouts(model: torch.nn.Module, rows: Rows, pad_id: int, backward: bool,
                     acc: Accelerator | None = None, got: str = "packed") -> dict:
     """The ``got`` layout (packed, or alone for a noise floor) against padded, on the
     examples of ``rows`` (see the module docstring).
@@ -100,11 +99,11 @@ def compare_layouts(model: torch.nn.Module, rows: Rows, pad_id: int,
         forward raises (padded runs first: what it raises propagates).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ref, ref_loss, ref_grads = run_layout(model, layout("padded", rows, pad_id, intervene),
+    ref, ref_loss, ref_grads = run_layout(model, layout("padded", rows, pad_id),
                                           trainable, backward)
     backward = ref_grads is not None
     try:
-        out, out_loss, out_grads = run_layout(model, layout(got, rows, pad_id, intervene),
+        out, out_loss, out_grads = run_layout(model, layout(got, rows, pad_id),
                                               trainable, backward)
     except Exception as e:  # noqa: BLE001 - the padded layout ran: the layout is the cause
         return {"error": f"{type(e).__name__}: {first_line(e)}"}

@@ -112,7 +112,7 @@ def build_run(cfg: Config) -> Run:
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    data = build_data(cfg, tokenizer, packed_layout(cfg, adapter), adapter.positions, acc)
+    data = build_data(cfg, tokenizer, packed_layout(cfg, adapter), acc)
     first = first_rows(data, cfg, acc.num_processes)
     precision, loss_paths = check_model(cfg, acc.unwrap_model(model), first, tokenizer,
                                         adapter, acc, precision)
@@ -206,7 +206,7 @@ def check_model(cfg: Config, model: torch.nn.Module, first: Rows, tokenizer,
                if acc.distributed_type == DistributedType.FSDP else True)
     examples = [e for row in first for e in row][:4]
     batch = {k: v.to(acc.device) for k, v in check_batch(
-        examples, tokenizer.pad_token_id, adapter.positions).items()}
+        examples, tokenizer.pad_token_id).items()}
     precision = check_trains(model, batch, precision, acc.device)
     with evaluating(model):
         return precision, check_loss_paths(model, batch, precision.compute_dtype, chunked)
@@ -242,7 +242,7 @@ def build_tasks(cfg: Config, tokenizer, packing: dict, adapter: Adapter, acc: Ac
         return {}, None
     docs = {name: subset(name, cfg.eval.task_examples) for name in task_names(cfg.eval.tasks)}
     return docs, ChoiceScorer(tokenizer, cfg.data.max_length, cfg.eval.batch_size,
-                              eval_mode(packing), adapter.positions, acc, flop_model,
+                              eval_mode(packing), acc, flop_model,
                               share_context=adapter.virtual_tokens == 0)
 
 

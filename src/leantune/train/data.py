@@ -78,8 +78,7 @@ class TrainData:
         """Lay every training micro-batch out padded (the packing probe found packing
         inexact on this model)."""
         b = self.batcher
-        self.batcher = Batcher.build(b.examples, "none", b.max_length, b.pad_id,
-                                     intervene=b.intervene)
+        self.batcher = Batcher.build(b.examples, "none", b.max_length, b.pad_id)
         if self.feed is not None:
             self.feed.mode = "none"
 
@@ -90,8 +89,7 @@ class TrainData:
         return " + ".join(f"{len(w)} {name} windows" for name, w in self.feed.windows.items())
 
 
-def build_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | None,
-               acc: Accelerator) -> TrainData:
+def build_data(cfg: Config, tokenizer, mode: str, acc: Accelerator) -> TrainData:
     """Everything the loop reads, for ``cfg.data.mode``; ``mode`` is the packing mode in
     use (after the model's probe)."""
     d = cfg.data
@@ -99,11 +97,11 @@ def build_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | N
             if cfg.fast_forward.enabled else 0)
     taken: set[str] = set()
     if d.mode == "corpus":
-        data = corpus_data(cfg, tokenizer, mode, intervene, ff_n, taken, acc)
+        data = corpus_data(cfg, tokenizer, mode, ff_n, taken, acc)
     else:
         splits = build_splits(d, tokenizer, cfg.train.seed, ff_n)
         batcher = Batcher.build(splits.train, mode, d.max_length, tokenizer.pad_token_id,
-                                d.packing_strategy, intervene)
+                                d.packing_strategy)
         data = TrainData(batcher, [EvalSet(set_name(d.eval_path or d.path, taken), "data",
                                            splits.eval)], splits.ff, splits.eval_examples,
                          splits.stats.to_dict() | {"format": splits.format})
@@ -120,8 +118,8 @@ def build_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | N
     return data
 
 
-def corpus_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | None,
-                ff_n: int, taken: set[str], acc: Accelerator) -> TrainData:
+def corpus_data(cfg: Config, tokenizer, mode: str, ff_n: int, taken: set[str],
+                acc: Accelerator) -> TrainData:
     """Corpus mode: windows of data.path (and the replayed corpus), held-out documents."""
     d, length = cfg.data, cfg.data.max_length
     main = open_corpus(cfg, d.path, tokenizer, acc)
@@ -130,7 +128,7 @@ def corpus_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | 
     if ff_n and not len(ff_docs):
         raise DataError(d.path, "corpus", None, "no document left for the Fast Forward set "
                         "(fast_forward.eval_examples)")
-    batcher = Batcher.build([], mode, length, tokenizer.pad_token_id, intervene=intervene)
+    batcher = Batcher.build([], mode, length, tokenizer.pad_token_id)
     data = TrainData(batcher, [], document_chunks(main, ff_docs, length, ff_n * length), [],
                      {"format": "corpus", "corpora": {}})
     name, windows = _stream(data, d.path, main, eval_docs, ff_docs, length=length,
@@ -150,7 +148,7 @@ def corpus_data(cfg: Config, tokenizer, mode: str, intervene: tuple[int, int] | 
                                               length=length, stream="replay", taken=taken)
         data.eval_sets.append(EvalSet(old_name, "replay", document_chunks(
             old, old_docs, length, d.eval_tokens)))
-    data.feed = CorpusFeed(windows, d.replay, mode, tokenizer.pad_token_id, intervene)
+    data.feed = CorpusFeed(windows, d.replay, mode, tokenizer.pad_token_id)
     return data
 
 

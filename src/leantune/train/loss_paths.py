@@ -50,8 +50,7 @@ log = logging.getLogger(__name__)
 CHECK_TOKENS = 128  # per example: enough for every layer's code path, small logits
 
 
-def check_batch(examples: list[Encoded], pad_id: int, intervene: tuple[int, int] | None
-                ) -> dict[str, torch.Tensor]:
+def check_batch(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """``examples`` cut to the :data:`CHECK_TOKENS` tokens that end at each one's last
     target (every cut example keeps a target), collated padded."""
     cut = []
@@ -59,7 +58,7 @@ def check_batch(examples: list[Encoded], pad_id: int, intervene: tuple[int, int]
         end = max((i for i, t in enumerate(e.labels) if t != IGNORE), default=len(e.labels) - 1)
         start = max(0, end + 1 - CHECK_TOKENS)
         cut.append(Encoded(e.input_ids[start:end + 1], e.labels[start:end + 1]))
-    return collate_padded(cut, pad_id, intervene)
+    return collate_padded(cut, pad_id)
 
 
 def _trains(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> str | None:

@@ -93,7 +93,6 @@ class CorpusFeed:
     replay: ReplayConfig
     mode: str
     pad_id: int
-    intervene: tuple[int, int] | None = None
     _orders: dict[str, WindowOrder] = field(default_factory=dict, repr=False)
 
     def steps(self, epochs: float, per_step: int) -> int:
@@ -109,9 +108,8 @@ class CorpusFeed:
         """The micro-batch of windows ``units`` (``(stream, window index)`` pairs)."""
         per_window = self.packed_rows(units)
         if self.mode == "none":
-            return collate_padded([e for w in per_window for e in w], self.pad_id, self.intervene)
-        return collate_rows(per_window, self.pad_id, restart_positions=self.mode != "naive",
-                            intervene=self.intervene)
+            return collate_padded([e for w in per_window for e in w], self.pad_id)
+        return collate_rows(per_window, self.pad_id, restart_positions=self.mode != "naive")
 
     def step_units(self, state, per_step: int, total_steps: int, seed: int
                    ) -> list[tuple[str, int]]:

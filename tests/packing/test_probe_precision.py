@@ -17,7 +17,8 @@ import leantune.packing.probe as probe
 from leantune.data.encode import IGNORE, Encoded
 from leantune.model.load import evaluating
 from leantune.model.precision import autocast_forward, compute_dtype
-from leantune.packing.probe import run_probe, tolerance_for
+from leantune.model.rounding import tolerance_for
+from leantune.packing.probe import run_probe
 from leantune.packing.probe_compare import compare_layouts
 
 BF16 = tolerance_for(torch.bfloat16)

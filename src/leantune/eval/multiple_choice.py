@@ -39,6 +39,7 @@ from leantune.eval.shard import gather_scores, my_share
 from leantune.model.flops import FlopModel
 from leantune.model.load import evaluating
 from leantune.model.logprobs import dense, target_logprobs
+from leantune.model.rounding import tolerance_for
 from leantune.packing.batching import pack_batch
 from leantune.packing.collate import collate_padded, collate_rows
 
@@ -185,7 +186,7 @@ class ChoiceScorer:
             self.share_context = False
             return
         got = [x for branch in got for x in branch]
-        tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+        tol = tolerance_for(next(model.parameters()).dtype).logits
         worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, ref))
         if worst > tol:
             log.warning("scoring choices on a shared context differs from one row per "

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from leantune.common.files import atomic_dir
 from leantune.config import ModelConfig
+from leantune.model.rounding import tolerance_for
 
 log = logging.getLogger(__name__)
 
@@ -280,4 +281,4 @@ def keep_4bit_compute(model: torch.nn.Module) -> None:
 def leak_tolerance(model: torch.nn.Module) -> float:
     """Largest :func:`future_leak` that is float rounding rather than a token seeing later
     ones."""
-    return 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    return tolerance_for(next(model.parameters()).dtype).logits

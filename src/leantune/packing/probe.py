@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator
@@ -42,6 +42,7 @@ from leantune.data.encode import Encoded
 from leantune.model.flops import FlopModel
 from leantune.model.load import evaluating
 from leantune.model.precision import compute_dtype, fp32_obstacle, in_fp32
+from leantune.model.rounding import Tolerance, tolerance_for
 from leantune.packing.probe_compare import Rows, compare_layouts, worst
 
 log = logging.getLogger(__name__)
@@ -53,26 +54,6 @@ log = logging.getLogger(__name__)
 # logits, loss and gradients), so 2 leaves a margin and still tightens bf16's gradient
 # tolerance from 2e-2 to ~4e-3.
 NOISE_FACTOR = 2
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Largest relative differences that are rounding, not contamination."""
-
-    logits: float
-    loss: float
-    grads: float
-
-
-def tolerance_for(dtype: torch.dtype) -> Tolerance:
-    """fp32: 1e-4 on logits and gradients, 1e-5 on the summed loss; half precision: 3e-2,
-    1e-3, 2e-2. Rounding measured on tiny Llama/Qwen2/GPT-2 LoRA models and SmolLM2-135M:
-    fp32 1e-7 to 1e-6 throughout; bf16 up to 8e-3 on logits, 2e-3 to 4e-3 on gradients,
-    3e-7 on the loss. Contamination seen on models that cannot pack (Mamba, MPT, RWKV, hybrids)
-    is 1e-2 to 1 on logits and gradients."""
-    if dtype == torch.float32:
-        return Tolerance(logits=1e-4, loss=1e-5, grads=1e-4)
-    return Tolerance(logits=3e-2, loss=1e-3, grads=2e-2)
 
 
 def row_index_hazard(config, max_length: int) -> str | None:

@@ -43,6 +43,7 @@ from leantune.model.head import run_everywhere
 from leantune.model.load import ModelError, evaluating, first_line
 from leantune.model.logprobs import full_nll, target_logprobs
 from leantune.model.precision import Precision, fall_back, fp32_obstacle, in_fp32, to_fp32
+from leantune.model.rounding import tolerance_for
 from leantune.packing.collate import collate_padded
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,8 @@ def check_loss_paths(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         ``{"head_at_targets": r, "chunked_loss": r}``, each ``r`` being
         ``{"used", "reason", "difference"}``.
     """
-    tolerance = 1e-4 if dtype == torch.float32 else 1e-3
+    # The shortcuts sum the same terms in another order: never held tighter than 1e-4.
+    tolerance = max(tolerance_for(dtype).loss, 1e-4)
     with torch.no_grad():
         _, full = full_nll(model, batch)
         head = _compare(lambda: -target_logprobs(model, batch).sum(), full, tolerance,

@@ -1,0 +1,126 @@
+"""The preference losses, per pair, from summed completion log-probabilities.
+
+For a prompt ``x`` with completions ``y_c`` (chosen) and ``y_r`` (rejected): ``ℓ`` is a
+completion's summed log-probability under the policy, ``|y|`` its tokens, ``ℓ̄ = ℓ / |y|``,
+``r = ℓ − ℓ_ref`` (the reference's log-probability subtracted) and ``Δ = r_c − r_r``:
+
+=========  ====================================================  =========================
+loss       per pair                                              paper
+=========  ====================================================  =========================
+DPO        ``−log σ(β Δ)``                                       arXiv 2305.18290
+IPO        ``(r_c/|y_c| − r_r/|y_r| − 1/(2β))²``                 arXiv 2310.12036
+SimPO      ``−log σ(β (ℓ̄_c − ℓ̄_r) − γ)``, no reference           arXiv 2405.14734
+ORPO       ``−ℓ̄_c − λ log σ(log odds(ℓ̄_c) − log odds(ℓ̄_r))``    arXiv 2403.07691
+KTO        desirable ``w_d (1 − σ(β (r − z₀)))``,                arXiv 2402.01306
+           undesirable ``w_u (1 − σ(β (z₀ − r)))``
+=========  ====================================================  =========================
+
+with ``log odds(p) = log p − log(1 − p)`` taken at ``log p = ℓ̄`` (computed as
+``ℓ̄ − log(1 − exp ℓ̄)``, stable near 0), and KTO's baseline ``z₀ = max(0, mean r(x, y′))``
+over completions paired with another example's prompt (its KL estimate; no gradient).
+
+IPO divides by completion length as TRL does (the IPO authors' normalized form). Where
+ours differs from TRL's: ORPO's NLL term is each pair's mean token NLL, summed over pairs
+and divided by the pairs, where TRL averages over all chosen tokens of a batch: per pair
+keeps the loss independent of how pairs are batched, accumulated and packed, as every
+leantune objective is (:mod:`leantune.objectives.base`). An optional ``nll`` weight
+adds ``nll · (−ℓ̄_c)`` to DPO and IPO (RPO, arXiv 2404.19733: against the chosen
+completion's likelihood falling), off by default.
+
+:func:`rewards` gives the per-pair figures TRL logs under ``rewards/*`` and ``logps/*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# The published defaults: DPO and IPO β 0.1 (TRL), SimPO β 2.0 and γ 1.0 (γ/β 0.5, the
+# SimPO paper's Llama-3 range), ORPO λ 0.1 (the ORPO paper), KTO β 0.1 with weights 1.
+DEFAULTS = {"dpo": {"beta": 0.1}, "ipo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma": 1.0},
+            "orpo": {"beta": 0.1}, "kto": {"beta": 0.1}}
+
+
+@dataclass
+class PairLogps:
+    """Per pair ``[P]``: summed completion log-probs of the policy and (where the loss
+    uses one) the reference, and the completions' token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    def margins(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r_c, r_r)``: log-ratios to the reference."""
+        if self.ref_chosen is None or self.ref_rejected is None:
+            raise ValueError("this loss compares with a reference: ref_chosen / ref_rejected")
+        return self.chosen - self.ref_chosen, self.rejected - self.ref_rejected
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ℓ̄_c, ℓ̄_r)``: per-token mean log-probs."""
+        return (self.chosen / self.chosen_tokens.clamp(min=1),
+                self.rejected / self.rejected_tokens.clamp(min=1))
+
+
+def dpo(p: PairLogps, beta: float = 0.1, nll: float = 0.0) -> torch.Tensor:
+    """``−log σ(β Δ)`` per pair (+ ``nll · (−ℓ̄_c)``)."""
+    rc, rr = p.margins()
+    return -F.logsigmoid(beta * (rc - rr)) + nll * -p.means()[0]
+
+
+def ipo(p: PairLogps, beta: float = 0.1, nll: float = 0.0) -> torch.Tensor:
+    """``(r_c/|y_c| − r_r/|y_r| − 1/(2β))²`` per pair (+ ``nll · (−ℓ̄_c)``)."""
+    rc, rr = p.margins()
+    delta = rc / p.chosen_tokens.clamp(min=1) - rr / p.rejected_tokens.clamp(min=1)
+    return (delta - 1 / (2 * beta)) ** 2 + nll * -p.means()[0]
+
+
+def simpo(p: PairLogps, beta: float = 2.0, gamma: float = 1.0) -> torch.Tensor:
+    """``−log σ(β (ℓ̄_c − ℓ̄_r) − γ)`` per pair; no reference."""
+    mc, mr = p.means()
+    return -F.logsigmoid(beta * (mc - mr) - gamma)
+
+
+def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 − p))`` at ``log p = mean_logp`` (< 0), stable as p approaches 1:
+    ``log(1 − p) = log(−expm1(log p))``."""
+    return mean_logp - torch.log(-torch.expm1(mean_logp))
+
+
+def orpo(p: PairLogps, beta: float = 0.1) -> torch.Tensor:
+    """``−ℓ̄_c − λ log σ(log odds(ℓ̄_c) − log odds(ℓ̄_r))`` per pair, ``λ = beta``."""
+    mc, mr = p.means()
+    return -mc - beta * F.logsigmoid(log_odds(mc.float()) - log_odds(mr.float()))
+
+
+def kto(logratios: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+        beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+        ) -> torch.Tensor:
+    """KTO per completion ``[N]``: ``logratios`` ``r = ℓ − ℓ_ref``, ``desirable`` the
+    labels (bool), ``kl`` the batch's baseline estimate ``mean r(x, y′)`` (clamped at 0,
+    no gradient)."""
+    z0 = kl.detach().clamp(min=0)
+    good = desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios)))
+    return torch.where(desirable, good, bad)
+
+
+def rewards(p: PairLogps, beta: float) -> dict[str, torch.Tensor]:
+    """TRL's per-pair figures: ``rewards/chosen`` ``β r_c`` (``β ℓ_c`` without a
+    reference, as TRL's reference-free trainers log), ``rewards/rejected``,
+    ``rewards/margins``, ``rewards/accuracies`` (chosen above rejected), ``logps/chosen``,
+    ``logps/rejected``."""
+    if p.ref_chosen is not None and p.ref_rejected is not None:
+        rc, rr = p.margins()
+    else:
+        rc, rr = p.chosen, p.rejected
+    chosen, rejected = (beta * rc).detach(), (beta * rr).detach()
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected,
+            "rewards/margins": chosen - rejected,
+            "rewards/accuracies": (chosen > rejected).float(),
+            "logps/chosen": p.chosen.detach(), "logps/rejected": p.rejected.detach()}

@@ -169,7 +169,7 @@ def test_collate_padded():
     b = Encoded([8, 9, 10, 11, 12], [IGNORE, IGNORE, 10, 11, 12])
     batch = collate_padded([a, b], pad_id=0)
     assert set(batch) == {"input_ids", "attention_mask", "labels", "token_mask", "num_examples",
-                          "prompt_position", "prompt_length"}
+                          "example_index", "prompt_position", "prompt_length"}
     assert all(batch[k].shape == (2, 5) and batch[k].dtype == torch.long
                for k in ("input_ids", "attention_mask", "labels"))
     assert torch.equal(batch["token_mask"], batch["attention_mask"].bool())
@@ -184,6 +184,8 @@ def test_collate_padded():
     packed = collate_packed([a, b], [[1, 0]], pad_id=0)  # every packed example its own prompt
     assert packed["prompt_position"].tolist() == [[0, 1, -1, -1, -1, 0, -1, -1]]
     assert packed["prompt_length"].tolist() == [[2, 2, 0, 0, 0, 1, 0, 0]]
+    assert batch["example_index"].tolist() == [[0, 0, 0, -1, -1], [1, 1, 1, 1, 1]]
+    assert packed["example_index"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
 
 
 def test_epoch_batches():

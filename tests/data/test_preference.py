@@ -81,14 +81,20 @@ def tiny(tmp_path_factory):
     "text", "text-implicit-prompt", "chat-implicit-prompt", "chat-explicit-prompt"])
 def test_tokens_are_the_ones_trls_dpo_trainer_makes(record, tiny, tmp_path):
     pytest.importorskip("trl")
+    from accelerate.state import AcceleratorState
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     path, tokenizer = tiny
-    args = DPOConfig(output_dir=str(tmp_path), max_length=512, report_to=[], use_cpu=True)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=args,
-                         train_dataset=Dataset.from_list([record]), processing_class=tokenizer)
+    args = DPOConfig(output_dir=str(tmp_path), max_length=512, report_to=[], use_cpu=True,
+                     bf16=False)
+    try:
+        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=args,
+                             train_dataset=Dataset.from_list([record]),
+                             processing_class=tokenizer)
+    finally:  # the Trainer sets Accelerate's process-wide state; later runs build their own
+        AcceleratorState._reset_state(reset_partial_state=True)
     theirs = trainer.train_dataset[0]
     ours = encode_preference(to_preference(row(record), "pairs"), tokenizer, 512,
                              PreferenceStats())

@@ -5,6 +5,7 @@ few facts the pipeline needs about it (packing, virtual tokens, merging, quantiz
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,13 @@ class Adapter:
 
     def load_weights(self, model: nn.Module, directory: Path) -> None:
         raise NotImplementedError
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager:
+        """Within the block ``model`` computes as its base, the adapter switched off: the
+        reference of a preference loss without a second model (``objective.reference:
+        adapter_off``). Raises NotImplementedError where the method has no such switch
+        (full fine-tuning changes the base itself)."""
+        raise NotImplementedError(f"adapter.method={self.name} has no base to switch back to")
 
     def merge_base(self, base: nn.Module) -> nn.Module:
         """The base to merge into (QLoRA dequantizes its 4-bit base here)."""

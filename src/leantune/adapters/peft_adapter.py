@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from peft import IA3Config, PeftConfig, PeftModel, get_peft_model
@@ -110,6 +111,11 @@ class PeftAdapter(Adapter):
                              f"(missing: {missing[:3]}, unexpected: {extra[:3]})")
         set_peft_model_state_dict(model, saved)
 
+    def disabled(self, model: nn.Module) -> AbstractContextManager:
+        """PEFT's own switch (``PeftModel.disable_adapter``): LoRA/DoRA deltas, IA3 scales
+        and prompt tuning's virtual tokens all left out."""
+        return _unwrap(model).disable_adapter()
+
     def merge(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()
 
@@ -122,3 +128,9 @@ def _only(config: PeftConfig, targets: list[str]) -> PeftConfig:
     if isinstance(config, IA3Config):
         config.feedforward_modules = [t for t in config.feedforward_modules or [] if t in targets]
     return config
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module  # DistributedDataParallel
+    return model

@@ -26,6 +26,8 @@ in the prefill pass only, never generated tokens. Saved as ``reft_config.json`` 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,7 +171,7 @@ class ReftModel(nn.Module):
             for i in spec.layers for kind in spec.kinds})
         self._mask: torch.Tensor | None = None
         self._where: dict[int, torch.Tensor] = {}  # PREFIX/SUFFIX -> flat positions in _mask
-        self._prefill_only = self._via_forward = False
+        self._prefill_only = self._via_forward = self._off = False
         layers = decoder_layers(base)
         for i in spec.layers:
             layers[i].register_forward_hook(self._hook(i))
@@ -185,7 +187,7 @@ class ReftModel(nn.Module):
 
     def _hook(self, layer: int):
         def edit(module, args, output):
-            if self._mask is None:
+            if self._mask is None or self._off:
                 return output
             h = output[0] if isinstance(output, tuple) else output
             h = self._intervene(layer, h)
@@ -225,6 +227,15 @@ class ReftModel(nn.Module):
             edited = module(flat[idx].to(module.bias.dtype)).to(flat.dtype)
             flat = flat.index_copy(0, idx, edited)  # out of place: autograd sees it
         return flat.view_as(h)
+
+    @contextmanager
+    def interventions_off(self) -> Iterator[None]:
+        """The base model alone within the block, whatever the batch marks."""
+        self._off = True
+        try:
+            yield
+        finally:
+            self._off = False
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 intervention_mask=None, prompt_position=None, prompt_length=None, **kwargs):
@@ -281,6 +292,11 @@ class Reft(Adapter):
 
     def apply(self, model: nn.Module) -> nn.Module:
         return ReftModel(model, self.spec(model))
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager:
+        while isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module  # DistributedDataParallel
+        return model.interventions_off()
 
     def save(self, model: nn.Module, directory: Path, state_dict: dict | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from leantune.data.encode import IGNORE, Encoded
 from leantune.data.rows import DataError, Row
 
 PREFERENCE_FORMATS = ("pairs", "unpaired")
@@ -64,6 +65,12 @@ class EncodedPreference:
     chosen: list[int]
     rejected: list[int] | None = None
     label: bool | None = None
+
+    def examples(self) -> list[Encoded]:
+        """``prompt + completion`` for each completion (chosen first), the completion the
+        only targets: what a pair objective collates, as two neighbouring examples."""
+        return [Encoded(self.prompt + c, [IGNORE] * len(self.prompt) + c)
+                for c in (self.chosen, self.rejected) if c is not None]
 
 
 @dataclass

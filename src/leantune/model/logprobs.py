@@ -87,6 +87,22 @@ def target_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return token_logprobs(logits, labels[select])
 
 
+def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums, counts)``, each ``[E]`` for the batch's ``E`` examples (in the order they
+    were collated: ``example_index``): the summed log-probability of each example's
+    target tokens (differentiable, fp32) and how many there are. The sequence-level
+    quantity preference losses compare, whatever the layout (padded, packed)."""
+    select = next_labels(batch) != IGNORE
+    owner = F.pad(batch["example_index"][:, 1:], (0, 1), value=-1)[select]  # the target's example
+    lp = target_logprobs(model, batch, chunked)
+    n = int(batch["num_examples"])
+    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, owner, lp)
+    counts = torch.zeros(n, dtype=torch.long, device=lp.device).index_add(
+        0, owner, torch.ones_like(owner))
+    return sums, counts
+
+
 def full_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits [B, T, V], summed negative log-likelihood of the targets)`` with the head

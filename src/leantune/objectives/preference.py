@@ -32,10 +32,15 @@ completion's likelihood falling), off by default.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from leantune.model.logprobs import sequence_logprobs
+from leantune.objectives.base import Objective
 
 # The published defaults: DPO and IPO β 0.1 (TRL), SimPO β 2.0 and γ 1.0 (γ/β 0.5, the
 # SimPO paper's Llama-3 range), ORPO λ 0.1 (the ORPO paper), KTO β 0.1 with weights 1.
@@ -124,3 +129,62 @@ def rewards(p: PairLogps, beta: float) -> dict[str, torch.Tensor]:
             "rewards/margins": chosen - rejected,
             "rewards/accuracies": (chosen > rejected).float(),
             "logps/chosen": p.chosen.detach(), "logps/rejected": p.rejected.detach()}
+
+
+LOSSES = {"dpo": dpo, "ipo": ipo, "simpo": simpo, "orpo": orpo}
+WITH_REFERENCE = ("dpo", "ipo")
+
+
+class PairObjective(Objective):
+    """DPO, IPO, SimPO or ORPO as a training objective over batches of pairs: examples
+    ``2i`` (chosen) and ``2i + 1`` (rejected) of a collated batch share their prompt, in
+    any layout (padded or packed: :func:`~leantune.model.logprobs.sequence_logprobs`).
+    The loss is summed over pairs and normalized by their count.
+
+    Args:
+        reference: for DPO and IPO, ``reference(model)`` is a context within which the
+            model computes as the reference (an adapter switched off:
+            :meth:`~leantune.adapters.base.Adapter.disabled`); its log-probs take no
+            gradient.
+        knobs: the loss's own settings (``beta``, SimPO's ``gamma``, DPO/IPO's ``nll``).
+    """
+
+    unit = "pairs"
+
+    def __init__(self, kind: str, reference: Callable[[torch.nn.Module], Any] | None = None,
+                 chunked: bool = True, **knobs: float):
+        if kind not in LOSSES:
+            raise ValueError(f"unknown pair loss {kind!r}; expected one of {sorted(LOSSES)}")
+        self.name, self.knobs, self.chunked = kind, DEFAULTS[kind] | knobs, chunked
+        self.needs_reference = kind in WITH_REFERENCE
+        if self.needs_reference and reference is None:
+            raise ValueError(f"{kind} compares with a reference: give reference=")
+        self.reference = reference
+        self._sums: dict[str, float] = {}
+        self._pairs = 0
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["num_examples"]) // 2
+
+    def pair_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairLogps:
+        """The batch's pairs: policy log-probs (with gradient) and the reference's."""
+        sums, counts = sequence_logprobs(model, batch, self.chunked)
+        ref = (None, None)
+        if self.needs_reference:
+            with torch.no_grad(), self.reference(model):
+                ref_sums, _ = sequence_logprobs(model, batch, self.chunked)
+            ref = (ref_sums[0::2], ref_sums[1::2])
+        return PairLogps(sums[0::2], sums[1::2], counts[0::2], counts[1::2], *ref)
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        p = self.pair_logps(model, batch)
+        for key, value in rewards(p, self.knobs["beta"]).items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value.sum())
+        self._pairs += len(p.chosen)
+        return LOSSES[self.name](p, **self.knobs).sum()
+
+    def take_metrics(self) -> dict[str, float]:
+        """Each figure's mean over the pairs seen since the last call (TRL's names)."""
+        out = {k: v / max(self._pairs, 1) for k, v in self._sums.items()}
+        self._sums, self._pairs = {}, 0
+        return out

@@ -2,9 +2,11 @@
 
 Two layouts, both with ``labels`` aligned to ``input_ids`` (the loss shifts them) and
 bookkeeping that is no model input unless the model asks for it: a ``token_mask`` of
-real (non-pad) tokens, and where each example's prompt lies, ``prompt_position`` (0 ..
-n-1 over an example's ``n`` prompt tokens, -1 elsewhere) and ``prompt_length`` (``n``
-there, 0 elsewhere), from which ReFT derives the positions it edits:
+real (non-pad) tokens, ``example_index`` (which example of the batch each token belongs
+to, in the order given; -1 on pads: per-sequence sums), and where each example's prompt
+lies, ``prompt_position`` (0 .. n-1 over an example's ``n`` prompt tokens, -1 elsewhere)
+and ``prompt_length`` (``n`` there, 0 elsewhere), from which ReFT derives the positions
+it edits:
 
 - padded: one example per row, right-padded, with an ``attention_mask``.
 - packed: several examples per row (``bins``), ``position_ids`` restarting at 0 at every
@@ -42,8 +44,9 @@ def collate_padded(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tens
 
     Returns:
         ``input_ids`` [B, T] (pad_id where padded), ``attention_mask`` [B, T] (1 = real),
-        ``labels`` [B, T] (-100 where padded or not a target), ``token_mask`` [B, T],
-        ``prompt_position`` and ``prompt_length`` [B, T], ``num_examples`` (a 0-dim count).
+        ``labels`` [B, T] (-100 where padded or not a target), ``token_mask``,
+        ``example_index`` (row i: example i), ``prompt_position`` and ``prompt_length``,
+        all [B, T], and ``num_examples`` (a 0-dim count).
     """
     longest = max(len(e.input_ids) for e in examples)
     shape = (len(examples), longest)
@@ -51,16 +54,18 @@ def collate_padded(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tens
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     mask = torch.zeros(shape, dtype=torch.long)
     where, length = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    index = torch.full(shape, -1, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
+        index[i, :n] = i
         columns = prompt_columns(e)
         where[i, :n], length[i, :n] = torch.tensor(columns[0]), torch.tensor(columns[1])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "token_mask": mask.bool(), "prompt_position": where, "prompt_length": length,
-            "num_examples": torch.tensor(len(examples))}
+            "token_mask": mask.bool(), "example_index": index, "prompt_position": where,
+            "prompt_length": length, "num_examples": torch.tensor(len(examples))}
 
 
 def collate_packed(examples: list[Encoded], bins: list[list[int]], pad_id: int,
@@ -72,11 +77,12 @@ def collate_packed(examples: list[Encoded], bins: list[list[int]], pad_id: int,
             so attention crosses example boundaries): only for showing why it is wrong.
 
     Returns:
-        ``input_ids``, ``position_ids``, ``labels``, ``token_mask``, ``prompt_position``,
-        ``prompt_length``, each [rows, T] (every packed example with its own prompt), and
-        ``num_examples``.
+        ``input_ids``, ``position_ids``, ``labels``, ``token_mask``, ``example_index`` (the
+        index into ``examples``), ``prompt_position``, ``prompt_length``, each [rows, T]
+        (every packed example with its own prompt), and ``num_examples``.
     """
-    keys = ("input_ids", "labels", "position_ids", "prompt_position", "prompt_length")
+    keys = ("input_ids", "labels", "position_ids", "example_index", "prompt_position",
+            "prompt_length")
     rows = []
     for b in bins:
         row: dict[str, list[int]] = {k: [] for k in keys}
@@ -85,13 +91,14 @@ def collate_packed(examples: list[Encoded], bins: list[list[int]], pad_id: int,
             start = 0 if restart_positions else len(row["position_ids"])
             where, length = prompt_columns(e)
             for k, v in zip(keys, (e.input_ids, [IGNORE] + e.labels[1:],
-                                   range(start, start + len(e.input_ids)), where, length)):
+                                   range(start, start + len(e.input_ids)),
+                                   [i] * len(e.input_ids), where, length)):
                 row[k] += v
         rows.append(row)
     longest = max(len(r["input_ids"]) for r in rows)
     cap = max(len(examples[i].input_ids) for b in bins for i in b)  # the longest example
-    fill = {"input_ids": pad_id, "labels": IGNORE, "position_ids": 0, "prompt_position": -1,
-            "prompt_length": 0}
+    fill = {"input_ids": pad_id, "labels": IGNORE, "position_ids": 0, "example_index": -1,
+            "prompt_position": -1, "prompt_length": 0}
     out = {k: torch.full((len(rows), longest), fill[k], dtype=torch.long) for k in keys}
     token_mask = torch.zeros((len(rows), longest), dtype=torch.bool)
     for r, row in enumerate(rows):

@@ -74,10 +74,9 @@ class Adapter:
         raise NotImplementedError
 
     def disabled(self, model: nn.Module) -> AbstractContextManager:
-        """Within the block ``model`` computes as its base, the adapter switched off: the
-        reference of a preference loss without a second model (``objective.reference:
-        adapter_off``). Raises NotImplementedError where the method has no such switch
-        (full fine-tuning changes the base itself)."""
+        """Within the block ``model`` computes as its base, the adapter switched off: a
+        preference loss's reference without a second model. Raises NotImplementedError
+        where the method has no such switch (full fine-tuning changes the base itself)."""
         raise NotImplementedError(f"adapter.method={self.name} has no base to switch back to")
 
     def merge_base(self, base: nn.Module) -> nn.Module:

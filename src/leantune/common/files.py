@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 
-def temp_sibling(path: Path, prefix: str = ".") -> Path:
+def temp_sibling(path: Path) -> Path:
     """``<dir>/.<name>.tmp-<pid>``: hidden, per process, beside ``path``."""
-    return path.with_name(f"{prefix}{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 @contextmanager

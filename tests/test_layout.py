@@ -1,6 +1,7 @@
 """The package reads as the pipeline: every import (those inside functions included) goes
-from a later stage to an earlier one, modules import each other without a cycle, and the
-code is ruff-clean. docs/architecture.md describes the same order."""
+from a later stage to an earlier one, modules import each other without a cycle, the
+code is ruff-clean and the typed configuration mypy-clean. docs/architecture.md
+describes the same order."""
 
 from __future__ import annotations
 
@@ -88,4 +89,12 @@ def test_ruff_is_clean():
         pytest.skip("ruff is not installed (pip install -e '.[test]' brings it)")
     result = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], cwd=ROOT,
                             capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_the_typed_config_passes_mypy():
+    mypy = shutil.which("mypy")
+    if mypy is None:
+        pytest.skip("mypy is not installed (pip install -e '.[test]' brings it)")
+    result = subprocess.run([mypy], cwd=ROOT, capture_output=True, text=True)  # [tool.mypy]
     assert result.returncode == 0, result.stdout[-3000:]

@@ -22,7 +22,10 @@ class ConfigError(ValueError):
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a help string (mutable defaults via ``default_factory``)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+        def fresh() -> Any:  # each config its own copy
+            return type(default)(default)
+
+        return field(default_factory=fresh, metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -116,7 +119,7 @@ def build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if key not in names:
             raise unknown_key(full, names)
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = build(tp, value or {}, f"{full}.")
         else:
             kwargs[key] = check_value(full, value, tp)
@@ -162,7 +165,7 @@ def option_lines(cls: type, prefix: str) -> list[tuple[str, Any, str, str]]:
     rows = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows += option_lines(tp, f"{prefix}{f.name}.")
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

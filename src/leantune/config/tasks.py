@@ -22,7 +22,7 @@ def task_names(spec: str) -> list[str]:
     Raises:
         ValueError: an unknown name (the message lists the known ones).
     """
-    names = []
+    names: list[str] = []
     for raw in (s.strip().lower() for s in spec.split(",") if s.strip()):
         if raw == "commonsense":
             names += COMMONSENSE

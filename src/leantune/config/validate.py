@@ -31,12 +31,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    for key, value in {"eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every,
-                       "train.max_steps": cfg.train.max_steps,
-                       "data.max_examples": cfg.data.max_examples,
-                       "fast_forward.eval_examples": cfg.fast_forward.eval_examples}.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
+    optional = {"eval.every": cfg.eval.every, "checkpoint.every": cfg.checkpoint.every,
+                "train.max_steps": cfg.train.max_steps, "data.max_examples": cfg.data.max_examples,
+                "fast_forward.eval_examples": cfg.fast_forward.eval_examples}
+    for key, maybe in optional.items():
+        if maybe is not None and maybe < 1:
+            raise ConfigError(f"{key}: must be >= 1 or null, got {maybe}")
     if cfg.fast_forward.max_cost is not None and not cfg.fast_forward.max_cost > 0:
         raise ConfigError("fast_forward.max_cost: must be > 0 or null, got "
                           f"{cfg.fast_forward.max_cost}")
@@ -51,10 +51,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction}")
     _validate_schedule(cfg.schedule)
     _validate_continual(cfg)
-    for key, value in {"fast_forward.burn_in": cfg.fast_forward.burn_in,
-                       "fast_forward.min_improvement": cfg.fast_forward.min_improvement}.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    non_negative = {"fast_forward.burn_in": cfg.fast_forward.burn_in,
+                    "fast_forward.min_improvement": cfg.fast_forward.min_improvement}
+    for key, number in non_negative.items():
+        if number < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {number}")
     _validate_adapter(cfg.adapter)
     if cfg.eval.tasks is not None:
         try:

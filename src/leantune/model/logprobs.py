@@ -87,15 +87,41 @@ def target_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return token_logprobs(logits, labels[select])
 
 
+def logprobs_at(model: torch.nn.Module, batch: dict[str, torch.Tensor], row: torch.Tensor,
+                at: torch.Tensor, tokens: torch.Tensor, chunked: bool = False) -> torch.Tensor:
+    """``[N]`` fp32, differentiable: ``log p(tokens[i])`` predicted at position
+    ``(row[i], at[i])``, for layouts whose targets are not the next position's label (a
+    tree's context end predicts every branch's first token: positions may repeat). The
+    head runs at the distinct positions only, or (``chunked``) inside the log-softmax."""
+    select = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=row.device)
+    select[row, at] = True
+    order = select.flatten().cumsum(0).sub(1).view(select.shape)[row, at]  # among selected
+    head = chunked_head(model) if chunked else None
+    hidden: list[torch.Tensor] | None = [] if head is not None else None
+    with head_at(model, select, hidden):
+        logits = model(**model_inputs(batch, model)).logits
+    if hidden:
+        return linear_log_probs(hidden[-1][order], head, tokens)
+    if logits.dim() == 2:  # [M, V], row-major over the selected positions
+        return token_logprobs(logits[order], tokens)
+    return token_logprobs(logits[:, -select.shape[1]:][row, at], tokens)
+
+
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                       chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sums, counts)``, each ``[E]`` for the batch's ``E`` examples (in the order they
-    were collated: ``example_index``): the summed log-probability of each example's
-    target tokens (differentiable, fp32) and how many there are. The sequence-level
-    quantity preference losses compare, whatever the layout (padded, packed)."""
-    select = next_labels(batch) != IGNORE
-    owner = F.pad(batch["example_index"][:, 1:], (0, 1), value=-1)[select]  # the target's example
-    lp = target_logprobs(model, batch, chunked)
+    were collated: ``example_index``; a tree batch's branches: ``target_branch``): the
+    summed log-probability of each example's target tokens (differentiable, fp32) and how
+    many there are. The sequence-level quantity preference losses compare, whatever the
+    layout (padded, packed, a prompt shared by its completions)."""
+    if "target_at" in batch:  # a tree: targets given explicitly (leantune.packing.trees)
+        owner = batch["target_branch"]
+        lp = logprobs_at(model, batch, batch["target_row"], batch["target_at"],
+                         batch["target_token"], chunked)
+    else:
+        select = next_labels(batch) != IGNORE
+        owner = F.pad(batch["example_index"][:, 1:], (0, 1), value=-1)[select]
+        lp = target_logprobs(model, batch, chunked)
     n = int(batch["num_examples"])
     sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, owner, lp)
     counts = torch.zeros(n, dtype=torch.long, device=lp.device).index_add(

@@ -318,3 +318,59 @@ def test_shared_context_rows_fall_back_where_a_model_ignores_the_mask(llama_dir,
         fallback = blind.score(MaskBlind(), choice_docs())
     assert not blind.share_context and "one row per choice" in caplog.text
     assert fallback["predictions"] == honest["predictions"]
+
+
+def plain_logp(model, prompt: list[int], completion: list[int], adapter=None) -> float:
+    """A completion's log-probability from one plain forward of prompt + completion (ReFT:
+    its prompt positions marked by the one-prompt rule)."""
+    from leantune.adapters.reft import intervention_kinds
+    from leantune.config import parse_positions
+
+    ids = torch.tensor([prompt + completion])
+    extra = {}
+    if adapter is not None and adapter.name in ("loreft", "direft"):
+        kinds = intervention_kinds(len(prompt), *parse_positions(adapter.cfg.positions))
+        extra["intervention_mask"] = torch.tensor([kinds + [0] * len(completion)])
+    with torch.no_grad():
+        lp = model(input_ids=ids, **extra).logits[0, :-1].double().log_softmax(-1)
+    picked = lp[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]]
+    return float(picked.sum())
+
+
+@pytest.mark.parametrize("method", ["base", "lora", "loreft"])
+def test_preference_pairs_are_scored_by_accuracy_and_margin(method, trained, llama_dir,
+                                                            tmp_path, capsys):
+    """Pair accuracy and mean margin against one plain forward per sequence: raw log-prob
+    margins for a bare model, policy minus the base for an adapter's run."""
+    from transformers import AutoModelForCausalLM
+
+    from leantune.data.preference import PreferenceStats, encode_preference, to_preference
+    from leantune.data.rows import Row
+
+    runs, _ = trained
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"add {i % 10} {(3 * i) % 10}:",
+             "chosen": f" The answer is {i % 10 + (3 * i) % 10}.",
+             "rejected": f" The answer is {(i * 7) % 19 + 1}."} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    target = Path(llama_dir) if method == "base" else runs[method]
+    result = evaluate_target(target, [str(path)])["pairs"]["pairs"]
+
+    model, tokenizer, _, adapter = serve.load_target(target)
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    margins = []
+    for i, r in enumerate(rows):
+        p = encode_preference(to_preference(Row(str(path), f"line {i + 1}", r), "pairs"),
+                              tokenizer, 512, PreferenceStats())
+        policy = [plain_logp(model.eval(), p.prompt, c, adapter) for c in (p.chosen, p.rejected)]
+        ref = ([plain_logp(base, p.prompt, c) for c in (p.chosen, p.rejected)]
+               if adapter is not None else [0.0, 0.0])
+        margins.append((policy[0] - ref[0]) - (policy[1] - ref[1]))
+    assert result["margin_kind"] == ("logp" if method == "base" else "reference")
+    assert result["pairs"] == 12 and result["dropped"] == 0
+    assert result["margin"] == pytest.approx(sum(margins) / 12, rel=1e-4, abs=1e-4)
+    assert result["accuracy"] == sum(m > 0 for m in margins) / 12
+    lo, hi = result["accuracy_ci"]
+    assert lo <= result["accuracy"] <= hi
+    assert main(["eval", str(target), "--data", str(path), "--out", str(tmp_path / "e.json")]) == 0
+    assert "accuracy % [95% CI]" in capsys.readouterr().out

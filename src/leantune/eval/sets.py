@@ -13,7 +13,9 @@ For every data set:
   the reply's first non-empty line after an "Answer:" / "The (correct) answer is" lead-in
   (greedy generation with answer extraction: the LoReFT paper's protocol);
 - for multiple-choice rows (``prompt``, ``choices``, ``gold``) and ``--task`` names, the
-  accuracy of :mod:`leantune.eval.multiple_choice`.
+  accuracy of :mod:`leantune.eval.multiple_choice`;
+- for preference pairs (``chosen``, ``rejected``), the pair accuracy and margin of
+  :mod:`leantune.eval.pairs`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from leantune.data.sources import read_rows, set_name
 from leantune.data.tasks import ChoiceDoc, read_choice_rows, subset
 from leantune.eval.loss import evaluate
 from leantune.eval.multiple_choice import ChoiceScorer, macro
+from leantune.eval.pairs import is_pair_file, score_pairs
 from leantune.eval.requests import requests
 from leantune.model.generate import generate_rendered
 from leantune.packing.batching import Batcher
@@ -156,10 +159,13 @@ def evaluate_target(target: Path, paths: list[str], overrides: dict | None = Non
     accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu")
     batch_size = batch_size or cfg.eval.batch_size
     taken: set[str] = set()
-    sets, choice_sets = {}, {}
+    sets, choice_sets, pair_sets = {}, {}, {}
     for path in paths:
         name = set_name(path, taken)
-        if is_choice_file(path):
+        if is_pair_file(path):
+            pair_sets[name] = score_pairs(model, tokenizer, adapter, path, data.max_length,
+                                          batch_size, accelerator, data.max_examples)
+        elif is_choice_file(path):
             docs = read_choice_rows(read_rows(path))[:data.max_examples]
             choice_sets[name] = score_choices(model, tokenizer, adapter, docs, data,
                                               batch_size, accelerator, path)
@@ -170,10 +176,11 @@ def evaluate_target(target: Path, paths: list[str], overrides: dict | None = Non
     for task in tasks or []:
         choice_sets[task] = score_choices(model, tokenizer, adapter, subset(task, limit), data,
                                           batch_size, accelerator, f"task:{task}:validation")
-    modes = {r["packing"] for r in (sets | choice_sets).values()}
+    modes = {r["packing"] for r in (sets | choice_sets).values()} or {"none"}
     return {"target": str(target), "method": cfg.adapter.method if adapter else None,
             "packing": modes.pop() if len(modes) == 1 else "per set",
             "max_length": data.max_length, "datasets": sets, "choices": choice_sets,
+            "pairs": pair_sets,
             "macro": macro(choice_sets) if choice_sets else None}
 
 
@@ -215,6 +222,15 @@ def format_table(results: dict) -> str:
         m = results["macro"]
         rows.append((f"macro ({m['tasks']})", "", _ci(m["acc"], m["acc_ci"]),
                      _ci(m["acc_norm"], m["acc_norm_ci"])))
+        parts.append(_columns(rows))
+    pairs = results.get("pairs") or {}
+    if pairs:
+        rows = [("pairs", "pairs", "accuracy % [95% CI]", "margin [95% CI]", "margin of")]
+        for name, r in pairs.items():
+            lo, hi = r["margin_ci"]
+            rows.append((name, str(r["pairs"]), _ci(r["accuracy"], r["accuracy_ci"]),
+                         f"{r['margin']:.3f} [{lo:.3f}, {hi:.3f}]",
+                         "policy - reference" if r["margin_kind"] == "reference" else "log-prob"))
         parts.append(_columns(rows))
     return "\n\n".join(parts)
 

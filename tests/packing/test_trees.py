@@ -92,3 +92,27 @@ def test_a_dpo_step_has_the_padded_gradients_on_shared_prompts(setup):
 def test_a_pair_tree_needs_a_prompt():
     with pytest.raises(ValueError, match="needs a prompt"):
         pair_tree([], [1], [2])
+
+
+def test_the_tree_check_passes_a_model_that_honours_the_mask_and_names_one_that_does_not(
+        setup):
+    from leantune.packing.trees import check_trees
+
+    path, tokenizer, pairs = setup
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    trees = [pair_tree(p.prompt, p.chosen, p.rejected) for p in pairs]
+    assert check_trees(model, trees, tokenizer.pad_token_id, 256) is None
+
+    class MaskBlind(torch.nn.Module):  # drops the tree mask: every token attends causally
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, attention_mask=None, **kw):
+            return self.inner(**kw)
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+    reason = check_trees(MaskBlind(), trees, tokenizer.pad_token_id, 256)
+    assert reason is not None and "does not honour the tree mask" in reason

@@ -39,9 +39,9 @@ from leantune.eval.shard import gather_scores, my_share
 from leantune.model.flops import FlopModel
 from leantune.model.load import evaluating
 from leantune.model.logprobs import dense, target_logprobs
-from leantune.model.rounding import tolerance_for
 from leantune.packing.batching import pack_batch
 from leantune.packing.collate import collate_padded, collate_rows
+from leantune.packing.trees import check_trees
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class ChoiceScorer:
         trees = (build_trees(docs, self.tokenizer, self.max_length) if self.share_context
                  else [None] * len(docs))
         if not self._checked and any(trees):
-            self._check(model, docs, trees, encoded, starts)
+            self._check(model, trees)
         lls: list[float | None] = [None] * len(encoded)
         if self.share_context:
             shared = [i for i, t in enumerate(trees) if t is not None]
@@ -170,26 +170,14 @@ class ChoiceScorer:
         return loglikelihoods(model, encoded, self.batch_size, self.mode, self.max_length,
                               self.tokenizer.pad_token_id, self.acc)
 
-    def _check(self, model, docs, trees, encoded, starts, n: int = 8) -> None:
-        """Tree rows against one row per choice on the first ``n`` shared documents."""
+    def _check(self, model: torch.nn.Module, trees: list, n: int = 8) -> None:
+        """Tree rows against one row per choice on the first ``n`` shared documents
+        (:func:`~leantune.packing.trees.check_trees`); one row per choice from then on
+        where they differ."""
         self._checked = True
-        picked = [i for i, t in enumerate(trees) if t is not None][:n]
-        ref = self._flat(model, [encoded[j] for i in picked for j in range(starts[i],
-                                                                           starts[i + 1])])
-        try:
-            got = tree_loglikelihoods(model, [trees[i] for i in picked], self.batch_size,
-                                      self.max_length, self.tokenizer.pad_token_id,
-                                      self.acc)
-        except Exception as e:  # noqa: BLE001 - a backend without custom masks (flash-attn)
-            log.warning("this model cannot score choices on a shared context (%s: %s); "
-                        "scoring one row per choice", type(e).__name__, e)
-            self.share_context = False
-            return
-        got = [x for branch in got for x in branch]
-        tol = tolerance_for(next(model.parameters()).dtype).logits
-        worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, ref))
-        if worst > tol:
-            log.warning("scoring choices on a shared context differs from one row per "
-                        "choice on this model (%.1e relative); scoring one row per choice",
-                        worst)
+        reason = check_trees(model, [t for t in trees if t is not None][:n],
+                             self.tokenizer.pad_token_id, self.max_length)
+        if reason is not None:
+            log.warning("scoring choices on a shared context: %s; scoring one row per choice",
+                        reason)
             self.share_context = False

@@ -23,6 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from leantune.data.encode import IGNORE, Encoded
+from leantune.model.load import evaluating, first_line
+from leantune.model.logprobs import sequence_logprobs
+from leantune.model.rounding import tolerance_for
+from leantune.packing.batching import pack_batch
+from leantune.packing.collate import collate_padded
+
 
 @dataclass
 class Tree:
@@ -118,3 +125,34 @@ def pair_tree(prompt: list[int], chosen: list[int], rejected: list[int]) -> Tree
         raise ValueError("a pair tree needs a prompt: its last token predicts each "
                          "completion's first")
     return Tree(prompt, [chosen, rejected])
+
+
+def check_trees(model: torch.nn.Module, trees: list[Tree], pad_id: int, max_length: int
+                ) -> str | None:
+    """Why tree rows cannot stand in for rows of their own on ``model`` (None: they can):
+    each branch's summed log-probability in tree rows of at most ``max_length`` positions,
+    against ``context + branch`` in a padded row of its own, within rounding
+    (:func:`~leantune.model.rounding.tolerance_for` the model's dtype, on logits); or the
+    error a backend without custom 4D masks raises. No gradient; eval mode."""
+    own = [Encoded(t.context + b, [IGNORE] * len(t.context) + b)
+           for t in trees for b in t.branches]
+    bins = pack_batch([t.length for t in trees], max_length)
+    rows, order = [[trees[i] for i in b] for b in bins], [i for b in bins for i in b]
+    device = next(model.parameters()).device
+    with torch.no_grad(), evaluating(model):
+        want, _ = sequence_logprobs(model, {k: v.to(device) for k, v in
+                                            collate_padded(own, pad_id).items()})
+        try:
+            batch, _ = collate_trees(rows, pad_id, mask_dtype_for(model))
+            got, _ = sequence_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+        except Exception as e:  # noqa: BLE001 - a backend without custom masks (flash-attn)
+            return f"{type(e).__name__}: {first_line(e)}"
+    per_tree, k = {}, 0
+    for i in order:  # tree rows hold the trees in this order: back to the given one
+        per_tree[i], k = got[k:k + len(trees[i].branches)], k + len(trees[i].branches)
+    got = torch.cat([per_tree[i] for i in range(len(trees))])
+    worst = float(((got - want).abs() / want.abs().clamp(min=1.0)).max())
+    if worst > tolerance_for(next(model.parameters()).dtype).logits:
+        return (f"a shared context gives log-probs {worst:.1e} (relative) from rows of "
+                "their own: the model does not honour the tree mask")
+    return None

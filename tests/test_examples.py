@@ -35,6 +35,15 @@ def test_task_example_trains_and_scores_the_same_tasks():
     assert parse_task_path(cfg.data.path, "train")[0] == task_names(cfg.eval.tasks)
 
 
+def test_dpo_example_trains_pairs_of_the_tasks_it_scores():
+    cfg = load_config(ROOT / "examples" / "dpo.yaml")
+    from leantune.config.tasks import parse_task_path, task_names
+
+    assert (cfg.objective.kind, cfg.adapter.method, cfg.objective.reference) == ("dpo", "lora",
+                                                                                 "auto")
+    assert parse_task_path(cfg.data.path, "train")[0] == task_names(cfg.eval.tasks)
+
+
 def test_continual_example_loads():
     cfg = load_config(ROOT / "examples" / "continual.yaml")
     assert (cfg.data.mode, cfg.data.replay.ratio, cfg.schedule.kind) == ("corpus", 0.25,

@@ -251,3 +251,26 @@ def test_moved_keys_name_their_new_place(old, new):
 ])
 def test_continual_pretraining_checks(overrides, key):
     assert load_error(overrides).startswith(f"{key}:")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["objective.kind=dpo", "objective.beta=0"], "objective.beta"),
+    (["objective.kind=simpo", "objective.gamma=-1"], "objective.gamma"),
+    (["objective.kind=kto", "objective.desirable_weight=0"], "objective.desirable_weight"),
+    (["objective.kind=simpo", "objective.reference=copy"], "objective.reference"),
+    (["objective.kind=dpo", "objective.reference=adapter_off", "adapter.method=full"],
+     "objective.reference"),
+    (["objective.kind=dpo", "data.mode=corpus"], "data.mode"),
+    (["objective.kind=orpo", "data.packing=offline"], "data.packing"),
+    (["objective.kind=grpo"], "objective.kind"),
+])
+def test_objective_checks_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_a_preference_objective_defaults_to_a_smaller_learning_rate():
+    sft, dpo = load_config(None, []), load_config(None, ["objective.kind=dpo"])
+    assert dpo.optim.lr == pytest.approx(sft.optim.lr / 10)
+    assert load_config(None, ["objective.kind=dpo", "optim.lr=1e-3"]).optim.lr == 1e-3
+    assert dpo.objective.reference == "auto" and dpo.objective.shared_prompt

@@ -44,8 +44,10 @@ def pair_examples(tokenizer, n: int = 6) -> list:
 
 def lora(path: str, method: str = "lora", perturb: bool = False):
     torch.manual_seed(0)
-    adapter = build_adapter(AdapterConfig(method=method, r=4, alpha=8.0, dropout=0.0,
-                                          positions="f2+l2", layers="all"))
+    adapter = build_adapter(AdapterConfig(method="lora" if method == "dora" else method,
+                                          use_dora=method == "dora", r=4, alpha=8.0,
+                                          dropout=0.0, positions="f2+l2", layers="all",
+                                          num_virtual_tokens=3))
     model = adapter.apply(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     if perturb:
         with torch.no_grad():
@@ -67,7 +69,8 @@ def test_dpo_starts_at_log_2_with_the_adapter_switched_off_as_reference(tiny):
     assert figures["rewards/margins"] == 0 and figures["rewards/accuracies"] == 0
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "loreft"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "loreft",
+                                    "direft"])
 def test_the_switched_off_adapter_is_the_base_loaded_on_its_own(tiny, method):
     path, tokenizer = tiny
     adapter, model = lora(path, method, perturb=True)

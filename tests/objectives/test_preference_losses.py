@@ -78,8 +78,11 @@ def test_rewards_carry_trls_names_and_values():
     rc, rr = p.margins()
     torch.testing.assert_close(got["rewards/margins"], 0.1 * (rc - rr))
     assert got["rewards/accuracies"].tolist() == (rc > rr).double().tolist()
-    free = rewards(pairs(reference=False), beta=2.0)  # reference-free: β ℓ, as TRL's CPO logs
-    torch.testing.assert_close(free["rewards/chosen"], 2.0 * pairs().chosen)
+    # reference-free (SimPO, ORPO): per-token means, β ℓ̄, as TRL's CPO and ORPO trainers log
+    free = rewards(pairs(reference=False), beta=2.0, normalized=True)
+    mean = pairs().means()[0]
+    torch.testing.assert_close(free["rewards/chosen"], 2.0 * mean)
+    torch.testing.assert_close(free["logps/chosen"], mean)
 
 
 def _trl(cls_path: str):

@@ -1,8 +1,9 @@
 """Two processes (torchrun + Accelerate, gloo on CPU) with per-process batch b train
 exactly like one process with batch 2b: same loss curve, same tokens, same eval, and
 the same Fast Forward decisions (the FF-set loss is reduced over processes) - on
-examples (launched by torchrun), and on corpus windows with replay (launched by
-``accelerate launch``; the shards built once, by rank 0)."""
+examples and on preference pairs with DPO and KTO (launched by torchrun), and on corpus
+windows with replay (launched by ``accelerate launch``; the shards built once, by rank
+0)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,17 @@ def chat_rows(path: Path, n: int = 40) -> Path:
     return path
 
 
+def pair_overrides(tmp_path: Path, kind: str) -> list[str]:
+    """Preference pairs (the right sum chosen): a pair is never split across processes,
+    and KTO's KL baseline is averaged over them."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(
+        {"prompt": f"add {i % 7} {i % 5} =", "chosen": f" {i % 7 + i % 5}",
+         "rejected": f" {i % 7 + i % 5 + 1 + i % 3}" + " maybe" * (i % 2)}) + "\n"
+        for i in range(40)))
+    return [f"data.path={path}", f"objective.kind={kind}"]
+
+
 def corpus_overrides(tmp_path: Path) -> list[str]:
     """Two small raw-text corpora, the second replayed at a quarter of every step."""
     for name, words in (("new", "def add return a b numbers 0 1 2"), ("old", "the quick fox")):
@@ -47,7 +59,8 @@ def corpus_overrides(tmp_path: Path) -> list[str]:
             f"data.cache_dir={tmp_path / 'cache'}"]
 
 
-@pytest.mark.parametrize("mode, port", [("examples", 29533), ("corpus", 29534)])
+@pytest.mark.parametrize("mode, port", [("examples", 29533), ("corpus", 29534),
+                                        ("dpo", 29536), ("kto", 29537)])
 def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp_path):
     data = chat_rows(tmp_path / "chat.jsonl")
     common = [f"model.name_or_path={llama_dir}", f"data.path={data}", "train.max_steps=4",
@@ -60,10 +73,11 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
               # laid out (2 x 2 rows per process vs 4 rows): unbounded, the decisions match.
               "fast_forward.max_cost=null"]
     common += corpus_overrides(tmp_path) if mode == "corpus" else []
+    common += pair_overrides(tmp_path, mode) if mode in ("dpo", "kto") else []
     leantune = [sys.executable, "-m", "leantune", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bin_dir = Path(sys.executable).parent
-    if mode == "examples":
+    if mode != "corpus":
         launch = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
                   "-m", "leantune"]
     else:  # Accelerate's own launcher: --multi_gpu starts torchrun, which runs gloo on CPU
@@ -84,7 +98,8 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert s2["ff_stages"] == s1["ff_stages"] == 2
     assert s2["ff_accepted_per_stage"] == s1["ff_accepted_per_stage"]
-    assert s2["eval_loss"]["after"] == pytest.approx(s1["eval_loss"]["after"], abs=1e-5)
+    if mode != "kto":  # KTO's held-out loss reads each eval batch's own KL estimate
+        assert s2["eval_loss"]["after"] == pytest.approx(s1["eval_loss"]["after"], abs=1e-5)
     assert s2["train_tokens"] == s1["train_tokens"]
     assert two.stdout.count("run directory:") == 1  # only rank 0 prints and writes
     # The launch check's record: gloo data parallelism over the 2 processes asked for.
@@ -93,6 +108,13 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
                               "warning": None}
     assert s1["strategy"] == {"type": "NO", "processes": 1, "sharding": None,
                               "requested": None, "warning": None}
+    if mode in ("dpo", "kto"):
+        o2, o1 = s2["objective"], s1["objective"]
+        for key, value in o1["held_out"]["after"].items():
+            if mode == "dpo" or key.startswith("logps"):
+                assert o2["held_out"]["after"][key] == pytest.approx(value, abs=1e-5), key
+        for key, value in o1["train"].items():
+            assert o2["train"][key] == pytest.approx(value, abs=1e-5), key
     if mode == "corpus":
         assert s2["replay"]["windows"] == s1["replay"]["windows"] == {"data": 24, "replay": 8}
         assert s2["eval_sets"].keys() == s1["eval_sets"].keys() == {"new", "old"}

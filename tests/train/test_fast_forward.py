@@ -220,6 +220,35 @@ def test_halves_balance_targets_and_weigh_to_the_whole_set():
     assert got.parts == tuple(measure(h)["loss"] for h in halves)
 
 
+def test_a_preference_ff_step_must_not_make_the_chosen_completions_less_likely():
+    """The chosen log-prob the objective measured joins the parts, negated: a step that
+    lowers the loss while it falls is a "disagree"."""
+    from leantune.objectives.base import Objective
+
+    class Figures(Objective):
+        def count(self, batch):
+            return 1
+
+        def loss_sum(self, model, batch):
+            return torch.zeros(())
+
+    objective = Figures()
+    calls = {"n": 0}
+
+    def measure(part):  # the loss keeps falling; the chosen log-prob rises, then falls
+        objective.tally.add("logps/chosen", torch.tensor([[-5.0, -4.0, -4.5][calls["n"]]]))
+        calls["n"] += 1
+        return {"loss": 1.0 / calls["n"], "target_tokens": 1}
+
+    fn = halves_loss([[1]], measure, objective)
+    assert [fn().parts for _ in range(3)] == [(1.0, 5.0), (0.5, 4.0), (1 / 3, 4.5)]
+    assert objective.take_metrics() == {}  # FF's figures stay out of the steps' tally
+    params, delta, _ = toy(0.0)
+    calls["n"] = 0
+    stage = run_stage(params, delta, halves_loss([[1]], measure, objective), max_steps=10)
+    assert stage.accepted == 1 and stage.stopped == "disagree"
+
+
 @pytest.mark.parametrize("key, value", [("fast_forward.max_cost", "0"),
                                         ("fast_forward.eval_examples", "0")])
 def test_bad_ff_settings_are_refused(key, value):

@@ -14,6 +14,7 @@ from leantune.config.schema import (
                                     FastForwardConfig,
                                     LoggingConfig,
                                     ModelConfig,
+                                    ObjectiveConfig,
                                     OptimConfig,
                                     ReplayConfig,
                                     ScheduleConfig,
@@ -23,5 +24,6 @@ from leantune.config.validate import parse_positions
 
 __all__ = ["METHOD_LR", "AdapterConfig", "CheckpointConfig", "Config", "ConfigError",
            "DataConfig", "EvalConfig", "FastForwardConfig", "LoggingConfig", "ModelConfig",
-           "OptimConfig", "ReplayConfig", "ScheduleConfig", "TrainConfig", "describe_options",
-           "load_config", "parse_override", "parse_positions", "reference_yaml"]
+           "ObjectiveConfig", "OptimConfig", "ReplayConfig", "ScheduleConfig", "TrainConfig",
+           "describe_options", "load_config", "parse_override", "parse_positions",
+           "reference_yaml"]

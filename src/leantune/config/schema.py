@@ -295,6 +295,35 @@ class FastForwardConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    kind: Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto"] = opt(
+        "sft", "sft: next-token loss on completions (or raw text). Preference data (TRL's "
+        "pair formats): dpo, ipo, simpo (no reference), orpo (no reference). Unpaired "
+        "prompt/completion/label rows: kto.")
+    beta: float | None = opt(
+        None, "The loss's beta; null: its published default (dpo/ipo/kto 0.1, simpo 2.0; "
+        "orpo's lambda 0.1).")
+    gamma: float = opt(1.0, "simpo: the target margin gamma (paper: gamma/beta about 0.5).")
+    nll: float = opt(
+        0.0, "dpo/ipo: weight of an added NLL term on the chosen completion's mean token "
+        "log-prob (RPO), against the chosen likelihood falling; 0: off.")
+    desirable_weight: float = opt(1.0, "kto: weight of desirable (label true) completions.")
+    undesirable_weight: float = opt(1.0, "kto: weight of undesirable (label false) completions.")
+    reference: Literal["auto", "adapter_off", "copy", "cached"] = opt(
+        "auto", "The frozen reference of dpo/ipo/kto. adapter_off: the model with its adapter "
+        "switched off (no second model); copy: a frozen copy of the starting weights; cached: "
+        "its log-probs computed once before training and kept in the run directory. auto: "
+        "adapter_off with an adapter, cached for full fine-tuning.")
+    shared_prompt: bool = opt(
+        True, "Packed pairs hold their prompt once, the chosen and rejected completions both "
+        "attending to it (checked at start-up; a model that ignores the mask falls back to "
+        "one row per completion).")
+
+
+PREFERENCE_LR_SCALE = 0.1  # preference losses take smaller steps than SFT from the same point
+
+
+@dataclass
 class LoggingConfig:
     level: Literal["debug", "info", "warning"] = opt("info", "Console log level.")
     tensorboard: bool = opt(
@@ -317,11 +346,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fast_forward: FastForwardConfig = field(default_factory=FastForwardConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         if self.optim.lr is None:
-            self.optim.lr = METHOD_LR[self.adapter.method]
+            self.optim.lr = METHOD_LR[self.adapter.method] * (
+                1.0 if self.objective.kind == "sft" else PREFERENCE_LR_SCALE)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -71,6 +71,35 @@ def validate(cfg: Config) -> None:
     if cfg.train.epochs <= 0 and cfg.train.max_steps is None:
         raise ConfigError("train.epochs: must be > 0 when train.max_steps is null")
     _validate_precision(cfg)
+    _validate_objective(cfg)
+
+
+def _validate_objective(cfg: Config) -> None:
+    """The objective's knobs, and what a preference objective can train on."""
+    o = cfg.objective
+    if o.beta is not None and not o.beta > 0:
+        raise ConfigError(f"objective.beta: must be > 0 or null, got {o.beta}")
+    for key in ("gamma", "nll"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"objective.{key}: must be >= 0, got {getattr(o, key)}")
+    for key in ("desirable_weight", "undesirable_weight"):
+        if not getattr(o, key) > 0:
+            raise ConfigError(f"objective.{key}: must be > 0, got {getattr(o, key)}")
+    if o.kind == "sft":
+        return
+    if o.reference != "auto" and o.kind in ("simpo", "orpo"):
+        raise ConfigError(f"objective.reference: {o.kind} has no reference model; leave it "
+                          f"auto (got {o.reference})")
+    if o.reference == "adapter_off" and cfg.adapter.method == "full":
+        raise ConfigError("objective.reference: adapter_off needs an adapter, and "
+                          "adapter.method is full; use copy or cached (or auto)")
+    if cfg.data.mode == "corpus":
+        raise ConfigError(f"data.mode: objective.kind={o.kind} trains on preference rows; "
+                          "corpus mode is raw text (use data.mode=examples)")
+    if cfg.data.packing in ("offline", "naive"):
+        raise ConfigError(f"data.packing: {cfg.data.packing!r} with objective.kind={o.kind}; a "
+                          "preference batch keeps each pair (or KTO's batch) whole: use online "
+                          "or none")
 
 
 def _validate_precision(cfg: Config) -> None:

@@ -65,6 +65,14 @@ class EncodedPreference:
     chosen: list[int]
     rejected: list[int] | None = None
     label: bool | None = None
+    #: the reference's summed log-probs of (chosen, rejected), once computed (a cached
+    #: reference, or a held-out set's, which never changes)
+    ref: tuple[float, ...] | None = None
+
+    @property
+    def num_targets(self) -> int:
+        """Completion tokens: what the pair's log-probs sum over."""
+        return len(self.chosen) + len(self.rejected or [])
 
     def examples(self) -> list[Encoded]:
         """``prompt + completion`` for each completion (chosen first), the completion the

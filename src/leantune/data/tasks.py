@@ -168,6 +168,26 @@ def task_rows(path: str, split: str) -> Iterator[Row]:
                           {"prompt": d.contexts[d.gold], "completion": d.continuations[d.gold]})
 
 
+def task_pair_rows(path: str, split: str) -> Iterator[Row]:
+    """Preference rows of ``task:NAME[:SPLIT]``: the zero-shot context as ``prompt``, the
+    gold continuation ``chosen`` and a wrong one ``rejected`` (seeded by the task and
+    document, so every run builds the same pairs); tasks interleaved as in
+    :func:`task_rows`. A document whose choices come with different contexts (winogrande
+    fills its blank in the context) has no shared prompt and is left out."""
+    names, split = parse_task_path(path, split)
+    per_task = [load_docs(name, split) for name in names]
+    for i in range(max(map(len, per_task))):
+        for name, docs in zip(names, per_task):
+            if i >= len(docs) or len(set(docs[i].contexts)) > 1:
+                continue
+            d = docs[i]
+            wrong = [k for k in range(len(d.choices)) if k != d.gold]
+            k = random.Random(f"{name}:{split}:{i}").choice(wrong)
+            yield Row(f"task:{name}:{split}", f"document {i}",
+                      {"prompt": d.contexts[d.gold], "chosen": d.continuations[d.gold],
+                       "rejected": d.continuations[k]})
+
+
 def continuation(prompt: str, choice: str) -> str:
     """What is scored after ``prompt``: ``" " + choice`` (lm-evaluation-harness's default
     target delimiter), or ``choice`` as written when it already begins with whitespace

@@ -12,23 +12,32 @@ import torch
 from accelerate import Accelerator
 
 from leantune.data.encode import Encoded
+from leantune.data.preference import EncodedPreference
 from leantune.model.load import evaluating
 from leantune.objectives import NEXT_TOKEN, Objective
 
 
+def positions(item: Encoded | EncodedPreference) -> int:
+    """Tokens of an example, or of a pair's prompt and completions."""
+    if isinstance(item, EncodedPreference):
+        return len(item.prompt) + item.num_targets
+    return len(item.input_ids)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, examples: list[Encoded], batch_size: int,
-             collate: Callable[[list[Encoded]], dict[str, torch.Tensor]],
+def evaluate(model: torch.nn.Module, examples: list, batch_size: int,
+             collate: Callable[[list], dict[str, torch.Tensor]],
              accelerator: Accelerator, objective: Objective = NEXT_TOKEN) -> dict[str, float]:
     """Loss and perplexity of ``model`` on ``examples`` (sharded over processes), in
-    batches of ``batch_size`` examples laid out by ``collate`` (padded or packed).
+    batches of ``batch_size`` examples laid out by ``collate`` (padded or packed). The
+    items may be preference pairs (a pair objective's units), never split.
 
     Returns:
         ``{"loss", "perplexity", "target_tokens"}``; loss is NaN for an empty set.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     # Sorting by length keeps padding (and so wasted compute) low; the mean is unaffected.
-    mine = sorted(examples[rank::world], key=lambda e: len(e.input_ids))
+    mine = sorted(examples[rank::world], key=positions)
     total, count = torch.zeros((), device=accelerator.device), 0
     with evaluating(model):
         for i in range(0, len(mine), batch_size):

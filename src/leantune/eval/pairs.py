@@ -23,6 +23,7 @@ from leantune.data.preference import (
     encode_preference,
     to_preference,
 )
+from leantune.data.preference_sets import is_pair_file
 from leantune.data.rows import DataError
 from leantune.data.sources import read_rows
 from leantune.eval.multiple_choice import Z95, wilson
@@ -31,14 +32,7 @@ from leantune.model.load import evaluating
 from leantune.model.logprobs import sequence_logprobs
 from leantune.packing.collate import collate_padded
 
-
-def is_pair_file(path: str) -> bool:
-    """Whether the first row of ``path`` is a preference row (``chosen``/``rejected`` or
-    ``prompt``/``completion``/``label``)."""
-    if path.startswith("task:"):
-        return False
-    first = next(iter(read_rows(path)), None)
-    return first is not None and detect_preference_format(first.record) is not None
+__all__ = ["is_pair_file", "pair_margins", "read_pairs", "score_pairs"]
 
 
 def read_pairs(path: str, tokenizer, max_length: int, limit: int | None
@@ -83,11 +77,13 @@ def pair_margins(model: torch.nn.Module, pairs: list[EncodedPreference], batch_s
 
 def score_pairs(model: torch.nn.Module, tokenizer, adapter: Adapter | None, path: str,
                 max_length: int, batch_size: int, acc: Accelerator,
-                limit: int | None = None) -> dict:
-    """Pair accuracy and mean margin of ``model`` on the pairs of ``path``."""
+                limit: int | None = None, relative: bool = True) -> dict:
+    """Pair accuracy and mean margin of ``model`` on the pairs of ``path``; with
+    ``relative`` False, the raw log-prob margin even for a run with an adapter (comparable
+    with its base model and across objectives)."""
     pairs, stats = read_pairs(path, tokenizer, max_length, limit)
-    margins, kind = pair_margins(model, pairs, batch_size, tokenizer.pad_token_id, adapter,
-                                 acc) if pairs else ([], "logp")
+    margins, kind = pair_margins(model, pairs, batch_size, tokenizer.pad_token_id,
+                                 adapter if relative else None, acc) if pairs else ([], "logp")
     n = len(margins)
     accuracy = sum(m > 0 for m in margins) / n if n else math.nan
     mean = statistics.fmean(margins) if n else math.nan

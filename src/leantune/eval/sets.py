@@ -144,10 +144,11 @@ def score_choices(model, tokenizer, adapter, docs: list[ChoiceDoc], data: DataCo
 def evaluate_target(target: Path, paths: list[str], overrides: dict | None = None,
                     batch_size: int | None = None, generate_n: int | None = None,
                     max_new_tokens: int | None = None, tasks: list[str] | None = None,
-                    limit: int | None = None) -> dict:
+                    limit: int | None = None, relative_pairs: bool = True) -> dict:
     """Score ``target`` on every data set of ``paths`` (loss and match accuracy, or
     multiple-choice accuracy for rows with ``choices``) and on every task of ``tasks``
     (the validation split, ``limit`` documents each: :func:`~leantune.data.tasks.subset`);
+    preference pairs get a reference-relative margin unless ``relative_pairs`` is False;
     ``overrides`` change its data options (e.g. ``{"max_length": 1024}``), by default the
     run's own (or the defaults)."""
     from accelerate import Accelerator
@@ -164,7 +165,8 @@ def evaluate_target(target: Path, paths: list[str], overrides: dict | None = Non
         name = set_name(path, taken)
         if is_pair_file(path):
             pair_sets[name] = score_pairs(model, tokenizer, adapter, path, data.max_length,
-                                          batch_size, accelerator, data.max_examples)
+                                          batch_size, accelerator, data.max_examples,
+                                          relative_pairs)
         elif is_choice_file(path):
             docs = read_choice_rows(read_rows(path))[:data.max_examples]
             choice_sets[name] = score_choices(model, tokenizer, adapter, docs, data,

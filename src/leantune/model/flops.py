@@ -40,6 +40,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from leantune.data.encode import Encoded
+from leantune.data.preference import EncodedPreference
 from leantune.model.head import output_head
 from leantune.model.load import config_size, text_config
 
@@ -100,8 +101,12 @@ class FlopModel:
         heads = [None] * len(lengths) if heads is None else list(heads)
         return sum(self.forward(1, n, h) for n, h in zip(lengths, heads, strict=True))
 
-    def forward_examples(self, examples: Sequence[Encoded]) -> int:
-        """:meth:`forward_each` of encoded examples, the head at each one's targets."""
+    def forward_examples(self, examples: Sequence[Encoded] | Sequence[EncodedPreference]
+                         ) -> int:
+        """:meth:`forward_each` of encoded examples, the head at each one's targets (a
+        preference pair counted as its completions, each in a row of its own)."""
+        examples = [e for x in examples for e in (
+            x.examples() if isinstance(x, EncodedPreference) else [x])]
         return self.forward_each([len(e.input_ids) for e in examples],
                                  [e.num_targets for e in examples])
 

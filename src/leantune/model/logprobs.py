@@ -52,7 +52,9 @@ def next_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Positions that predict a target: where the LM head runs."""
+    """Positions that predict a target: where the LM head runs (a tree batch lists them)."""
+    if "target_token" in batch:
+        return len(batch["target_token"])
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 

@@ -20,27 +20,29 @@ with ``log odds(p) = log p − log(1 − p)`` taken at ``log p = ℓ̄`` (comput
 over completions paired with another example's prompt (its KL estimate; no gradient).
 
 IPO divides by completion length as TRL does (the IPO authors' normalized form). Where
-ours differs from TRL's: ORPO's NLL term is each pair's mean token NLL, summed over pairs
-and divided by the pairs, where TRL averages over all chosen tokens of a batch: per pair
-keeps the loss independent of how pairs are batched, accumulated and packed, as every
-leantune objective is (:mod:`leantune.objectives.base`). An optional ``nll`` weight
-adds ``nll · (−ℓ̄_c)`` to DPO and IPO (RPO, arXiv 2404.19733: against the chosen
-completion's likelihood falling), off by default.
+ours differs from TRL's: ORPO's NLL term is each pair's mean token NLL of the chosen
+completion, summed over pairs and divided by the pairs. TRL's ``ORPOTrainer`` averages
+it over every chosen token of a batch, prompt tokens included; the completion alone is
+the ORPO paper's SFT term (and what leantune's SFT trains on), and per pair keeps the
+loss independent of how pairs are batched, accumulated and packed, as every leantune
+objective is (:mod:`leantune.objectives.base`). Where chosen completions have equal
+lengths and the prompt is left out, the two agree. An optional ``nll`` weight adds
+``nll · (−ℓ̄_c)`` to DPO and IPO (RPO, arXiv 2404.19733: against the chosen completion's
+likelihood falling), off by default.
 
 :func:`rewards` gives the per-pair figures TRL logs under ``rewards/*`` and ``logps/*``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from leantune.model.logprobs import sequence_logprobs
 from leantune.objectives.base import Objective
+from leantune.objectives.reference import Reference, as_reference, reference_logps
 
 # The published defaults: DPO and IPO β 0.1 (TRL), SimPO β 2.0 and γ 1.0 (γ/β 0.5, the
 # SimPO paper's Llama-3 range), ORPO λ 0.1 (the ORPO paper), KTO β 0.1 with weights 1.
@@ -115,20 +117,23 @@ def kto(logratios: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
     return torch.where(desirable, good, bad)
 
 
-def rewards(p: PairLogps, beta: float) -> dict[str, torch.Tensor]:
-    """TRL's per-pair figures: ``rewards/chosen`` ``β r_c`` (``β ℓ_c`` without a
-    reference, as TRL's reference-free trainers log), ``rewards/rejected``,
+def rewards(p: PairLogps, beta: float, normalized: bool = False) -> dict[str, torch.Tensor]:
+    """TRL's per-pair figures: ``rewards/chosen`` ``β r_c``, ``rewards/rejected``,
     ``rewards/margins``, ``rewards/accuracies`` (chosen above rejected), ``logps/chosen``,
-    ``logps/rejected``."""
-    if p.ref_chosen is not None and p.ref_rejected is not None:
-        rc, rr = p.margins()
+    ``logps/rejected``. Without a reference (``normalized``: SimPO and ORPO, whose implicit
+    reward is length-normalized) the log-probs are per-token means ``ℓ̄`` and the rewards
+    ``β ℓ̄``, as TRL's CPO and ORPO trainers log them."""
+    if normalized:
+        lc, lr = p.means()
+        rc, rr = lc, lr
     else:
-        rc, rr = p.chosen, p.rejected
+        lc, lr = p.chosen, p.rejected
+        rc, rr = p.margins() if p.ref_chosen is not None else (lc, lr)
     chosen, rejected = (beta * rc).detach(), (beta * rr).detach()
     return {"rewards/chosen": chosen, "rewards/rejected": rejected,
             "rewards/margins": chosen - rejected,
             "rewards/accuracies": (chosen > rejected).float(),
-            "logps/chosen": p.chosen.detach(), "logps/rejected": p.rejected.detach()}
+            "logps/chosen": lc.detach(), "logps/rejected": lr.detach()}
 
 
 LOSSES = {"dpo": dpo, "ipo": ipo, "simpo": simpo, "orpo": orpo}
@@ -142,26 +147,28 @@ class PairObjective(Objective):
     The loss is summed over pairs and normalized by their count.
 
     Args:
-        reference: for DPO and IPO, ``reference(model)`` is a context within which the
-            model computes as the reference (an adapter switched off:
-            :meth:`~leantune.adapters.base.Adapter.disabled`); its log-probs take no
-            gradient.
+        reference: for DPO and IPO, where the reference's log-probs come from
+            (:mod:`leantune.objectives.reference`; a context factory such as
+            :meth:`~leantune.adapters.base.Adapter.disabled` is taken as ``adapter_off``).
+            A batch that carries ``ref_logps`` (a cached reference) needs none.
         knobs: the loss's own settings (``beta``, SimPO's ``gamma``, DPO/IPO's ``nll``).
     """
 
     unit = "pairs"
 
-    def __init__(self, kind: str, reference: Callable[[torch.nn.Module], Any] | None = None,
-                 chunked: bool = True, **knobs: float):
+    def __init__(self, kind: str, reference: Reference | None = None, chunked: bool = True,
+                 **knobs: float):
         if kind not in LOSSES:
             raise ValueError(f"unknown pair loss {kind!r}; expected one of {sorted(LOSSES)}")
         self.name, self.knobs, self.chunked = kind, DEFAULTS[kind] | knobs, chunked
         self.needs_reference = kind in WITH_REFERENCE
-        if self.needs_reference and reference is None:
+        self.reference = as_reference(reference)
+        if self.needs_reference and self.reference is None:
             raise ValueError(f"{kind} compares with a reference: give reference=")
-        self.reference = reference
-        self._sums: dict[str, float] = {}
-        self._pairs = 0
+
+    def live_reference(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether this batch costs a reference forward (none when it carries its own)."""
+        return self.needs_reference and "ref_logps" not in batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["num_examples"]) // 2
@@ -171,20 +178,21 @@ class PairObjective(Objective):
         sums, counts = sequence_logprobs(model, batch, self.chunked)
         ref = (None, None)
         if self.needs_reference:
-            with torch.no_grad(), self.reference(model):
-                ref_sums, _ = sequence_logprobs(model, batch, self.chunked)
+            ref_sums = reference_logps(self.reference, model, batch, self.chunked)
             ref = (ref_sums[0::2], ref_sums[1::2])
         return PairLogps(sums[0::2], sums[1::2], counts[0::2], counts[1::2], *ref)
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         p = self.pair_logps(model, batch)
-        for key, value in rewards(p, self.knobs["beta"]).items():
-            self._sums[key] = self._sums.get(key, 0.0) + float(value.sum())
-        self._pairs += len(p.chosen)
+        figures = rewards(p, self.knobs["beta"], normalized=not self.needs_reference)
+        for key, value in figures.items():
+            self.tally.add(key, value)  # means over pairs: TRL's rewards/* and logps/*
+        if self.name == "orpo":  # ORPO's two terms, as TRL's ORPOTrainer logs them
+            mc, mr = p.means()
+            self.tally.add("nll_loss", -mc.detach())
+            self.tally.add("log_odds_ratio", F.logsigmoid(log_odds(mc.float().detach())
+                                                          - log_odds(mr.float().detach())))
+        # Whether the model itself ranks chosen first (no reference): comparable before
+        # training, when every reward margin is 0, and between objectives.
+        self.tally.add("logps/accuracies", (p.chosen > p.rejected).float())
         return LOSSES[self.name](p, **self.knobs).sum()
-
-    def take_metrics(self) -> dict[str, float]:
-        """Each figure's mean over the pairs seen since the last call (TRL's names)."""
-        out = {k: v / max(self._pairs, 1) for k, v in self._sums.items()}
-        self._sums, self._pairs = {}, 0
-        return out

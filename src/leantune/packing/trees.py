@@ -136,7 +136,7 @@ def check_trees(model: torch.nn.Module, trees: list[Tree], pad_id: int, max_leng
     error a backend without custom 4D masks raises. No gradient; eval mode."""
     own = [Encoded(t.context + b, [IGNORE] * len(t.context) + b)
            for t in trees for b in t.branches]
-    bins = pack_batch([t.length for t in trees], max_length)
+    bins = pack_batch([t.length for t in trees], max(max_length, *(t.length for t in trees)))
     rows, order = [[trees[i] for i in b] for b in bins], [i for b in bins for i in b]
     device = next(model.parameters()).device
     with torch.no_grad(), evaluating(model):

@@ -155,6 +155,31 @@ def tasks_figure(runs: list[RunLog]):
     return fig
 
 
+def preference_figure(runs: list[RunLog]):
+    """A preference run's figures with TRL's names against steps: the reward margin and
+    accuracy, the chosen and rejected log-probs (training: lines; held-out: dots)."""
+    panels = [("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy"),
+              ("logps/chosen", "log-prob: chosen (—) / rejected (- -)")]
+    if not any(run.series("rewards/margins")[0].size for run in runs):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        for i, run in enumerate(runs):
+            keys = [key, "logps/rejected"] if key == "logps/chosen" else [key]
+            for k, style in zip(keys, ("-", "--")):
+                steps, values = run.series(k)
+                ax.plot(steps, values, ls=style, color=colour(i), lw=1,
+                        label=run.name if style == "-" else None)
+                held = [(e["step"], e[f"eval_{k}"]) for e in run.evals if f"eval_{k}" in e]
+                if held:
+                    ax.plot(*zip(*held), "o", color=colour(i), ms=4)
+        _style(ax, legend=False, xlabel="optimizer step", ylabel=label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("preference pairs: training (lines) and held-out (dots)")
+    return fig
+
+
 def system_figure(runs: list[RunLog]):
     """Tokens/s, padding fraction, peak memory and gradient norm against steps."""
     panels = [("tokens_per_second", "tokens/s (running)", 1),
@@ -194,6 +219,10 @@ FIGURES = [
     ("tasks.png", "Task accuracy", tasks_figure,
      "eval.tasks' accuracy at every scoring (eval.tasks_every): each task thin, the macro "
      "average thick."),
+    ("preference.png", "Preference pairs", preference_figure,
+     "TRL's figures: the reward margin and accuracy (β times the log-ratio to the "
+     "reference; SimPO/ORPO: β times the per-token log-prob), and the chosen and rejected "
+     "completions' log-probs, over training steps (lines) and on held-out pairs (dots)."),
     ("system.png", "Throughput, padding, memory", system_figure,
      "Running tokens/s and padding fraction since the start, the process's peak memory "
      "(CUDA allocated on GPU, resident set on CPU), and the gradient norm."),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,12 +26,19 @@ from leantune.model.flops import FlopModel
 from leantune.model.load import evaluating, load_tokenizer, resolve_dtype, resolve_local
 from leantune.model.precision import Precision, choose
 from leantune.objectives import NEXT_TOKEN, Objective
+from leantune.packing.pairs import PairBatcher
 from leantune.packing.probe import probe_batches, resolve_packing
 from leantune.packing.probe_compare import Rows
 from leantune.train.data import TrainData, build_data, first_rows
 from leantune.train.fast_forward import FastForward, halves_loss, split_halves
 from leantune.train.loss_paths import check_batch, check_loss_paths, check_trains
-from leantune.train.metrics import MetricsLog, PeakMemory
+from leantune.train.metrics import MetricsLog, PeakMemory, all_means
+from leantune.train.preference import (
+    build_objective,
+    check_pair_layout,
+    check_sft_data,
+    fill_references,
+)
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
@@ -72,6 +79,7 @@ class Run:
     scorer: ChoiceScorer | None
     train_memory: PeakMemory | None = None
     objective: Objective = NEXT_TOKEN  # what the steps, evaluations and FF set compute
+    figures: dict = field(default_factory=dict)  # the objective's last logged figures
 
     @property
     def resumed(self) -> bool:
@@ -112,16 +120,21 @@ def build_run(cfg: Config) -> Run:
         [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    data = build_data(cfg, tokenizer, packed_layout(cfg, adapter), acc)
+    check_sft_data(cfg)
+    data = build_data(cfg, tokenizer, packed_layout(cfg, adapter), acc,
+                      shared=adapter.virtual_tokens == 0)
     first = first_rows(data, cfg, acc.num_processes)
     precision, loss_paths = check_model(cfg, acc.unwrap_model(model), first, tokenizer,
                                         adapter, acc, precision)
     packing = decide_packing(cfg, acc.unwrap_model(model), data, first, tokenizer.pad_token_id,
                              adapter, acc, flop_model)
-    ff = build_fast_forward(cfg, model, data, packing, flop_model, acc)
+    objective = build_objective(cfg, adapter, acc.unwrap_model(model), acc)  # copy: weights now
+    ff = build_fast_forward(cfg, model, data, packing, flop_model, acc, objective)
     tasks, scorer = build_tasks(cfg, tokenizer, packing, adapter, acc, flop_model)
     state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys,
                            acc)
+    if start.kind == "init":  # the run starts from those weights: so does a copied reference
+        objective = build_objective(cfg, adapter, acc.unwrap_model(model), acc)
     saved_world = state.world
     change_world(state, acc.num_processes)
     steps, schedule = plan_steps(cfg, data, state, acc.num_processes, saved_world)
@@ -142,9 +155,11 @@ def build_run(cfg: Config) -> Run:
               f"parameters ({100 * params[0] / params[1]:.3f} %), {data.num_train}, "
               f"{sum(len(s.examples) for s in data.eval_sets)} eval examples, "
               f"{steps} optimizer steps")
-    return Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
-               params, base_memory, packing, precision, loss_paths, strategy, steps,
-               schedule, state, start, metrics, started, ff, tasks, scorer)
+    run = Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
+              params, base_memory, packing, precision, loss_paths, strategy, steps,
+              schedule, state, start, metrics, started, ff, tasks, scorer, objective=objective)
+    fill_references(run, lambda b: data.batcher.collate_examples(b, eval_mode(packing)))
+    return run
 
 
 def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int,
@@ -231,6 +246,9 @@ def decide_packing(cfg: Config, model: torch.nn.Module, data: TrainData, first: 
                               acc=acc, flop_model=flop_model)
     if packs and packing["used"] == "none":
         data.use_padding()
+    if isinstance(data.batcher, PairBatcher):
+        data.batcher, packing["pairs"] = check_pair_layout(model, data.batcher,
+                                                           data.batcher.pairs)
     return packing
 
 
@@ -265,5 +283,6 @@ def build_fast_forward(cfg: Config, model: torch.nn.Module, data: TrainData, pac
                         lambda b: data.batcher.collate_examples(b, mode), acc, objective)
 
     return FastForward(cfg.fast_forward, [p for p in model.parameters() if p.requires_grad],
-                       halves_loss(split_halves(data.ff), measure),
+                       halves_loss(split_halves(data.ff), measure, objective,
+                                   lambda tally: all_means(tally, acc)),
                        flop_model.forward_examples(data.ff))

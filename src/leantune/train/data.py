@@ -26,9 +26,12 @@ from leantune.data.corpus import build_corpus
 from leantune.data.dataset import build_splits
 from leantune.data.encode import Encoded
 from leantune.data.formats import Example
+from leantune.data.preference import EncodedPreference
+from leantune.data.preference_sets import build_preference_splits
 from leantune.data.sources import DataError, set_name
 from leantune.data.windows import TokenCorpus, Windows, document_chunks, held_out
 from leantune.packing.batching import Batcher
+from leantune.packing.pairs import PairBatcher
 from leantune.packing.probe_compare import Rows
 from leantune.train.fast_forward import ff_set_size
 from leantune.train.replay import CorpusFeed
@@ -38,18 +41,18 @@ from leantune.train.state import TrainState, epoch_plan, micro_batches
 @dataclass
 class EvalSet:
     """A held-out set: ``role`` is ``data`` (from data.path or data.eval_path), ``replay``
-    or ``extra`` (data.eval_corpora)."""
+    or ``extra`` (data.eval_corpora). A preference run's are pairs."""
 
     name: str
     role: str
-    examples: list[Encoded]
+    examples: list[Encoded] | list[EncodedPreference]
 
 
 @dataclass
 class TrainData:
-    batcher: Batcher              # lays out examples: training rows (examples mode), eval, FF
+    batcher: Batcher | PairBatcher  # lays out training rows (examples mode), eval, FF
     eval_sets: list[EvalSet]      # the first is the main one (summary's eval_loss)
-    ff: list[Encoded]
+    ff: list[Encoded] | list[EncodedPreference]
     prompts_from: list[Example]   # held-out rows that can serve as generation prompts
     stats: dict                   # counts for summary.json
     feed: CorpusFeed | None = None
@@ -78,7 +81,8 @@ class TrainData:
         """Lay every training micro-batch out padded (the packing probe found packing
         inexact on this model)."""
         b = self.batcher
-        self.batcher = Batcher.build(b.examples, "none", b.max_length, b.pad_id)
+        self.batcher = (b.with_layout("none") if isinstance(b, PairBatcher)
+                        else Batcher.build(b.examples, "none", b.max_length, b.pad_id))
         if self.feed is not None:
             self.feed.mode = "none"
 
@@ -89,15 +93,25 @@ class TrainData:
         return " + ".join(f"{len(w)} {name} windows" for name, w in self.feed.windows.items())
 
 
-def build_data(cfg: Config, tokenizer, mode: str, acc: Accelerator) -> TrainData:
-    """Everything the loop reads, for ``cfg.data.mode``; ``mode`` is the packing mode in
-    use (after the model's probe)."""
+def build_data(cfg: Config, tokenizer, mode: str, acc: Accelerator, shared: bool = True
+               ) -> TrainData:
+    """Everything the loop reads, for ``cfg.data.mode`` and ``cfg.objective``; ``mode``
+    is the packing layout asked for (the model's probe may turn it off later), ``shared``
+    whether pairs may hold their prompt once."""
     d = cfg.data
     ff_n = (ff_set_size(cfg.fast_forward, cfg.train.batch_size * cfg.train.grad_accum)
             if cfg.fast_forward.enabled else 0)
     taken: set[str] = set()
     if d.mode == "corpus":
         data = corpus_data(cfg, tokenizer, mode, ff_n, taken, acc)
+    elif cfg.objective.kind != "sft":
+        splits = build_preference_splits(d, tokenizer, cfg.train.seed, cfg.objective.kind,
+                                         ff_n)
+        pairs = PairBatcher(splits.train, mode, d.max_length, tokenizer.pad_token_id,
+                            shared=shared and cfg.objective.shared_prompt)
+        data = TrainData(pairs, [EvalSet(set_name(d.eval_path or d.path, taken), "data",
+                                         splits.eval)], splits.ff, [],
+                         splits.to_dict() | {"format": splits.format})
     else:
         splits = build_splits(d, tokenizer, cfg.train.seed, ff_n)
         batcher = Batcher.build(splits.train, mode, d.max_length, tokenizer.pad_token_id,
@@ -203,14 +217,21 @@ def corpus_stats(corpus: TokenCorpus, *held: np.ndarray) -> dict:
             "bad_skipped": corpus.meta["bad_skipped"], "key": corpus.key}
 
 
+PROBE_PAIRS = 2  # pairs whose completions the packing probe checks
+
+
 def first_rows(data, cfg: Config, world: int) -> Rows:
     """Process 0's first micro-batch of epoch 0 (as :class:`~leantune.train.data.TrainData`
-    would hand it out), as packed rows of examples."""
+    would hand it out), as packed rows of examples. Of a preference run, the completions
+    of its first :data:`PROBE_PAIRS` pairs: the shared-prompt layout, which does not
+    restart positions, has a check of its own (:func:`~leantune.packing.trees.check_trees`)."""
     if data.feed is not None:
         per_micro = cfg.train.batch_size * world
         units = data.feed.step_units(TrainState(), per_micro * cfg.train.grad_accum, 1,
                                      cfg.train.seed)
         return data.feed.packed_rows(units[:per_micro][::world])
     plan = epoch_plan(data.batcher.unit_lengths, cfg, world, 0)
-    first = next(b for b in plan if len(b) >= world)
-    return data.batcher.packed_rows(first[::world])
+    first = next(b for b in plan if len(b) >= world)[::world]
+    if isinstance(data.batcher, PairBatcher):
+        first = first[:PROBE_PAIRS]
+    return data.batcher.packed_rows(first)

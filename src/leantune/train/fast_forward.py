@@ -48,12 +48,15 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 from leantune.config import FastForwardConfig
+from leantune.objectives import Objective
+from leantune.objectives.base import Tally
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +178,28 @@ def split_halves(examples: Sequence, target_tokens: Callable[[object], int] | No
     return [h for h in halves if h]
 
 
-def halves_loss(parts: list[list], measure: Callable[[list], dict]) -> Callable[[], FFLoss]:
+def halves_loss(parts: list[list], measure: Callable[[list], dict],
+                objective: Objective | None = None,
+                means: Callable[[Tally], dict[str, float]] = Tally.means
+                ) -> Callable[[], FFLoss]:
     """An FF loss function over ``parts``: ``measure(examples)`` gives ``{"loss",
     "target_tokens"}`` (:func:`~leantune.eval.loss.evaluate`); the whole set's loss is the
-    parts' token-weighted mean, so it equals one evaluation of the whole set."""
+    parts' count-weighted mean, so it equals one evaluation of the whole set.
+
+    A preference ``objective`` that measures the chosen completions' log-probs
+    (``logps/chosen``) adds their negated mean as one more part: a step that lowers the
+    loss while the chosen completions grow less likely (likelihood displacement) is not
+    kept. ``means`` turns the tally into figures (over every process: each must decide
+    alike)."""
 
     def loss() -> FFLoss:
-        results = [measure(p) for p in parts]
+        with (objective.separate_tally() if objective is not None else nullcontext()) as tally:
+            results = [measure(p) for p in parts]
         tokens = sum(r["target_tokens"] for r in results)
         whole = sum(r["loss"] * r["target_tokens"] for r in results) / max(tokens, 1)
-        return FFLoss(whole, tuple(r["loss"] for r in results))
+        chosen = means(tally).get("logps/chosen") if tally is not None else None
+        guard = () if chosen is None else (-chosen,)
+        return FFLoss(whole, tuple(r["loss"] for r in results) + guard)
 
     return loss
 

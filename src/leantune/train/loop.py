@@ -34,7 +34,7 @@ from leantune.train.checkpoint import (
     save_output,
     sharded,
 )
-from leantune.train.metrics import PeakMemory, peak_memory_bytes
+from leantune.train.metrics import PeakMemory, all_means, peak_memory_bytes
 from leantune.train.step import StepResult, train_step
 from leantune.train.summary import build_summary
 
@@ -79,7 +79,8 @@ def train_steps(run: Run, batches, bar: tqdm) -> None:
                             run.objective)
         check_finite(run, result)
         flops = state.train_flops
-        state.account(micro, result, run.flop_model, acc, time.perf_counter() - tick)
+        state.account(micro, result, run.flop_model, acc, time.perf_counter() - tick,
+                      run.objective)
         fast_forward(run, state.train_flops - flops)
         log_step(run, result, lr, bar)
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < run.steps:
@@ -149,13 +150,21 @@ def progress(run: Run) -> dict:
 
 
 def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
+    """The progress bar and (every ``train.log_every`` steps) a ``metrics.jsonl`` line;
+    an objective's own figures (a preference loss's ``rewards/*``, ``logps/*``) are means
+    over the steps since the last line."""
     state = run.state
     bar.update(1)
     ff = {"ff": f"{state.ff_steps_accepted}/{state.ff_stages}"} if run.ff is not None else {}
+    logged = state.step % run.cfg.train.log_every == 0 or state.step == run.steps
+    figures = all_means(run.objective.take_tally(), run.acc) if logged else {}
+    run.figures = figures or run.figures
+    if "rewards/accuracies" in figures:
+        ff["acc"] = f"{figures['rewards/accuracies']:.2f}"
     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
                     tok_s=f"{state.tokens_per_second:.0f}", pad=f"{state.padding_fraction:.1%}",
                     ex_row=f"{state.examples / max(state.rows, 1):.1f}", **ff, **mfu_postfix(run))
-    if state.step % run.cfg.train.log_every == 0 or state.step == run.steps:
+    if logged:
         run.metrics.write({
             "step": state.step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
             "target_tokens": state.target_tokens, "train_flops": state.train_flops,
@@ -164,7 +173,7 @@ def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
             "tokens_per_second": state.tokens_per_second,
             "padding_fraction": state.padding_fraction,
             "peak_memory_bytes": peak_memory_bytes(),
-            "elapsed_seconds": time.time() - run.started})
+            "elapsed_seconds": time.time() - run.started, **figures})
 
 
 def mfu_postfix(run: Run) -> dict:
@@ -181,9 +190,11 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
     for s in run.data.eval_sets:
         if not s.examples:
             continue
-        results[s.name] = evaluate(run.model, s.examples, run.cfg.eval.batch_size,
-                                   lambda b: run.data.batcher.collate_examples(b, mode), run.acc,
-                                   run.objective)
+        with run.objective.separate_tally() as tally:
+            results[s.name] = evaluate(run.model, s.examples, run.cfg.eval.batch_size,
+                                       lambda b: run.data.batcher.collate_examples(b, mode),
+                                       run.acc, run.objective)
+        results[s.name]["figures"] = all_means(tally, run.acc)
         run.state.eval_flops += run.flop_model.forward_examples(s.examples)
     if not results:
         return None
@@ -191,8 +202,9 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
     record = {"step": run.state.step, "tag": tag, "eval_loss": main and main["loss"],
               "eval_perplexity": main and main["perplexity"],
               "eval_sets": {name: {"loss": r["loss"], "perplexity": r["perplexity"],
-                                   "target_tokens": r["target_tokens"]}
-                            for name, r in results.items()}}
+                                   "target_tokens": r["target_tokens"], **r["figures"]}
+                            for name, r in results.items()},
+              **{f"eval_{k}": v for k, v in (main["figures"] if main else {}).items()}}
     run.state.eval_history.append(record)
     run.metrics.write(record | progress(run))
     return main

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from leantune.common.files import jsonable
+from leantune.objectives.base import Tally
 
 
 class MetricsLog:
@@ -116,3 +119,14 @@ class PeakMemory:
     @property
     def delta(self) -> int:
         return self.peak - self.base
+
+
+def all_means(tally: Tally, acc: Accelerator) -> dict[str, float]:
+    """An objective's figures averaged over what every process measured (processes may
+    hold different figures, or none: objects are gathered, not tensors)."""
+    if acc.num_processes > 1:
+        merged = type(tally)()
+        for part in gather_object([tally]):
+            merged.merge(part)
+        tally = merged
+    return tally.means()

@@ -14,7 +14,9 @@ from accelerate import Accelerator
 from leantune.config import Config
 from leantune.model.flops import FlopModel
 from leantune.model.logprobs import count_targets
+from leantune.objectives import NEXT_TOKEN, Objective
 from leantune.packing.batching import Batcher, select_batches
+from leantune.packing.pairs import PairBatcher
 from leantune.train.step import StepResult
 
 
@@ -35,7 +37,8 @@ class TrainState:
     positions: int = 0       # input positions processed, pads included
     rows: int = 0            # micro-batch rows processed
     examples: int = 0        # examples processed (several per row when packed)
-    train_flops: int = 0
+    train_flops: int = 0     # steps' forward + backward, a live reference's forward included
+    reference_flops: int = 0  # of which a preference loss's reference (and its cache)
     eval_flops: int = 0
     train_seconds: float = 0.0
     last_loss: float = math.nan
@@ -74,14 +77,20 @@ class TrainState:
         return self.real_tokens / max(self.train_seconds, 1e-9)
 
     def account(self, micro: list[dict[str, torch.Tensor]], result: StepResult,
-                flop_model: FlopModel, acc: Accelerator, seconds: float) -> None:
-        """Add one optimizer step's tokens (all processes), FLOPs and time."""
+                flop_model: FlopModel, acc: Accelerator, seconds: float,
+                objective: Objective = NEXT_TOKEN) -> None:
+        """Add one optimizer step's tokens (all processes), FLOPs and time; a reference
+        forward the objective ran counts as one forward more."""
         local = torch.tensor([[int(b["token_mask"].sum()), b["input_ids"].numel(),
                                flop_model.train(*b["input_ids"].shape, heads=count_targets(b)),
                                b["input_ids"].shape[0], int(b["num_examples"]),
-                               count_targets(b)] for b in micro],
+                               count_targets(b),
+                               flop_model.forward(*b["input_ids"].shape, count_targets(b))
+                               if objective.live_reference(b) else 0] for b in micro],
                              dtype=torch.float64, device=acc.device).sum(0)
-        real, positions, flops, rows, examples, targets = acc.reduce(local, "sum").tolist()
+        real, positions, flops, rows, examples, targets, ref = acc.reduce(local, "sum").tolist()
+        self.reference_flops += int(ref)
+        flops += ref
         self.step += 1
         self.last_loss = result.loss
         self.target_tokens += int(targets)
@@ -138,7 +147,7 @@ def change_world(state: TrainState, world: int) -> None:
         state.world, state.batch_in_epoch = world, 0
 
 
-def micro_batches(batcher: Batcher, cfg: Config, state: TrainState, acc: Accelerator
+def micro_batches(batcher: Batcher | PairBatcher, cfg: Config, state: TrainState, acc: Accelerator
                   ) -> Iterator[dict[str, torch.Tensor]]:
     """This process's micro-batches, forever, resuming at ``state``'s data position.
 

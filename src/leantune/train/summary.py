@@ -6,9 +6,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from leantune.eval.loss import positions
 from leantune.model.mfu import mfu_text
 from leantune.train.build import Run
 from leantune.train.metrics import peak_memory_bytes
+from leantune.train.preference import reference_mode
 
 
 def build_summary(run: Run, after: dict | None, prompts, replies_before: list[str],
@@ -68,7 +70,30 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
     }
     if run.data.feed is not None:
         summary["replay"] = replay_summary(run)
+    summary["objective"] = objective_summary(run)
     return summary
+
+
+def objective_summary(run: Run) -> dict:
+    """What the objective was and (a preference run) its figures: the last logged training
+    ones, the main held-out set's before and after, and the reference's share of the
+    training FLOPs."""
+    o, state = run.cfg.objective, run.state
+    if o.kind == "sft":
+        return {"kind": "sft"}
+    main = run.data.eval_sets[0].name if run.data.eval_sets else None
+    by_tag = {r["tag"]: r["eval_sets"].get(main) for r in state.eval_history}
+    keep = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+            "rewards/rejected", "logps/accuracies", "logps/chosen", "logps/rejected", "kl")
+    return {"kind": o.kind, "knobs": getattr(run.objective, "knobs", {}),
+            "reference": reference_mode(run.cfg, run.adapter),
+            "layout": run.packing.get("pairs"),
+            "reference_flops": state.reference_flops,
+            "reference_share": state.reference_flops / state.train_flops
+            if state.train_flops else None,
+            "train": run.figures,
+            "held_out": {tag: {k: v for k, v in (by_tag.get(tag) or {}).items() if k in keep}
+                         or None for tag in ("before", "after")}}
 
 
 def mfu_record(run: Run) -> dict:
@@ -90,7 +115,7 @@ def eval_table(run: Run) -> dict[str, dict]:
         by_tag = {r["tag"]: r["eval_sets"][s.name] for r in run.state.eval_history
                   if s.name in r["eval_sets"]}
         table[s.name] = {"role": s.role, "examples": len(s.examples),
-                         "tokens": sum(len(e.input_ids) for e in s.examples),
+                         "tokens": sum(map(positions, s.examples)),
                          "before": by_tag.get("before"), "after": by_tag.get("after")}
     return table
 
@@ -137,6 +162,30 @@ def task_lines(accuracy: dict | None) -> list[str]:
     return lines
 
 
+def pair_lines(objective: dict | None) -> list[str]:
+    """A preference run's held-out pairs, before -> after."""
+    held = (objective or {}).get("held_out") or {}
+    if not held.get("after"):
+        return []
+    before, after = held.get("before") or {}, held["after"]
+
+    def pct(d: dict, key: str) -> str:
+        return f"{100 * d[key]:.1f} %" if key in d else "-"
+
+    lines = [f"held-out pairs ({objective['kind']}): chosen ranked first (log-prob) "
+             f"{pct(before, 'logps/accuracies')} -> {pct(after, 'logps/accuracies')}"]
+    if "rewards/margins" in after and objective.get("reference"):
+        lines.append(f"  reward accuracy {pct(before, 'rewards/accuracies')} -> "
+                     f"{pct(after, 'rewards/accuracies')}, reward margin "
+                     f"{before.get('rewards/margins', float('nan')):.3f} -> "
+                     f"{after['rewards/margins']:.3f}")
+    if objective.get("reference") and objective.get("reference_share") is not None:
+        lines.append(f"  reference ({objective['reference']}): "
+                     f"{100 * objective['reference_share']:.1f} % of the training FLOPs; "
+                     f"layout {(objective.get('layout') or {}).get('layout', 'padded')}")
+    return lines
+
+
 def summary_text(s: dict, run_dir: str) -> str:
     """What ``leantune train`` prints at the end: where the run is and its headline figures."""
     lines = [f"\nrun directory: {run_dir}",
@@ -151,6 +200,7 @@ def summary_text(s: dict, run_dir: str) -> str:
         lines.append(f"replayed: {s['replay']['fraction']:.1%} of the windows "
                      f"({s['replay']['windows']})")
     lines += task_lines(s.get("task_accuracy"))
+    lines += pair_lines(s.get("objective"))
     lines.append(f"parameters: {s['trainable_params']:,} trainable / {s['total_params']:,} "
                  f"total ({100 * s['trainable_params'] / s['total_params']:.3f} %)")
     lines.append(f"throughput: {s['tokens_per_second']:.1f} tokens/s over "

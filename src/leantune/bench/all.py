@@ -49,6 +49,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("continual", ["continual"]),
     ("corpus_scale", ["script:corpus_scale.py", "--gigabytes", "1", "--rounds", "2"]),
     ("speed", ["speed"]),
+    ("preference", ["preference"]),
 ]
 PLOTTED = {"fast_forward", "fast_forward_tasks", "continual"}
 

@@ -45,6 +45,21 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_preference(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.bench.preference import bench_preference, format_tables
+
+    results = bench_preference(args.model, tuple(args.parts.split(",")), Path(args.out),
+                               speed_steps=args.speed_steps, rounds=args.rounds,
+                               quality_steps=args.quality_steps,
+                               seeds=tuple(int(s) for s in args.seeds.split(",")),
+                               adapters=tuple(args.adapters.split(",")),
+                               ff_steps=args.ff_steps)
+    print(format_tables(results))
+    print(f"results: {args.out}")
+    return 0
+
+
 def _plot_path(path: str) -> Path | None:
     """Where a bench draws its plot, or None (with a note) when matplotlib is missing."""
     try:
@@ -182,6 +197,18 @@ def add_bench_parsers(sub, cli_main: Callable[[list[str]], int]) -> None:
                     help="comma-separated arm names (default: every arm; see bench/speed.py)")
     sp.add_argument("--out", default="benchmarks/results/speed.json")
     sp.set_defaults(func=cmd_bench_speed)
+    pr = which.add_parser("preference", help="DPO vs TRL's DPOTrainer (speed, memory), "
+                          "base / SFT / DPO / SimPO / ORPO on task pairs, Fast Forward on DPO")
+    pr.add_argument("--model", default="embedded:smollm2")
+    pr.add_argument("--parts", default="speed,quality,fast_forward")
+    pr.add_argument("--speed-steps", type=int, default=8)
+    pr.add_argument("--rounds", type=int, default=2, help="speed: alternating rounds")
+    pr.add_argument("--quality-steps", type=int, default=40)
+    pr.add_argument("--seeds", default="0,1")
+    pr.add_argument("--adapters", default="lora,loreft")
+    pr.add_argument("--ff-steps", type=int, default=48)
+    pr.add_argument("--out", default="benchmarks/results/preference.json")
+    pr.set_defaults(func=cmd_bench_preference)
     ff = which.add_parser("fast-forward", help="plain LoRA vs LoRA + Fast Forward to equal loss")
     ff.add_argument("--model", default="embedded:smollm2")
     ff.add_argument("--data", default="sharegpt",
@@ -284,5 +311,5 @@ def add_bench_parsers(sub, cli_main: Callable[[list[str]], int]) -> None:
                     help="where every bench writes; also all.json and TABLES.md")
     al.add_argument("--only", help="comma-separated subset: packing, pack_lengths, "
                                    "architectures, fast_forward, adapters, reft, continual, "
-                                   "corpus_scale")
+                                   "corpus_scale, speed, preference")
     al.set_defaults(func=cmd_bench_all)

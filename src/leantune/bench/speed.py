@@ -50,12 +50,14 @@ ARMS: dict[str, tuple] = {  # names without commas: --arms splits on them
 BASELINE, PEER = "bare HF+PEFT fp32", "TRL padded"
 
 
-def run_child(spec: dict, timeout: float = 3600) -> dict:
-    """Run one arm in a fresh interpreter; its JSON result (or the error it died of)."""
+def run_child(spec: dict, timeout: float = 3600,
+              module: str = "leantune.bench.speed_arms") -> dict:
+    """Run one arm (``python -m module SPEC OUT``) in a fresh interpreter; its JSON result
+    (or the error it died of)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "leantune.bench.speed_arms",
+        proc = subprocess.run([sys.executable, "-m", module,
                                str(spec_path), str(out_path)], capture_output=True, text=True,
                               timeout=timeout)
         if proc.returncode != 0 or not out_path.is_file():

@@ -21,10 +21,10 @@ For every data set:
 from __future__ import annotations
 
 import dataclasses
-import string
 from pathlib import Path
 
 from leantune.adapters.loading import load_target
+from leantune.common.text import normalize
 from leantune.config import Config, DataConfig, ModelConfig
 from leantune.data.dataset import DataStats, encode_all, load_examples
 from leantune.data.encode import prompt_and_reference
@@ -37,12 +37,6 @@ from leantune.eval.requests import requests
 from leantune.model.generate import generate_rendered
 from leantune.packing.batching import Batcher
 from leantune.packing.probe import probe_batches, resolve_packing
-
-
-def normalize(text: str) -> str:
-    """Casefolded, inner whitespace collapsed, surrounding whitespace and punctuation cut."""
-    return " ".join(text.casefold().split()).strip(string.punctuation + " ")
-
 
 ANSWER_LEADS = ("the correct answer is", "the answer is", "answer is", "answer")
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from leantune.common.text import normalize
 
 RewardFn = Callable[..., list]
 
@@ -44,11 +45,6 @@ def text_of(completion) -> str:
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
         return str(completion[-1].get("content", ""))
     return str(completion)
-
-
-def normalize(text: str) -> str:
-    """Casefolded, inner whitespace collapsed, surrounding whitespace and punctuation cut."""
-    return " ".join(text.casefold().split()).strip(string.punctuation + " ")
 
 
 def final_answer(text: str) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from accelerate import Accelerator
@@ -103,8 +104,7 @@ def check_pair_layout(model: torch.nn.Module, batcher: PairBatcher,
                       first: list[EncodedPreference]) -> tuple[PairBatcher, dict]:
     """The batcher in the layout the model supports (module docstring) and the record of
     the decision."""
-    batcher = PairBatcher(batcher.pairs, batcher.mode, batcher.max_length, batcher.pad_id,
-                          batcher.shared, mask_dtype_for(model))
+    batcher = replace(batcher, mask_dtype=mask_dtype_for(model))
     record = {"layout": batcher.layout, "shared_prompt_check": None}
     if not batcher.uses_trees:
         return batcher, record

@@ -48,7 +48,7 @@ def test_a_users_file_function_loads_and_weights_sum(tmp_path):
     total, each = score(rewards, [1.0, 0.5], ["p"] * 3, ["abc", "", "the answer is 4"], {})
     assert total == [0.5, 0.0, 1.0]
     assert each["format"] == [0.0, 0.0, 1.0]
-    assert each[f"{path}:short"][0] == 1.0 and math.isnan(each[f"{path}:short"][1])
+    assert each["short"][0] == 1.0 and math.isnan(each["short"][1])
 
 
 def test_bad_reward_functions_are_named(tmp_path):

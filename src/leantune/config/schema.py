@@ -296,13 +296,14 @@ class FastForwardConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto"] = opt(
+    kind: Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"] = opt(
         "sft", "sft: next-token loss on completions (or raw text). Preference data (TRL's "
         "pair formats): dpo, ipo, simpo (no reference), orpo (no reference). Unpaired "
-        "prompt/completion/label rows: kto.")
+        "prompt/completion/label rows: kto. Prompt rows with checkable answers: grpo (RL, "
+        "completions sampled from the policy and scored by objective.rewards).")
     beta: float | None = opt(
         None, "The loss's beta; null: its published default (dpo/ipo/kto 0.1, simpo 2.0; "
-        "orpo's lambda 0.1).")
+        "orpo's lambda 0.1; grpo 0: no KL term and no reference forward).")
     gamma: float = opt(1.0, "simpo: the target margin gamma (paper: gamma/beta about 0.5).")
     nll: float = opt(
         0.0, "dpo/ipo: weight of an added NLL term on the chosen completion's mean token "
@@ -316,11 +317,42 @@ class ObjectiveConfig:
         "adapter_off with an adapter, cached for full fine-tuning.")
     shared_prompt: bool = opt(
         True, "Packed pairs hold their prompt once, the chosen and rejected completions both "
-        "attending to it (checked at start-up; a model that ignores the mask falls back to "
-        "one row per completion).")
+        "attending to it; grpo: each prompt once, its group's completions all attending to "
+        "it (checked at start-up; a model that ignores the mask falls back to one row per "
+        "completion).")
+    num_generations: int = opt(
+        8, "grpo: completions sampled per prompt (G); advantages are normalized within each "
+        "prompt's group.")
+    max_completion_length: int = opt(64, "grpo: tokens per sampled completion at most.")
+    temperature: float = opt(
+        1.0, "grpo: sampling temperature; the training log-probs divide the logits by it too "
+        "(as TRL does).")
+    top_p: float = opt(1.0, "grpo: nucleus sampling's probability mass (1: off).")
+    epsilon: float = opt(0.2, "grpo: the ratio's clip range below 1 (and above, unless "
+                         "epsilon_high is set).")
+    epsilon_high: float | None = opt(
+        None, "grpo: the clip range above 1 (DAPO's clip-higher, e.g. 0.28); null: epsilon.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = opt(
+        "dapo", "grpo: each completion's token mean, averaged over completions; dr_grpo: token "
+        "sum over completions x max_completion_length; dapo: token sum over the step's "
+        "completion tokens (all processes). TRL's definitions.")
+    scale_rewards: Literal["group", "batch", "none"] = opt(
+        "group", "grpo: advantage = reward - group mean, divided by the group's std (group), "
+        "the batch's std (batch) or nothing (none: Dr. GRPO).")
+    num_iterations: int = opt(
+        1, "grpo: optimizer steps per batch of rollouts (mu); > 1 reuses them with the "
+        "log-probs they were sampled with as the ratio's old policy.")
+    rewards: list[str] = opt(
+        ["numeric_match"], "grpo: reward functions, built-in (exact_match, numeric_match, "
+        "format) or path/to/file.py:function, each called as "
+        "fn(prompts, completions, **columns) -> list[float | None].")
+    reward_weights: list[float] | None = opt(
+        None, "grpo: one weight per reward function (null: all 1); the reward is their "
+        "weighted sum.")
 
 
 PREFERENCE_LR_SCALE = 0.1  # preference losses take smaller steps than SFT from the same point
+GRPO_LR_SCALE = 0.5  # LoRA 1e-4: where TRL's GRPO raised SmolLM2's addition reward in 9 steps
 
 
 @dataclass
@@ -351,8 +383,10 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.optim.lr is None:
+            kind = self.objective.kind
             self.optim.lr = METHOD_LR[self.adapter.method] * (
-                1.0 if self.objective.kind == "sft" else PREFERENCE_LR_SCALE)
+                1.0 if kind == "sft" else GRPO_LR_SCALE if kind == "grpo"
+                else PREFERENCE_LR_SCALE)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

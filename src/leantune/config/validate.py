@@ -77,7 +77,7 @@ def validate(cfg: Config) -> None:
 def _validate_objective(cfg: Config) -> None:
     """The objective's knobs, and what a preference objective can train on."""
     o = cfg.objective
-    if o.beta is not None and not o.beta > 0:
+    if o.beta is not None and not o.beta > 0 and o.kind != "grpo":
         raise ConfigError(f"objective.beta: must be > 0 or null, got {o.beta}")
     for key in ("gamma", "nll"):
         if getattr(o, key) < 0:
@@ -86,6 +86,9 @@ def _validate_objective(cfg: Config) -> None:
         if not getattr(o, key) > 0:
             raise ConfigError(f"objective.{key}: must be > 0, got {getattr(o, key)}")
     if o.kind == "sft":
+        return
+    if o.kind == "grpo":
+        _validate_grpo(cfg)
         return
     if o.reference != "auto" and o.kind in ("simpo", "orpo"):
         raise ConfigError(f"objective.reference: {o.kind} has no reference model; leave it "
@@ -100,6 +103,52 @@ def _validate_objective(cfg: Config) -> None:
         raise ConfigError(f"data.packing: {cfg.data.packing!r} with objective.kind={o.kind}; a "
                           "preference batch keeps each pair (or KTO's batch) whole: use online "
                           "or none")
+
+
+def _validate_grpo(cfg: Config) -> None:
+    """GRPO's knobs, and what it cannot be combined with."""
+    o = cfg.objective
+    if o.beta is not None and o.beta < 0:
+        raise ConfigError(f"objective.beta: must be >= 0 or null, got {o.beta}")
+    positive = {"num_generations": o.num_generations - 1, "max_completion_length":
+                o.max_completion_length, "num_iterations": o.num_iterations,
+                "temperature": o.temperature, "epsilon": o.epsilon,
+                "epsilon_high": 1 if o.epsilon_high is None else o.epsilon_high}
+    for key, value in positive.items():
+        if not value > 0:
+            want = ">= 2 (a group needs two completions to compare)" if key == (
+                "num_generations") else "> 0"
+            raise ConfigError(f"objective.{key}: must be {want}, got {getattr(o, key)}")
+    if not 0 < o.top_p <= 1:
+        raise ConfigError(f"objective.top_p: must be in (0, 1], got {o.top_p}")
+    if not o.rewards:
+        raise ConfigError("objective.rewards: grpo needs at least one reward function "
+                          "(built-in: exact_match, numeric_match, format; or file.py:function)")
+    if o.reward_weights is not None and len(o.reward_weights) != len(o.rewards):
+        raise ConfigError(f"objective.reward_weights: {len(o.reward_weights)} weights for "
+                          f"{len(o.rewards)} reward functions ({o.rewards})")
+    if o.reference not in ("auto", "adapter_off", "copy"):
+        raise ConfigError(f"objective.reference: grpo samples new completions every step, so "
+                          f"their reference log-probs cannot be cached; use auto, adapter_off "
+                          f"or copy (got {o.reference})")
+    if o.reference == "adapter_off" and cfg.adapter.method == "full":
+        raise ConfigError("objective.reference: adapter_off needs an adapter, and "
+                          "adapter.method is full; use copy (or auto)")
+    if cfg.fast_forward.enabled:
+        raise ConfigError("fast_forward.enabled: not with objective.kind=grpo. Fast Forward "
+                          "judges each repeated update on a fixed held-out set, and a GRPO "
+                          "loss has none: its batches are fresh samples of the policy, and "
+                          "a fixed set of old rollouts scores an update by how it changes "
+                          "their likelihood, not by the reward it earns")
+    if cfg.data.mode == "corpus":
+        raise ConfigError("data.mode: objective.kind=grpo trains on prompt rows; corpus mode "
+                          "is raw text (use data.mode=examples)")
+    if cfg.data.packing in ("offline", "naive"):
+        raise ConfigError(f"data.packing: {cfg.data.packing!r} with objective.kind=grpo; "
+                          "rollouts are packed as they are sampled: use online or none")
+    if cfg.data.batching == "token_budget":
+        raise ConfigError("data.batching: token_budget with objective.kind=grpo; a GRPO step "
+                          "takes train.batch_size prompts (random or length_grouped)")
 
 
 def _validate_precision(cfg: Config) -> None:

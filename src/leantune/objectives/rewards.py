@@ -91,7 +91,8 @@ BUILT_IN: dict[str, RewardFn] = {"exact_match": exact_match, "numeric_match": nu
 
 
 def load_reward(spec: str) -> tuple[str, RewardFn]:
-    """``(name, function)`` for a built-in name or ``path/to/file.py:function``.
+    """``(name, function)`` for a built-in name or ``path/to/file.py:function`` (named by
+    the function).
 
     Raises:
         RewardError: an unknown name, a missing file, or no such function in it.
@@ -111,7 +112,7 @@ def load_reward(spec: str) -> tuple[str, RewardFn]:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise RewardError(f"objective.rewards: {path} has no function {name!r}")
-    return spec, fn
+    return name, fn  # logged as rewards/NAME/mean, as TRL names a function's figures
 
 
 def score(rewards: Sequence[tuple[str, RewardFn]], weights: Sequence[float], prompts: list,

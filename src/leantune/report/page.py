@@ -240,6 +240,26 @@ def samples_section(runs: list[RunLog], limit: int = 3) -> str:
     return "<h2>Held-out prompts answered</h2>" + "".join(parts) if parts else ""
 
 
+def rollouts_section(runs: list[RunLog], last: int = 2) -> str:
+    """A GRPO run's last sampled groups (``rollouts.jsonl``): the prompt, each completion
+    and its reward."""
+    parts = []
+    for run in runs:
+        path = run.path / "rollouts.jsonl"
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines()[-last:]:
+            r = json.loads(line)
+            prompt = r["prompt"] if isinstance(r["prompt"], str) else "\n".join(
+                m["content"] for m in r["prompt"])
+            rows = "".join(f"<tr><td>{fmt(c['reward'], 'sci')}</td><td><pre>{esc(c['text'])}</pre>"
+                           "</td></tr>" for c in r["completions"])
+            parts.append(f"<h3>{esc(run.name)}: generation {r['generation']}</h3>"
+                         f"<pre>{esc(prompt)}</pre><table><tr><th>reward</th>"
+                         f"<th>completion</th></tr>{rows}</table>")
+    return "<h2>Sampled completions (GRPO)</h2>" + "".join(parts) if parts else ""
+
+
 def figure(plot: Plot) -> str:
     data = base64.b64encode(plot.path.read_bytes()).decode("ascii")
     return (f'<figure><img alt="{esc(plot.title)}" src="data:image/png;base64,{data}">'
@@ -264,6 +284,6 @@ def render(runs: list[RunLog], plots: list[Plot], note: str = "") -> str:
             f"<h2>Curves</h2>{figures}"
             f"<h2>Held-out data sets</h2>{eval_table(runs)}{evaluation_table(runs)}"
             f"{task_table(runs)}"
-            f"{ff_table(runs)}{replay_table(runs)}{samples_section(runs)}"
+            f"{ff_table(runs)}{replay_table(runs)}{samples_section(runs)}{rollouts_section(runs)}"
             f"<h2>Configuration</h2>{configs or '<p class=muted>none</p>'}"
             "</body></html>\n")

@@ -180,6 +180,28 @@ def preference_figure(runs: list[RunLog]):
     return fig
 
 
+def grpo_figure(runs: list[RunLog]):
+    """A GRPO run's figures with TRL's names against steps: the reward (sampled groups:
+    lines; greedy answers to held-out prompts: dots), the fraction of tied groups, and
+    the completions' mean length."""
+    panels = [("reward", "reward"), ("frac_reward_zero_std", "tied groups (fraction)"),
+              ("completions/mean_length", "completion length (tokens)")]
+    if not any(run.series("reward")[0].size for run in runs):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        for i, run in enumerate(runs):
+            ax.plot(*run.series(key), color=colour(i), lw=1, label=run.name)
+            held = [(e["step"], e[f"eval_{key}"]) for e in run.evals if f"eval_{key}" in e]
+            if held:
+                ax.plot(*zip(*held), "o", color=colour(i), ms=4)
+        _style(ax, legend=False, xlabel="optimizer step", ylabel=label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("GRPO: sampled groups (lines) and held-out greedy answers (dots)")
+    return fig
+
+
 def system_figure(runs: list[RunLog]):
     """Tokens/s, padding fraction, peak memory and gradient norm against steps."""
     panels = [("tokens_per_second", "tokens/s (running)", 1),
@@ -223,6 +245,10 @@ FIGURES = [
      "TRL's figures: the reward margin and accuracy (β times the log-ratio to the "
      "reference; SimPO/ORPO: β times the per-token log-prob), and the chosen and rejected "
      "completions' log-probs, over training steps (lines) and on held-out pairs (dots)."),
+    ("grpo.png", "GRPO rewards", grpo_figure,
+     "TRL's figures: the mean reward of each step's sampled completions (lines) and of "
+     "greedy answers to held-out prompts (dots), the fraction of groups whose rewards all "
+     "tie (no gradient), and the completions' mean length."),
     ("system.png", "Throughput, padding, memory", system_figure,
      "Running tokens/s and padding fraction since the start, the process's peak memory "
      "(CUDA allocated on GPU, resident set on CPU), and the gradient norm."),

@@ -26,6 +26,7 @@ from leantune.model.flops import FlopModel
 from leantune.model.load import evaluating, load_tokenizer, resolve_dtype, resolve_local
 from leantune.model.precision import Precision, choose
 from leantune.objectives import NEXT_TOKEN, Objective
+from leantune.objectives.reference import FrozenCopy
 from leantune.packing.pairs import PairBatcher
 from leantune.packing.probe import probe_batches, resolve_packing
 from leantune.packing.probe_compare import Rows
@@ -38,6 +39,7 @@ from leantune.train.preference import (
     check_pair_layout,
     check_sft_data,
     fill_references,
+    reference_mode,
 )
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
@@ -153,13 +155,44 @@ def build_run(cfg: Config) -> Run:
                          acc if trackers else None)
     acc.print(f"model {cfg.model.name_or_path}: {params[0]:,} trainable / {params[1]:,} "
               f"parameters ({100 * params[0] / params[1]:.3f} %), {data.num_train}, "
-              f"{sum(len(s.examples) for s in data.eval_sets)} eval examples, "
+              f"{held_out_count(data)}, "
               f"{steps} optimizer steps")
     run = Run(cfg, acc, run_dir, tokenizer, data, adapter, model, optimizer, flop_model,
               params, base_memory, packing, precision, loss_paths, strategy, steps,
               schedule, state, start, metrics, started, ff, tasks, scorer, objective=objective)
     fill_references(run, lambda b: data.batcher.collate_examples(b, eval_mode(packing)))
+    if data.rollouts is not None:
+        prepare_rollouts(run)
     return run
+
+
+def prepare_rollouts(run: Run) -> None:
+    """GRPO's rollout stage told where the run writes, how FLOPs count, and (beta > 0)
+    what its reference is: the adapter switched off, or a frozen copy of the weights the
+    run starts from."""
+    rollouts, cfg = run.data.rollouts, run.cfg
+    rollouts.run_dir, rollouts.flop_model = run.run_dir, run.flop_model
+    if run.start.kind == "resume":
+        # generations started before the checkpoint were sampled (and written) already
+        rollouts.trim_samples(-(-run.state.step // cfg.objective.num_iterations))
+    elif run.start.kind == "fresh" and run.acc.is_main_process:
+        (run.run_dir / "rollouts.jsonl").unlink(missing_ok=True)
+    rollouts.chunked = bool(cfg.train.chunked_loss and run.loss_paths.get("chunked_loss", {})
+                            .get("used", True))
+    mode = reference_mode(cfg, run.adapter)
+    if mode == "adapter_off":
+        rollouts.reference = run.adapter.disabled
+    elif mode == "copy":
+        fresh = run.adapter.name != "full" and cfg.train.init_from is None
+        copy = FrozenCopy(run.acc.unwrap_model(run.model),
+                          run.adapter.disabled if fresh else None)
+        rollouts.reference_model, rollouts.reference = copy.model, copy.disabled
+
+
+def held_out_count(data: TrainData) -> str:
+    if data.rollouts is not None:
+        return f"{len(data.rollouts.splits.eval)} held-out prompts"
+    return f"{sum(len(s.examples) for s in data.eval_sets)} eval examples"
 
 
 def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int,
@@ -246,6 +279,8 @@ def decide_packing(cfg: Config, model: torch.nn.Module, data: TrainData, first: 
                               acc=acc, flop_model=flop_model)
     if packs and packing["used"] == "none":
         data.use_padding()
+    if data.rollouts is not None:
+        packing["rollouts"] = data.rollouts.check_layout(model, packing["used"] != "none")
     if isinstance(data.batcher, PairBatcher):
         data.batcher, packing["pairs"] = check_pair_layout(model, data.batcher,
                                                            data.batcher.pairs)

@@ -28,6 +28,7 @@ from leantune.data.encode import Encoded
 from leantune.data.formats import Example
 from leantune.data.preference import EncodedPreference
 from leantune.data.preference_sets import build_preference_splits
+from leantune.data.prompt_sets import build_prompt_splits, probe_examples
 from leantune.data.sources import DataError, set_name
 from leantune.data.windows import TokenCorpus, Windows, document_chunks, held_out
 from leantune.packing.batching import Batcher
@@ -35,6 +36,7 @@ from leantune.packing.pairs import PairBatcher
 from leantune.packing.probe_compare import Rows
 from leantune.train.fast_forward import ff_set_size
 from leantune.train.replay import CorpusFeed
+from leantune.train.rollouts import Rollouts
 from leantune.train.state import TrainState, epoch_plan, micro_batches
 
 
@@ -57,11 +59,14 @@ class TrainData:
     stats: dict                   # counts for summary.json
     feed: CorpusFeed | None = None
     keys: dict[str, str] = field(default_factory=dict)  # corpus content keys per stream
+    rollouts: Rollouts | None = None  # grpo: the batches are sampled (the batcher: probes)
 
     def steps(self, cfg: Config, world: int) -> int:
         """``train.max_steps``, or the optimizer steps of ``train.epochs`` passes."""
         if cfg.train.max_steps is not None:
             return cfg.train.max_steps
+        if self.rollouts is not None:
+            return self.rollouts.steps(cfg.train.epochs)
         if self.feed is not None:
             return self.feed.steps(cfg.train.epochs,
                                    cfg.train.batch_size * world * cfg.train.grad_accum)
@@ -85,9 +90,13 @@ class TrainData:
                         else Batcher.build(b.examples, "none", b.max_length, b.pad_id))
         if self.feed is not None:
             self.feed.mode = "none"
+        if self.rollouts is not None:
+            self.rollouts.mode = "none"
 
     @property
     def num_train(self) -> str:
+        if self.rollouts is not None:
+            return f"{len(self.rollouts.splits.train)} train prompts"
         if self.feed is None:
             return f"{len(self.batcher.examples)} train examples"
         return " + ".join(f"{len(w)} {name} windows" for name, w in self.feed.windows.items())
@@ -104,6 +113,8 @@ def build_data(cfg: Config, tokenizer, mode: str, acc: Accelerator, shared: bool
     taken: set[str] = set()
     if d.mode == "corpus":
         data = corpus_data(cfg, tokenizer, mode, ff_n, taken, acc)
+    elif cfg.objective.kind == "grpo":
+        data = prompt_data(cfg, tokenizer, mode, acc)
     elif cfg.objective.kind != "sft":
         splits = build_preference_splits(d, tokenizer, cfg.train.seed, cfg.objective.kind,
                                          ff_n)
@@ -130,6 +141,18 @@ def build_data(cfg: Config, tokenizer, mode: str, acc: Accelerator, shared: bool
             corpus, docs, d.max_length, d.eval_tokens)))
         data.stats.setdefault("corpora", {})[name] = corpus_stats(corpus, docs)
     return data
+
+
+def prompt_data(cfg: Config, tokenizer, mode: str, acc: Accelerator) -> TrainData:
+    """GRPO's prompts: sampled from at every step by the rollout stage; the batcher holds
+    the first prompts with a stand-in completion, what the packing probe and the start-up
+    checks run on."""
+    splits = build_prompt_splits(cfg.data, tokenizer, cfg.train.seed,
+                                 cfg.objective.max_completion_length)
+    probe = probe_examples(splits.train[:PROBE_PROMPTS], tokenizer, cfg.data.max_length)
+    batcher = Batcher.build(probe, mode, cfg.data.max_length, tokenizer.pad_token_id)
+    return TrainData(batcher, [], [], [], splits.stats | {"format": "prompts"},
+                     rollouts=Rollouts(cfg, splits, tokenizer, acc))
 
 
 def corpus_data(cfg: Config, tokenizer, mode: str, ff_n: int, taken: set[str],
@@ -218,6 +241,7 @@ def corpus_stats(corpus: TokenCorpus, *held: np.ndarray) -> dict:
 
 
 PROBE_PAIRS = 2  # pairs whose completions the packing probe checks
+PROBE_PROMPTS = 16  # grpo: prompts (with a stand-in completion) the probe can draw on
 
 
 def first_rows(data, cfg: Config, world: int) -> Rows:

@@ -55,7 +55,9 @@ def train(cfg: Config) -> dict:
             score_tasks(run, "before")
         replies_before = sample_replies(run, prompts)
 
-    batches = run.data.micro_batches(cfg, state, acc, run.steps)
+    batches = (run.data.rollouts.micro_batches(state, run.model, lambda: run.objective.tally)
+               if run.data.rollouts is not None
+               else run.data.micro_batches(cfg, state, acc, run.steps))
     bar = tqdm(total=run.steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not (cfg.train.progress and acc.is_main_process))
     run.model.train()
@@ -72,6 +74,8 @@ def train_steps(run: Run, batches, bar: tqdm) -> None:
     while state.step < run.steps:
         tick = time.perf_counter()
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        sampling = run.data.rollouts.take_seconds() if run.data.rollouts is not None else 0.0
+        state.rollout_seconds += sampling
         lr = set_lr(run)
         if run.ff is not None:
             run.ff.before_step(state.step + 1)
@@ -79,8 +83,8 @@ def train_steps(run: Run, batches, bar: tqdm) -> None:
                             run.objective)
         check_finite(run, result)
         flops = state.train_flops
-        state.account(micro, result, run.flop_model, acc, time.perf_counter() - tick,
-                      run.objective)
+        state.account(micro, result, run.flop_model, acc,
+                      time.perf_counter() - tick - sampling, run.objective)
         fast_forward(run, state.train_flops - flops)
         log_step(run, result, lr, bar)
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < run.steps:
@@ -161,6 +165,9 @@ def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
     run.figures = figures or run.figures
     if "rewards/accuracies" in figures:
         ff["acc"] = f"{figures['rewards/accuracies']:.2f}"
+    if run.data.rollouts is not None:
+        ff |= {"reward": f"{run.figures.get('reward', math.nan):.2f}",
+               "roll_tok_s": f"{state.rollout_tokens / max(state.rollout_seconds, 1e-9):.0f}"}
     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
                     tok_s=f"{state.tokens_per_second:.0f}", pad=f"{state.padding_fraction:.1%}",
                     ex_row=f"{state.examples / max(state.rows, 1):.1f}", **ff, **mfu_postfix(run))
@@ -173,7 +180,18 @@ def log_step(run: Run, result: StepResult, lr: float, bar: tqdm) -> None:
             "tokens_per_second": state.tokens_per_second,
             "padding_fraction": state.padding_fraction,
             "peak_memory_bytes": peak_memory_bytes(),
-            "elapsed_seconds": time.time() - run.started, **figures})
+            "elapsed_seconds": time.time() - run.started, **rollout_figures(run), **figures})
+
+
+def rollout_figures(run: Run) -> dict:
+    """GRPO's sampling so far: seconds, completion tokens, their rate, FLOPs, tied groups."""
+    state = run.state
+    if run.data.rollouts is None:
+        return {}
+    return {"rollout_seconds": state.rollout_seconds, "rollout_tokens": state.rollout_tokens,
+            "rollout_tokens_per_second": state.rollout_tokens / max(state.rollout_seconds, 1e-9),
+            "rollout_flops": state.rollout_flops,
+            "tied_groups": state.tied_groups, "groups": state.groups}
 
 
 def mfu_postfix(run: Run) -> dict:
@@ -184,7 +202,10 @@ def mfu_postfix(run: Run) -> dict:
 
 def evaluate_and_log(run: Run, tag: str) -> dict | None:
     """Loss on every held-out set now, appended to the eval history and ``metrics.jsonl``;
-    returns the main set's result (None when it is empty)."""
+    returns the main set's result (None when it is empty). A GRPO run's held-out set is
+    prompts: its greedy completions' rewards (:func:`evaluate_rewards`)."""
+    if run.data.rollouts is not None:
+        return evaluate_rewards(run, tag)
     mode = eval_mode(run.packing)
     results = {}
     for s in run.data.eval_sets:
@@ -208,6 +229,19 @@ def evaluate_and_log(run: Run, tag: str) -> dict | None:
     run.state.eval_history.append(record)
     run.metrics.write(record | progress(run))
     return main
+
+
+def evaluate_rewards(run: Run, tag: str) -> dict | None:
+    """GRPO: held-out prompts answered greedily and scored, as ``eval_reward`` and
+    ``eval_rewards/NAME/mean`` in the eval history and ``metrics.jsonl``."""
+    figures = run.data.rollouts.evaluate(run.model)
+    if not figures:
+        return None
+    record = {"step": run.state.step, "tag": tag, "eval_loss": None, "eval_perplexity": None,
+              "eval_sets": {}, **{f"eval_{k}": v for k, v in figures.items()}}
+    run.state.eval_history.append(record)
+    run.metrics.write(record | progress(run))
+    return {"loss": None, **figures}
 
 
 def score_tasks(run: Run, tag: str) -> dict | None:

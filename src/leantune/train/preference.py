@@ -35,6 +35,7 @@ from leantune.eval.shard import gather_scores
 from leantune.model.load import evaluating
 from leantune.model.logprobs import sequence_logprobs
 from leantune.objectives import NEXT_TOKEN, Objective
+from leantune.objectives.grpo import GRPOObjective
 from leantune.objectives.kto import KTOObjective
 from leantune.objectives.preference import PairObjective
 from leantune.objectives.reference import AdapterOff, Cached, FrozenCopy, Reference
@@ -55,8 +56,10 @@ def reference_mode(cfg: Config, adapter: Adapter) -> str | None:
     starting point, not the bare base, is the reference, as TRL takes a given adapter's
     initial copy)."""
     kind, mode = cfg.objective.kind, cfg.objective.reference
-    if kind in ("sft", "simpo", "orpo"):
+    if kind in ("sft", "simpo", "orpo") or (kind == "grpo" and not cfg.objective.beta):
         return None
+    if kind == "grpo" and mode == "auto":  # fresh samples every step: never cached
+        return "adapter_off" if adapter.name != "full" and cfg.train.init_from is None else "copy"
     if mode == "auto":
         fresh = adapter.name != "full" and cfg.train.init_from is None
         return "adapter_off" if fresh else "cached"
@@ -69,6 +72,9 @@ def build_objective(cfg: Config, adapter: Adapter, model: torch.nn.Module,
     o = cfg.objective
     if o.kind == "sft":
         return NEXT_TOKEN
+    if o.kind == "grpo":
+        return GRPOObjective(o.loss_type, o.beta or 0.0, o.epsilon, o.epsilon_high,
+                             o.temperature, cfg.train.chunked_loss)
     mode = reference_mode(cfg, adapter)
     # A copy of an adapter run computes as the base, unless the run starts from an
     # earlier run's adapter: then that is the reference.

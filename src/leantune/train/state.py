@@ -56,6 +56,14 @@ class TrainState:
     windows: dict[str, int] = field(default_factory=dict)
     replay_carry: float = 0.0
     data_keys: dict[str, str] = field(default_factory=dict)
+    # GRPO: sampling's seconds, completion tokens and forward FLOPs (not in train_*), and
+    # with num_iterations > 1 the rollouts still being reused (a resume reuses them too).
+    rollout_seconds: float = 0.0
+    rollout_tokens: int = 0
+    rollout_flops: int = 0
+    tied_groups: int = 0
+    groups: int = 0
+    grpo_pending: dict | None = None
     # A run annealed from a checkpoint: the step it started at and the LR multiplier there.
     anneal_at: int | None = None
     anneal_start: float = 1.0

@@ -71,7 +71,49 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
     if run.data.feed is not None:
         summary["replay"] = replay_summary(run)
     summary["objective"] = objective_summary(run)
+    if run.data.rollouts is not None:
+        summary["grpo"] = grpo_summary(run)
     return summary
+
+
+def grpo_summary(run: Run) -> dict:
+    """GRPO's sampling cost beside training's, tied groups, and the held-out rewards
+    (greedy completions) before and after."""
+    state, o = run.state, run.cfg.objective
+    by_tag = {r["tag"]: {k.removeprefix("eval_"): v for k, v in r.items()
+                         if k.startswith("eval_") and v is not None and k != "eval_sets"}
+              for r in state.eval_history}
+    return {"num_generations": o.num_generations, "loss_type": o.loss_type, "beta": o.beta or 0.0,
+            "rewards": list(o.rewards), "reference": reference_mode(run.cfg, run.adapter),
+            "rollout_seconds": state.rollout_seconds, "rollout_tokens": state.rollout_tokens,
+            "rollout_tokens_per_second": state.rollout_tokens / state.rollout_seconds
+            if state.rollout_seconds else None,
+            "rollout_flops": state.rollout_flops,
+            "rollout_share_of_seconds": state.rollout_seconds
+            / (state.rollout_seconds + state.train_seconds)
+            if state.rollout_seconds + state.train_seconds else None,
+            "groups": state.groups, "tied_groups": state.tied_groups,
+            "held_out": {tag: by_tag.get(tag) for tag in ("before", "after")}}
+
+
+def grpo_lines(g: dict | None) -> list[str]:
+    """A GRPO run's held-out reward before -> after and where its time went."""
+    if not g:
+        return []
+    held = g["held_out"]
+    lines = []
+    if held.get("after"):
+        before, after = held.get("before") or {}, held["after"]
+        for key in sorted(k for k in after if k.startswith("rewards/")):
+            name = key.split("/")[1]
+            lines.append(f"held-out {name} (greedy): {before.get(key, float('nan')):.3f} -> "
+                         f"{after[key]:.3f}")
+    rate = g["rollout_tokens_per_second"]
+    lines.append(f"rollouts: {g['rollout_tokens']:,} completion tokens in "
+                 f"{g['rollout_seconds']:.0f} s ({rate or 0:.1f} tokens/s, "
+                 f"{100 * (g['rollout_share_of_seconds'] or 0):.0f} % of the step time); "
+                 f"{g['tied_groups']} of {g['groups']} groups tied")
+    return lines
 
 
 def objective_summary(run: Run) -> dict:
@@ -188,9 +230,10 @@ def pair_lines(objective: dict | None) -> list[str]:
 
 def summary_text(s: dict, run_dir: str) -> str:
     """What ``leantune train`` prints at the end: where the run is and its headline figures."""
-    lines = [f"\nrun directory: {run_dir}",
-             f"held-out loss: before {_loss(s['eval_loss']['before'])} -> after "
-             f"{_loss(s['eval_loss']['after'])}"]
+    lines = [f"\nrun directory: {run_dir}"]
+    if "grpo" not in s:  # a GRPO run's held-out set is prompts: rewards, below
+        lines.append(f"held-out loss: before {_loss(s['eval_loss']['before'])} -> after "
+                     f"{_loss(s['eval_loss']['after'])}")
     if len(s["eval_sets"]) > 1:
         for name, row in s["eval_sets"].items():
             before, after = (row[k] and row[k]["loss"] for k in ("before", "after"))
@@ -201,6 +244,7 @@ def summary_text(s: dict, run_dir: str) -> str:
                      f"({s['replay']['windows']})")
     lines += task_lines(s.get("task_accuracy"))
     lines += pair_lines(s.get("objective"))
+    lines += grpo_lines(s.get("grpo"))
     lines.append(f"parameters: {s['trainable_params']:,} trainable / {s['total_params']:,} "
                  f"total ({100 * s['trainable_params'] / s['total_params']:.3f} %)")
     lines.append(f"throughput: {s['tokens_per_second']:.1f} tokens/s over "

@@ -22,7 +22,8 @@ def test_reference_lists_every_option_with_its_default():
     assert (ROOT / "examples/reference.yaml").read_text() == reference_yaml()
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "own_data.yaml", "task.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "own_data.yaml", "task.yaml",
+                                  "dpo.yaml", "grpo.yaml"])
 def test_examples_load(name):
     cfg = load_config(ROOT / "examples" / name)
     assert cfg.adapter.method == "lora"
@@ -83,3 +84,14 @@ def test_readme_export_commands_parse():
     for line in lines:
         args = build_parser().parse_args(shlex.split(line)[1:])
         assert args.func.__name__ == "cmd_export", line
+
+
+def test_grpo_example_samples_problems_it_can_score():
+    from leantune.data.prompt_sets import problem_source
+    from leantune.objectives.rewards import load_reward
+
+    cfg = load_config(ROOT / "examples" / "grpo.yaml")
+    assert cfg.objective.kind == "grpo" and not cfg.fast_forward.enabled
+    rows = problem_source(cfg.data.path)
+    names = [load_reward(spec)[0] for spec in cfg.objective.rewards]
+    assert names == ["numeric_match"] and all("answer" in r.record for r in rows)

@@ -134,3 +134,21 @@ def test_grpo_settings_that_cannot_work_are_refused_naming_the_key(llama_dir, re
                                                                     tmp_path, override, key):
     with pytest.raises(ConfigError, match=key):
         config(llama_dir, tmp_path / "run", reward_file, override)
+
+
+@pytest.mark.parametrize("method,beta", [("lora", 0.05), ("ia3", 0.0), ("prompt_tuning", 0.0),
+                                         ("full", 0.05), ("loreft", 0.05), ("direft", 0.0)])
+def test_every_adapter_trains_under_grpo(llama_dir, reward_file, tmp_path, method, beta):
+    """Each adapter samples, trains and saves; with beta > 0 its reference is the adapter
+    switched off (a frozen copy for full fine-tuning), so the KL starts at 0."""
+    out = tmp_path / "run"
+    summary = loop.train(config(llama_dir, out, reward_file, f"adapter.method={method}",
+                                f"objective.beta={beta}", "train.max_steps=2",
+                                "eval.before=false"))
+    steps = [r for r in read(out) if "loss" in r]
+    assert len(steps) == 2 and all(r["grad_norm"] > 0 for r in steps)
+    if beta:
+        assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["grpo"]["reference"] == (None if not beta else
+                                            "copy" if method == "full" else "adapter_off")
+    assert (out / ("model" if method == "full" else "adapter")).is_dir()

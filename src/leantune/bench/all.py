@@ -50,6 +50,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("corpus_scale", ["script:corpus_scale.py", "--gigabytes", "1", "--rounds", "2"]),
     ("speed", ["speed"]),
     ("preference", ["preference"]),
+    ("grpo", ["grpo"]),
 ]
 PLOTTED = {"fast_forward", "fast_forward_tasks", "continual"}
 

@@ -60,6 +60,18 @@ def cmd_bench_preference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_grpo(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    from leantune.bench.grpo import bench_grpo, format_table
+
+    results = bench_grpo(Path(args.out), args.model, args.problems, args.steps,
+                         args.batch_size, args.num_generations, args.max_completion_length,
+                         args.rounds, args.lr)
+    print(format_table(results))
+    print(f"results: {args.out}")
+    return 0
+
+
 def _plot_path(path: str) -> Path | None:
     """Where a bench draws its plot, or None (with a note) when matplotlib is missing."""
     try:
@@ -209,6 +221,18 @@ def add_bench_parsers(sub, cli_main: Callable[[list[str]], int]) -> None:
     pr.add_argument("--ff-steps", type=int, default=48)
     pr.add_argument("--out", default="benchmarks/results/preference.json")
     pr.set_defaults(func=cmd_bench_preference)
+    gr = which.add_parser("grpo", help="GRPO vs TRL's GRPOTrainer: seconds per step (sampling "
+                          "and the rest), memory, reward curves")
+    gr.add_argument("--model", default="embedded:smollm2")
+    gr.add_argument("--problems", default="problems:add")
+    gr.add_argument("--steps", type=int, default=9)
+    gr.add_argument("--batch-size", type=int, default=8, help="prompts per step")
+    gr.add_argument("--num-generations", type=int, default=8)
+    gr.add_argument("--max-completion-length", type=int, default=16)
+    gr.add_argument("--rounds", type=int, default=2)
+    gr.add_argument("--lr", type=float, default=1e-4)
+    gr.add_argument("--out", default="benchmarks/results/grpo.json")
+    gr.set_defaults(func=cmd_bench_grpo)
     ff = which.add_parser("fast-forward", help="plain LoRA vs LoRA + Fast Forward to equal loss")
     ff.add_argument("--model", default="embedded:smollm2")
     ff.add_argument("--data", default="sharegpt",
@@ -311,5 +335,5 @@ def add_bench_parsers(sub, cli_main: Callable[[list[str]], int]) -> None:
                     help="where every bench writes; also all.json and TABLES.md")
     al.add_argument("--only", help="comma-separated subset: packing, pack_lengths, "
                                    "architectures, fast_forward, adapters, reft, continual, "
-                                   "corpus_scale, speed, preference")
+                                   "corpus_scale, speed, preference, grpo")
     al.set_defaults(func=cmd_bench_all)

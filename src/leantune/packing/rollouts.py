@@ -65,14 +65,35 @@ def collate_rollouts(rollouts: list[Rollout], mode: str, max_length: int, pad_id
     return batch
 
 
+def grouped(rollouts: list[Rollout]) -> list[list[Rollout]]:
+    """The rollouts by group, in order of first appearance."""
+    groups: dict[int, list[Rollout]] = {}
+    for r in rollouts:
+        groups.setdefault(r.group, []).append(r)
+    return list(groups.values())
+
+
+def tree_shape(rollouts: list[Rollout], max_length: int) -> tuple[int, int]:
+    """``(rows, width)`` of the trees layout; ``(rows, max_length)`` bounds the packed
+    one. Trees save each group ``(G - 1) p`` prompt positions but attend over whole
+    trees: with long completions a tree row costs more attention than it saves."""
+    lengths = [len(rs[0].prompt) + sum(len(r.completion) for r in rs)
+               for rs in grouped(rollouts)]
+    bins = pack_batch(lengths, max(max_length, *lengths))
+    return len(bins), max(sum(lengths[i] for i in b) for b in bins)
+
+
+def packed_shape(rollouts: list[Rollout], max_length: int) -> tuple[int, int]:
+    lengths = [len(r.prompt) + len(r.completion) for r in rollouts]
+    bins = pack_batch(lengths, max_length)
+    return len(bins), max(sum(lengths[i] for i in b) for b in bins)
+
+
 def collate_groups(rollouts: list[Rollout], max_length: int, pad_id: int,
                    mask_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[Rollout]]:
     """Tree rows (one tree per group, packed into rows as wide as ``max_length`` or the
     widest tree) and the rollouts in the order of the batch's branches."""
-    groups: dict[int, list[Rollout]] = {}
-    for r in rollouts:
-        groups.setdefault(r.group, []).append(r)
-    members = list(groups.values())
+    members = grouped(rollouts)
     trees = [Tree(rs[0].prompt, [r.completion for r in rs]) for rs in members]
     bins = pack_batch([t.length for t in trees], max(max_length, *(t.length for t in trees)))
     batch, _ = collate_trees([[trees[i] for i in b] for b in bins], pad_id, mask_dtype)

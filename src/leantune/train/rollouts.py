@@ -38,7 +38,7 @@ from leantune.model.sampling import sample
 from leantune.objectives.base import Tally
 from leantune.objectives.grpo import completion_logprobs, group_advantages, nanstd
 from leantune.objectives.rewards import load_reward, score
-from leantune.packing.rollouts import Rollout, collate_rollouts
+from leantune.packing.rollouts import Rollout, collate_rollouts, packed_shape, tree_shape
 from leantune.packing.trees import Tree, check_trees, mask_dtype_for
 from leantune.train.metrics import all_means
 from leantune.train.state import TrainState
@@ -147,9 +147,24 @@ class Rollouts:
                 state.grpo_pending = pending if self.o.num_iterations > 1 else None
             for micro, count in zip(pending["micro"], pending["counts"]):
                 rollouts = [Rollout(**r) for r in micro]
-                batch = collate_rollouts(rollouts, self.mode, self.cfg.data.max_length,
+                batch = collate_rollouts(rollouts, self.layout(rollouts),
+                                         self.cfg.data.max_length,
                                          self.tokenizer.pad_token_id, count, self.mask_dtype)
                 yield {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    def layout(self, rollouts: list[Rollout]) -> str:
+        """This micro-batch's layout: trees (where exact) when they cost fewer training
+        FLOPs than packed rows (long completions make a tree's attention dearer than the
+        prompts it saves), else the run's packed or padded rows."""
+        if self.mode != "trees":
+            return self.mode
+        if self.flop_model is None:
+            return "trees"
+        length = self.cfg.data.max_length
+        heads = sum(len(r.completion) for r in rollouts)
+        trees = self.flop_model.train(*tree_shape(rollouts, length), heads)
+        packed = self.flop_model.train(*packed_shape(rollouts, length), heads)
+        return "trees" if trees <= packed else "online"
 
     def take_seconds(self) -> float:
         """Seconds spent sampling and scoring since the last call."""
@@ -212,7 +227,7 @@ class Rollouts:
         computed in the very layout the training forward will use."""
         if self.o.num_iterations == 1 and not self.beta:
             return
-        batch = collate_rollouts(rollouts, self.mode, self.cfg.data.max_length,
+        batch = collate_rollouts(rollouts, self.layout(rollouts), self.cfg.data.max_length,
                                  self.tokenizer.pad_token_id, 0, self.mask_dtype)
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         inner = self.acc.unwrap_model(model)
@@ -268,6 +283,7 @@ class Rollouts:
             if name != "_texts":
                 v = torch.tensor(values)
                 tally.add(f"rewards/{name}/mean", v[~v.isnan()])
+                tally.add(f"rewards/{name}/std", nanstd(v.view(1, -1)).nan_to_num(0.0))
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
         ended = torch.tensor([bool(c) and c[-1] in self.stop for c in completions])
         tally.add("completions/mean_length", lengths)

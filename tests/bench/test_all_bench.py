@@ -43,7 +43,7 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
     record = run_all(fake, tmp_path, scripts=tmp_path / "none")
     assert [c[0] for c in calls] == ["packing", "architectures", "fast-forward", "fast-forward",
                                      "adapters", "reft", "tasks", "tasks", "tasks", "continual",
-                                     "speed", "preference"]
+                                     "speed", "preference", "grpo"]
     assert calls[1] == ["architectures", "--out", str(tmp_path / "architectures.json")]
     assert calls[4][:3] == ["adapters", "--rounds", "2"]
     assert calls[3][calls[3].index("--data") + 1].startswith("task:")
@@ -53,7 +53,8 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
     assert status == {"packing": 0, "pack_lengths": "script not found", "architectures": 0,
                       "fast_forward": 0, "fast_forward_tasks": 0, "adapters": 1, "reft": 0,
                       "tasks": 0, "tasks_sweep": 0, "tasks_curves": 0, "continual": 0,
-                      "corpus_scale": "script not found", "speed": 0, "preference": 0}
+                      "corpus_scale": "script not found", "speed": 0, "preference": 0,
+                      "grpo": 0}
     assert json.loads((tmp_path / "all.json").read_text())["benches"] == record["benches"]
     tables = (tmp_path / "TABLES.md").read_text()
     assert "table of reft" in tables and "error: RuntimeError: out of memory" in tables

@@ -262,7 +262,12 @@ def test_continual_pretraining_checks(overrides, key):
      "objective.reference"),
     (["objective.kind=dpo", "data.mode=corpus"], "data.mode"),
     (["objective.kind=orpo", "data.packing=offline"], "data.packing"),
-    (["objective.kind=grpo"], "objective.kind"),
+    (["objective.kind=ppo"], "objective.kind"),
+    (["objective.kind=grpo", "objective.beta=-0.1"], "objective.beta"),
+    (["objective.kind=grpo", "objective.max_completion_length=0"],
+     "objective.max_completion_length"),
+    (["objective.kind=grpo", "objective.rewards=[]"], "objective.rewards"),
+    (["objective.kind=grpo", "data.mode=corpus"], "data.mode"),
 ])
 def test_objective_checks_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -274,3 +279,5 @@ def test_a_preference_objective_defaults_to_a_smaller_learning_rate():
     assert dpo.optim.lr == pytest.approx(sft.optim.lr / 10)
     assert load_config(None, ["objective.kind=dpo", "optim.lr=1e-3"]).optim.lr == 1e-3
     assert dpo.objective.reference == "auto" and dpo.objective.shared_prompt
+    grpo = load_config(None, ["objective.kind=grpo"])
+    assert grpo.optim.lr == pytest.approx(sft.optim.lr / 2) and grpo.objective.beta is None

@@ -101,3 +101,18 @@ def test_models_the_loop_cannot_drive_go_through_generate(llama_dir):
     out = sample(reft, ps, 2, 6, 1.0, 1.0, set(), tok.pad_token_id,
                  torch.Generator().manual_seed(0))
     assert len(out) == 6 and all(len(c) == 6 for c in out)
+
+
+def test_a_prompts_own_generator_makes_its_samples_independent_of_the_batch(lora_model):
+    """One generator per prompt: a prompt's completions are the same sampled alone or
+    beside others (what lets two processes sample what one does)."""
+    model, tok = lora_model
+    ps = prompts(tok)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together = sample(model, ps, 3, 8, 1.0, 1.0, set(), tok.pad_token_id, gens([5, 6, 7]))
+    for i, seed in enumerate((5, 6, 7)):
+        alone = sample(model, [ps[i]], 3, 8, 1.0, 1.0, set(), tok.pad_token_id, gens([seed]))
+        assert alone == together[3 * i:3 * i + 3]

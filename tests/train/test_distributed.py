@@ -179,3 +179,46 @@ def test_resume_on_another_process_count(before, after, steps, fmt, llama_dir, t
     if before == after:
         assert weights[0].keys() == weights[1].keys()
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_grpo_on_two_processes_matches_one_with_twice_the_prompts(llama_dir, tmp_path):
+    """GRPO: each prompt samples from a generator seeded by its place in the global batch,
+    so two processes with 2 prompts per micro-batch sample, score and train on what one
+    process with 4 does: the same rewards, groups and completion tokens, the same loss
+    (normalized over both processes' completion tokens) and held-out rewards."""
+    reward = tmp_path / "rewards.py"
+    reward.write_text("def vowels(prompts, completions, **_):\n"
+                      "    texts = [c[0]['content'] for c in completions]\n"
+                      "    return [sum(ch in 'aeiou' for ch in t) / max(len(t), 1) "
+                      "for t in texts]\n")
+    common = [f"model.name_or_path={llama_dir}", "data.path=problems:add", "train.max_steps=3",
+              "objective.kind=grpo", "objective.num_generations=3",
+              "objective.max_completion_length=6", f"objective.rewards=[{reward}:vowels]",
+              "objective.scale_rewards=batch", "data.max_length=96", "data.eval_examples=8",
+              "optim.lr=5e-3", "train.progress=false", "adapter.dropout=0.0",
+              "train.precision=fp32", "train.grad_accum=2", "eval.generate=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bin_dir = Path(sys.executable).parent
+    two = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                          "29538", "-m", "leantune", "train", *common, "train.batch_size=2",
+                          f"train.output_dir={tmp_path / 'two'}"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "leantune", "train", *common,
+                          "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-2000:]
+
+    def steps(run):
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "loss" in r]
+
+    s2, s1 = steps("two"), steps("one")
+    for a, b in zip(s2, s1, strict=True):
+        assert (a["groups"], a["tied_groups"], a["rollout_tokens"]) == (
+            b["groups"], b["tied_groups"], b["rollout_tokens"])
+        for key in ("loss", "reward", "reward_std", "completions/mean_length"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    g2, g1 = (json.loads((tmp_path / run / "summary.json").read_text())["grpo"]
+              for run in ("two", "one"))
+    assert g2["held_out"]["after"] == pytest.approx(g1["held_out"]["after"], abs=1e-6)

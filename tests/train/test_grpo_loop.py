@@ -152,3 +152,14 @@ def test_every_adapter_trains_under_grpo(llama_dir, reward_file, tmp_path, metho
     assert summary["grpo"]["reference"] == (None if not beta else
                                             "copy" if method == "full" else "adapter_off")
     assert (out / ("model" if method == "full" else "adapter")).is_dir()
+
+
+def test_gradient_accumulation_takes_batch_size_prompts_per_micro_batch(llama_dir, reward_file,
+                                                                         tmp_path):
+    out = tmp_path / "run"
+    loop.train(config(llama_dir, out, reward_file, "train.grad_accum=2", "train.max_steps=2",
+                      "eval.before=false"))
+    steps = [r for r in read(out) if "loss" in r]
+    assert steps[-1]["groups"] == 2 * 2 * 3  # steps x micro-batches x prompts
+    samples = read(out, SAMPLES_FILE)
+    assert [s["generation"] for s in samples] == [0, 1]

@@ -52,11 +52,26 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def pick(logits: torch.Tensor, temperature: float, top_p: float,
-         generator: torch.Generator | None) -> torch.Tensor:
+def uniforms(rows: int, generator, owners: torch.Tensor | None, device) -> torch.Tensor:
+    """``[rows, 1]`` float64 uniforms: from ``generator``, or (a list, one per prompt) each
+    row's from its prompt's (``owners``: each row's prompt), so a prompt's draws do not
+    depend on which other prompts share the batch."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.rand((rows, 1), generator=generator, device=device, dtype=torch.float64)
+    u = torch.empty((rows, 1), dtype=torch.float64, device=device)
+    for g in owners.unique().tolist():
+        at = (owners == g).nonzero().squeeze(-1)
+        u[at] = torch.rand((len(at), 1), generator=generator[g], device=device,
+                           dtype=torch.float64)
+    return u
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator,
+         owners: torch.Tensor | None = None) -> torch.Tensor:
     """``[B]`` tokens drawn from ``logits`` ``[B, V]``: greedy at temperature 0, else from
     ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose mass
-    reaches ``top_p`` (the most likely token always stays)."""
+    reaches ``top_p`` (the most likely token always stays); ``generator`` one, or one per
+    prompt with ``owners`` (:func:`uniforms`)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -69,8 +84,7 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float,
     # torch.multinomial draws an exponential per vocabulary entry (3M per step at 64 rows x
     # SmolLM2's 49,152 tokens: two thirds of a decode step's time on CPU).
     cdf = probs.double().cumsum(-1)
-    u = torch.rand((len(probs), 1), generator=generator, device=probs.device,
-                   dtype=torch.float64) * cdf[:, -1:]
+    u = uniforms(len(probs), generator, owners, probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
@@ -89,9 +103,12 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompts: list[list[int]], num: int, max_new: int,
            temperature: float, top_p: float, stop: set[int], pad_id: int,
-           generator: torch.Generator | None = None) -> list[list[int]]:
+           generator=None) -> list[list[int]]:
     """``len(prompts) * num`` completions, prompt by prompt (prompt i's are
-    ``[i * num, (i + 1) * num)``), sampled as the module docstring says."""
+    ``[i * num, (i + 1) * num)``), sampled as the module docstring says; ``generator``:
+    one ``torch.Generator``, or one per prompt (each prompt's completions then depend on
+    its own seed only, whichever prompts it is batched with, up to the rounding of a
+    batch of another shape)."""
     if not fast_path(model):
         return sample_with_generate(model, prompts, num, max_new, temperature, top_p, stop,
                                     pad_id, generator)
@@ -111,7 +128,7 @@ def sample(model: torch.nn.Module, prompts: list[list[int]], num: int, max_new: 
         live = torch.arange(len(out), device=device)
         stops = torch.tensor(sorted(stop), device=device)
         for step in range(max_new):
-            token = pick(logits, temperature, top_p, generator)
+            token = pick(logits, temperature, top_p, generator, live // num)
             for row, t in zip(live.tolist(), token.tolist()):
                 out[row].append(t)
             going = ~torch.isin(token, stops)
@@ -131,11 +148,12 @@ def sample(model: torch.nn.Module, prompts: list[list[int]], num: int, max_new: 
 @torch.no_grad()
 def sample_with_generate(model: torch.nn.Module, prompts: list[list[int]], num: int,
                          max_new: int, temperature: float, top_p: float, stop: set[int],
-                         pad_id: int, generator: torch.Generator | None = None
-                         ) -> list[list[int]]:
+                         pad_id: int, generator=None) -> list[list[int]]:
     """:func:`sample` through transformers' ``generate`` (every completion computes its
     prompt). Its sampling draws from the global RNG, seeded here from ``generator``."""
     device = next(model.parameters()).device
+    if isinstance(generator, (list, tuple)):
+        generator = generator[0] if generator else None
     seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
     out: list[list[int]] = []
     with evaluating(model), torch.random.fork_rng(devices=[device] if device.type == "cuda"

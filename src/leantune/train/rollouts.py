@@ -5,9 +5,10 @@ micro-batches (:mod:`leantune.packing.rollouts`).
 
 Per step and process: ``train.batch_size`` prompts per micro-batch, ``train.grad_accum``
 micro-batches; prompt positions are dealt from seeded per-epoch shuffles of the training
-prompts (process ``r`` of ``W`` takes every W-th), and the sampling generator is seeded
-by ``(train.seed, generation, process)``: the rollouts of a step follow from the step
-number and the weights, so a resumed run samples what the uninterrupted one did. With
+prompts (process ``r`` of ``W`` takes every W-th), and each prompt's sampling generator
+is seeded by ``(train.seed, its position in the global batch)``: the rollouts of a step
+follow from the step number and the weights, so a resumed run samples what the
+uninterrupted one did, and several processes sample what one process would. With
 ``num_iterations = mu > 1`` a generation serves ``mu`` steps; the rollouts in use travel
 in the checkpoint's state (``grpo_pending``) with their old log-probs.
 
@@ -127,9 +128,16 @@ class Rollouts:
             return order
         return cached[epoch]
 
-    def generator(self, generation: int) -> torch.Generator:
-        seed = hash((self.cfg.train.seed, generation, self.acc.process_index)) % 2**62
-        return torch.Generator(self.acc.device).manual_seed(seed)
+    def generators(self, generation: int) -> list[torch.Generator]:
+        """One generator per prompt of this process's share of ``generation``, seeded by
+        the prompt's place in the global batch: a prompt samples the same completions
+        whichever process takes it (so two processes sample what one process with their
+        joint batch does)."""
+        start, world = generation * self.per_generation, self.acc.num_processes
+        return [torch.Generator(self.acc.device).manual_seed(
+                    hash((self.cfg.train.seed, pos)) % 2**62)
+                for pos in range(start + self.acc.process_index, start + self.per_generation,
+                                 world)]
 
     # -- the loop's micro-batches --------------------------------------------------------
 
@@ -178,7 +186,7 @@ class Rollouts:
         g = self.o.num_generations
         completions = sample(self.acc.unwrap_model(model), [p.ids for p in prompts], g,
                              self.o.max_completion_length, self.o.temperature, self.o.top_p,
-                             self.stop, self.tokenizer.pad_token_id, self.generator(generation))
+                             self.stop, self.tokenizer.pad_token_id, self.generators(generation))
         rewards, each = self.score(prompts, completions, g)
         std = nanstd(self.acc.gather(rewards).view(1, -1))[0] if (
             self.o.scale_rewards == "batch") else None

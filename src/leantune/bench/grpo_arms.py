@@ -21,24 +21,17 @@ from pathlib import Path
 
 import torch
 
-from leantune.bench.preference_arms import LORA, peak_rss
+from leantune.bench.preference_arms import LORA, peak_rss, trl_start
 
 
 def run_trl(spec: dict) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from leantune.config import ModelConfig
-    from leantune.model.load import resolve_local
     from leantune.objectives.rewards import load_reward
 
-    source = resolve_local(ModelConfig(name_or_path=spec["model"]))
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
-                                                 attn_implementation="sdpa")
-    rows = [json.loads(line) for line in open(spec["ordered_file"])]
+    tokenizer, model, rows, peft = trl_start(spec)
     name, reward = load_reward(spec["reward"])
     reward.__name__ = name
     ticks: list[float] = []
@@ -57,8 +50,6 @@ def run_trl(spec: dict) -> dict:
             logging_steps=1, save_strategy="no", report_to=[], seed=spec["seed"],
             use_cpu=not torch.cuda.is_available(), bf16=False, dataloader_num_workers=0,
             max_grad_norm=1.0, weight_decay=0.0, shuffle_dataset=False)
-        peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                               peft_config=peft, callbacks=[Clock()])

@@ -29,11 +29,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def run_trl(spec: dict) -> dict:
-    from datasets import Dataset
+def trl_start(spec: dict) -> tuple:
+    """``(tokenizer, model, rows, peft_config)`` for a TRL arm: the spec's model in fp32
+    with sdpa, its rows in the order given, LoRA as :data:`LORA`."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
 
     from leantune.config import ModelConfig
     from leantune.model.load import resolve_local
@@ -43,6 +43,16 @@ def run_trl(spec: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     rows = [json.loads(line) for line in open(spec["ordered_file"])]
+    peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    return tokenizer, model, rows, peft
+
+
+def run_trl(spec: dict) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer, model, rows, peft = trl_start(spec)
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(
             output_dir=tmp, per_device_train_batch_size=spec["batch_size"],
@@ -51,8 +61,6 @@ def run_trl(spec: dict) -> dict:
             loss_type=["sigmoid"], train_sampling_strategy="sequential", report_to=[],
             use_cpu=not torch.cuda.is_available(), bf16=False, seed=spec["seed"],
             dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0)
-        peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft)
         out = trainer.train()

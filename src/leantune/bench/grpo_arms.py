@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from leantune.bench.preference_arms import LORA, peak_rss, trl_start
+from leantune.bench.preference_arms import leantune_overrides, peak_rss, trl_start
 
 
 def run_trl(spec: dict) -> dict:
@@ -82,18 +82,12 @@ def run_leantune(spec: dict) -> dict:
     g = spec["num_generations"]
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        over = [f"model.name_or_path={spec['model']}", f"data.path={spec['data']}",
-                f"train.output_dir={run_dir}", "objective.kind=grpo",
-                f"objective.num_generations={g}",
-                f"objective.max_completion_length={spec['max_completion_length']}",
-                f"objective.rewards=[{spec['reward']}]", "objective.beta=0.0",
-                f"train.batch_size={spec['batch_size']}", f"train.max_steps={spec['steps']}",
-                f"optim.lr={spec['lr']}", "schedule.kind=constant", "data.eval_fraction=0",
-                "eval.before=false", f"data.max_length={spec['max_length']}",
-                f"train.seed={spec['seed']}", "adapter.method=lora", "train.progress=false",
-                "eval.generate=0", f"train.precision={spec.get('precision', 'fp32')}",
-                "train.log_every=1", *[f"adapter.{k}={v}" for k, v in LORA.items()],
-                *spec.get("extra", [])]
+        over = leantune_overrides(spec | {"objective": "grpo", "extra": [
+            f"objective.num_generations={g}",
+            f"objective.max_completion_length={spec['max_completion_length']}",
+            f"objective.rewards=[{spec['reward']}]", "objective.beta=0.0",
+            "schedule.kind=constant", "data.eval_fraction=0", "eval.before=false",
+            "train.log_every=1", *spec.get("extra", [])]}, run_dir)
         summary = loop.train(load_config(None, over))
         rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     steps = [r for r in rows if "loss" in r and "tag" not in r]

@@ -89,15 +89,23 @@ def target_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return token_logprobs(logits, labels[select])
 
 
+def select_positions(shape: torch.Size, row: torch.Tensor, at: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(select [B, T] bool, order [N])`` for positions ``(row[i], at[i])`` that may
+    repeat: where the head runs, and each position's index among the selected ones
+    (row-major), which maps the head's ``[M, ...]`` output back to the ``N`` targets."""
+    select = torch.zeros(shape, dtype=torch.bool, device=row.device)
+    select[row, at] = True
+    return select, select.flatten().cumsum(0).sub(1).view(shape)[row, at]
+
+
 def logprobs_at(model: torch.nn.Module, batch: dict[str, torch.Tensor], row: torch.Tensor,
                 at: torch.Tensor, tokens: torch.Tensor, chunked: bool = False) -> torch.Tensor:
     """``[N]`` fp32, differentiable: ``log p(tokens[i])`` predicted at position
     ``(row[i], at[i])``, for layouts whose targets are not the next position's label (a
     tree's context end predicts every branch's first token: positions may repeat). The
     head runs at the distinct positions only, or (``chunked``) inside the log-softmax."""
-    select = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=row.device)
-    select[row, at] = True
-    order = select.flatten().cumsum(0).sub(1).view(select.shape)[row, at]  # among selected
+    select, order = select_positions(batch["input_ids"].shape, row, at)
     head = chunked_head(model) if chunked else None
     hidden: list[torch.Tensor] | None = [] if head is not None else None
     with head_at(model, select, hidden):

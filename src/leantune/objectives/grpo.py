@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from leantune.data.encode import IGNORE
 from leantune.model.chunked_loss import CHUNK_ELEMENTS, chunked_head, linear_log_probs
 from leantune.model.head import head_at
-from leantune.model.logprobs import model_inputs, next_labels
+from leantune.model.logprobs import model_inputs, next_labels, select_positions
 from leantune.objectives.base import Objective
 
 ADVANTAGE_EPS = 1e-4  # TRL's: a group's std of 0 must not divide
@@ -89,9 +89,8 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     if "target_at" in batch:  # trees: targets listed (leantune.packing.trees)
         row, at = batch["target_row"], batch["target_at"]
         targets, owner = batch["target_token"], batch["target_branch"]
-        select = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=row.device)
-        select[row, at] = True  # a context's end predicts each branch: positions repeat
-        order = select.flatten().cumsum(0).sub(1).view(select.shape)[row, at]
+        # a context's end predicts each branch's first token: positions repeat
+        select, order = select_positions(batch["input_ids"].shape, row, at)
     else:
         labels = next_labels(batch)
         select = labels != IGNORE

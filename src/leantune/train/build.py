@@ -177,8 +177,6 @@ def prepare_rollouts(run: Run) -> None:
         rollouts.trim_samples(-(-run.state.step // cfg.objective.num_iterations))
     elif run.start.kind == "fresh" and run.acc.is_main_process:
         (run.run_dir / "rollouts.jsonl").unlink(missing_ok=True)
-    rollouts.chunked = bool(cfg.train.chunked_loss and run.loss_paths.get("chunked_loss", {})
-                            .get("used", True))
     mode = reference_mode(cfg, run.adapter)
     if mode == "adapter_off":
         rollouts.reference = run.adapter.disabled

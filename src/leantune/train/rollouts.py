@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -71,6 +71,7 @@ class Rollouts:
         eos = tokenizer.eos_token_id
         self.stop = {eos} if eos is not None else set()
         self.seconds = 0.0
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
 
     def check_layout(self, model: torch.nn.Module, packed: bool) -> dict:
         """The training layout, decided once: trees (each prompt once) where
@@ -109,35 +110,36 @@ class Rollouts:
         generations = max(1, round(epochs * len(self.splits.train) / self.per_generation))
         return generations * self.o.num_iterations
 
+    def positions(self, generation: int) -> range:
+        """This process's places in ``generation``'s global batch (every W-th)."""
+        start = generation * self.per_generation
+        return range(start + self.acc.process_index, start + self.per_generation,
+                     self.acc.num_processes)
+
     def prompts_of(self, generation: int) -> list[Prompt]:
         """This process's prompts of ``generation``, micro-batch by micro-batch."""
-        n, world = len(self.splits.train), self.acc.num_processes
-        start = generation * self.per_generation
         out = []
-        for pos in range(start + self.acc.process_index, start + self.per_generation, world):
-            epoch, k = divmod(pos, n)
+        for pos in self.positions(generation):
+            epoch, k = divmod(pos, len(self.splits.train))
             out.append(self.splits.train[self._order(epoch)[k]])
         return out
 
     def _order(self, epoch: int) -> list[int]:
-        cached = getattr(self, "_orders", {})
-        if epoch not in cached:
+        """The training prompts' seeded shuffle of ``epoch`` (the last one kept)."""
+        if self._epoch_order[0] != epoch:
             order = list(range(len(self.splits.train)))
             random.Random(f"{self.cfg.train.seed}:prompts:{epoch}").shuffle(order)
-            self._orders = {epoch: order}
-            return order
-        return cached[epoch]
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def generators(self, generation: int) -> list[torch.Generator]:
         """One generator per prompt of this process's share of ``generation``, seeded by
         the prompt's place in the global batch: a prompt samples the same completions
         whichever process takes it (so two processes sample what one process with their
         joint batch does)."""
-        start, world = generation * self.per_generation, self.acc.num_processes
         return [torch.Generator(self.acc.device).manual_seed(
                     hash((self.cfg.train.seed, pos)) % 2**62)
-                for pos in range(start + self.acc.process_index, start + self.per_generation,
-                                 world)]
+                for pos in self.positions(generation)]
 
     # -- the loop's micro-batches --------------------------------------------------------
 
@@ -187,11 +189,11 @@ class Rollouts:
         completions = sample(self.acc.unwrap_model(model), [p.ids for p in prompts], g,
                              self.o.max_completion_length, self.o.temperature, self.o.top_p,
                              self.stop, self.tokenizer.pad_token_id, self.generators(generation))
-        rewards, each = self.score(prompts, completions, g)
+        rewards, each, texts = self.score(prompts, completions, g)
         std = nanstd(self.acc.gather(rewards).view(1, -1))[0] if (
             self.o.scale_rewards == "batch") else None
         advantages, tied = group_advantages(rewards, g, self.o.scale_rewards, std)
-        self.record(tally, state, prompts, completions, rewards, each, tied, generation)
+        self.record(tally, state, prompts, completions, rewards, each, texts, tied, generation)
         micro, counts = [], []
         per_micro = self.cfg.train.batch_size
         for m in range(0, len(prompts), per_micro):
@@ -216,8 +218,9 @@ class Rollouts:
                 "dapo": len(r.completion)}[self.o.loss_type]
 
     def score(self, prompts: list[Prompt], completions: list[list[int]], g: int
-              ) -> tuple[torch.Tensor, dict[str, list]]:
-        """``(rewards [P*G], each function's values)``; NaN where no function scored."""
+              ) -> tuple[torch.Tensor, dict[str, list], list[str]]:
+        """``(rewards [P*G], each function's values, the completions' texts)``; a reward is
+        NaN where no function scored its completion."""
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         rows = [p for p in prompts for _ in range(g)]
         shown = [[{"role": "assistant", "content": t}] if isinstance(p.prompt, list) else t
@@ -227,7 +230,7 @@ class Rollouts:
                             columns)
         rewards = torch.tensor(total, dtype=torch.float32)
         unscored = torch.tensor([all(v != v for v in vals) for vals in zip(*each.values())])
-        return rewards.masked_fill(unscored, float("nan")), each | {"_texts": texts}
+        return rewards.masked_fill(unscored, float("nan")), each, texts
 
     @torch.no_grad()
     def fill_logps(self, model: torch.nn.Module, rollouts: list[Rollout]) -> None:
@@ -245,7 +248,7 @@ class Rollouts:
                     r.old = values
             if self.beta:
                 ref = self.reference_model or inner
-                with self.reference(ref) if self.reference else _nothing():
+                with self.reference(ref) if self.reference else nullcontext():
                     for r, values in zip(rollouts, self.per_token(ref, batch)):
                         r.ref = values
 
@@ -267,12 +270,8 @@ class Rollouts:
             completions = sample(inner, [p.ids for p in prompts], 1,
                                  self.o.max_completion_length, 0.0, 1.0, self.stop,
                                  self.tokenizer.pad_token_id)
-            rewards, each = self.score(prompts, completions, 1)
-            tally.add("reward", rewards.nan_to_num(0.0))
-            for name, values in each.items():
-                if name != "_texts":
-                    v = torch.tensor(values)
-                    tally.add(f"rewards/{name}/mean", v[~v.isnan()])
+            rewards, each, _ = self.score(prompts, completions, 1)
+            add_rewards(tally, rewards, each)
             tally.add("completions/mean_length",
                       torch.tensor([len(c) for c in completions], dtype=torch.float32))
         return all_means(tally, self.acc) if self.splits.eval else {}
@@ -281,17 +280,12 @@ class Rollouts:
 
     def record(self, tally: Tally, state: TrainState, prompts: list[Prompt],
                completions: list[list[int]], rewards: torch.Tensor, each: dict,
-               tied: torch.Tensor, generation: int) -> None:
+               texts: list[str], tied: torch.Tensor, generation: int) -> None:
         """TRL's rollout figures into ``tally``; counters into ``state``; a sample of the
         completions into ``rollouts.jsonl`` (main process)."""
         g = self.o.num_generations
-        tally.add("reward", rewards.nan_to_num(0.0))
+        add_rewards(tally, rewards, each, spread=True)
         tally.add("reward_std", nanstd(rewards.view(-1, g)).nan_to_num(0.0))
-        for name, values in each.items():
-            if name != "_texts":
-                v = torch.tensor(values)
-                tally.add(f"rewards/{name}/mean", v[~v.isnan()])
-                tally.add(f"rewards/{name}/std", nanstd(v.view(1, -1)).nan_to_num(0.0))
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
         ended = torch.tensor([bool(c) and c[-1] in self.stop for c in completions])
         tally.add("completions/mean_length", lengths)
@@ -307,7 +301,7 @@ class Rollouts:
         state.rollout_flops += int(flops)
         if self.run_dir is not None and self.acc.is_main_process and (
                 generation % max(1, self.cfg.train.log_every) == 0):
-            self.write_samples(generation, prompts[0], each["_texts"][:g], rewards[:g])
+            self.write_samples(generation, prompts[0], texts[:g], rewards[:g])
 
     def rollout_flops(self, prompts: list[Prompt], completions: list[list[int]], g: int) -> int:
         """Forward FLOPs of sampling: each prompt once, each completion's tokens with
@@ -341,6 +335,13 @@ class Rollouts:
             f.write(json.dumps(record) + "\n")
 
 
-class _nothing(AbstractContextManager):
-    def __exit__(self, *exc) -> None:
-        return None
+def add_rewards(tally: Tally, rewards: torch.Tensor, each: dict[str, list],
+                spread: bool = False) -> None:
+    """``reward`` (unscored completions as 0) and each function's ``rewards/NAME/mean``
+    over the completions it scored; with ``spread`` its ``rewards/NAME/std`` too."""
+    tally.add("reward", rewards.nan_to_num(0.0))
+    for name, values in each.items():
+        v = torch.tensor(values)
+        tally.add(f"rewards/{name}/mean", v[~v.isnan()])
+        if spread:
+            tally.add(f"rewards/{name}/std", nanstd(v.view(1, -1)).nan_to_num(0.0))

@@ -121,3 +121,19 @@ def test_load_weights_rejects_an_adapter_covering_fewer_modules(llama_dir, tmp_p
     adapter = build_adapter(CFG)
     with pytest.raises(ValueError, match="do not fit this model.*missing: .*(k_proj|mlp)"):
         adapter.load_weights(adapter.apply(fresh_base(llama_dir)), tmp_path / "narrow")
+
+
+def test_lora_dropout_is_fast_and_still_drops(tiny_model_dir, tmp_path):
+    from leantune.model.dropout import FastDropout
+
+    adapter, model = trained_lora(tiny_model_dir, steps=1)
+    lora = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    assert lora and all(isinstance(d, FastDropout) and d.p == CFG.dropout for d in lora)
+    batch = inputs(model.config.vocab_size)
+    model.train()
+    with torch.no_grad():  # train mode: two forwards differ (the masks); eval: they agree
+        assert not torch.equal(model(**batch).logits, model(**batch).logits)
+    # Reloaded for more training, the dropout is the fast one again.
+    adapter.save(model, tmp_path / "a")
+    again = adapter.load(fresh_base(tiny_model_dir), tmp_path / "a", trainable=True)
+    assert any(isinstance(m, FastDropout) for m in again.modules())

@@ -21,7 +21,11 @@ sys.path.insert(0, str(FIXTURES))
 from make_checkpoint_v0 import OVERRIDES  # noqa: E402
 
 
-def test_a_checkpoint_of_the_old_layout_resumes_to_the_same_weights(tmp_path):
+def test_a_checkpoint_of_the_old_layout_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    # The old code drew LoRA's dropout masks with nn.Dropout; today's FastDropout draws
+    # another random stream. Kept as it was, so the weights can match bit for bit and
+    # the test judges the checkpoint layout alone.
+    monkeypatch.setattr("leantune.adapters.lora.use_fast_dropout", lambda modules: 0)
     old = tmp_path / "v0"
     shutil.copytree(FIXTURES / "checkpoint_v0", old)
     assert sorted(p.name for p in (old / "run" / "checkpoints").iterdir()) == ["step-3"]

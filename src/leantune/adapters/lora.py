@@ -21,6 +21,7 @@ from torch import nn
 
 from leantune.adapters.peft_adapter import PeftAdapter
 from leantune.adapters.targets import all_linear_targets, preset_targets
+from leantune.model.dropout import use_fast_dropout
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,24 @@ def fused_expert_targets(config: LoraConfig, model: nn.Module) -> set[str]:
     return set(probe.target_parameters or ())
 
 
+def fast_lora_dropout(model: nn.Module) -> nn.Module:
+    """``model`` with PEFT's LoRA dropout (``nn.Dropout`` per adapted layer) drawn by
+    :class:`~leantune.model.dropout.FastDropout`: the same inverted dropout for a quarter
+    of the random numbers (``bernoulli_`` was 11-17 % of a CPU step)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
+            use_fast_dropout(module.lora_dropout)
+    return model
+
+
 class LoRA(PeftAdapter):
     name = "lora"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return fast_lora_dropout(super().apply(model))
+
+    def load(self, base: nn.Module, directory, trainable: bool = False) -> nn.Module:
+        return fast_lora_dropout(super().load(base, directory, trainable))
 
     def peft_config(self, model: nn.Module) -> LoraConfig:
         """PEFT's config; LoRA dropout off where PEFT adapts fused experts (their wrapper

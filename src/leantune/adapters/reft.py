@@ -38,6 +38,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from leantune.adapters.base import Adapter, NotMergeable
 from leantune.config import AdapterConfig, parse_positions
+from leantune.model.dropout import FastDropout
 
 CONFIG_FILE, WEIGHTS_FILE = "reft_config.json", "reft_model.safetensors"
 PREFIX, SUFFIX = 1, 2  # intervention_mask values; 0 = leave the position alone
@@ -118,7 +119,7 @@ class LoReFT(nn.Module):
         with torch.no_grad():  # W = R, b = 0: Φ is the identity until training moves them
             self.source.weight.copy_(self.rotation.weight)
         self.bias = nn.Parameter(torch.zeros(rank))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         r = self.rotation.weight
@@ -133,7 +134,7 @@ class DiReFT(nn.Module):
         self.source, self.up = _Matrix(rank, dim), _Matrix(rank, dim)
         nn.init.zeros_(self.up.weight)  # Φ is the identity until training moves W₂ (LoRA's B = 0)
         self.bias = nn.Parameter(torch.zeros(rank))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.dropout((h @ self.source.weight.T + self.bias) @ self.up.weight)

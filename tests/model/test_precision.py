@@ -58,7 +58,7 @@ def test_auto_follows_the_measured_ratio(monkeypatch, tmp_path, ratio, used):
     chosen = choose("auto", "auto", CONFIG, CPU)
     assert chosen.used == used and chosen.ratio == ratio
     assert f"{ratio:.2f}x fp32" in chosen.reason
-    assert chosen.peak_flops > 0 and "torch.matmul 1024x1024x1024" in chosen.peak_method
+    assert chosen.peak_flops > 0 and "torch.matmul 2048x2048x2048" in chosen.peak_method
     assert chosen.compute_dtype == (torch.float32 if used == "fp32" else torch.bfloat16)
 
 
@@ -171,3 +171,64 @@ def test_measuring_leaves_the_global_rng_alone(monkeypatch, tmp_path):
     linear_ratio(model_shapes(CONFIG), CPU, reps=1)
     choose("fp32", "auto", CONFIG, CPU)  # cold cache: measures the peak
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_frozen_linears_in_bf16_compute_what_per_use_casts_did(llama_dir):
+    """bf16-mixed holds the frozen base linears in bf16: autocast would have cast them to
+    bf16 for every matmul, so the forward and the adapter's gradients are bit-identical to
+    the fp32-held base; a head tied to the embeddings and the norms stay fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from leantune.adapters import build_adapter
+    from leantune.config import AdapterConfig
+
+    def model(frozen_half):
+        base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+        base.config.tie_word_embeddings = True
+        base.tie_weights()
+        torch.manual_seed(0)
+        m = build_adapter(AdapterConfig(r=4, alpha=8.0, dropout=0.0)).apply(base)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.1)
+        Precision("bf16-mixed", "bf16-mixed", "", 2.0, 1.0, "").prepare(m, "cpu", frozen_half)
+        return m
+
+    held, cast = model(True), model(False)
+    dtypes = {n: p.dtype for n, p in held.named_parameters()}
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "base_layer.weight" in n)
+    assert all(d == torch.float32 for n, d in dtypes.items()
+               if "lora_" in n or "norm" in n or "embed" in n)
+    assert held.get_output_embeddings().weight.dtype == torch.float32  # tied: shared
+    assert all(p.dtype == torch.float32 for p in cast.parameters())
+    ids = torch.randint(0, held.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for m in (held, cast):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert torch.equal(held(input_ids=ids).logits, cast(input_ids=ids).logits)
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_chunked_head_runs_in_the_models_compute_dtype(llama_dir, monkeypatch):
+    """The loss is computed after the autocast forward returns: the chunked head must
+    still take bf16 matmuls under bf16-mixed (it ran in fp32 before)."""
+    from transformers import AutoModelForCausalLM
+
+    import leantune.model.chunked_loss as chunked
+    from leantune.model.logprobs import target_logprobs
+
+    seen = []
+    real = chunked._LinearLogProbs.apply
+    monkeypatch.setattr(chunked._LinearLogProbs, "apply",
+                        lambda *a: seen.append(a[4]) or real(*a))
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    fp32 = target_logprobs(model, batch, chunked=True)
+    autocast_forward(model, torch.bfloat16, "cpu")
+    mixed = target_logprobs(model, batch, chunked=True)
+    assert seen == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(mixed, fp32, atol=0.1, rtol=0.05)  # bf16 rounding, no more

@@ -112,11 +112,16 @@ class _LinearLogProbs(torch.autograd.Function):
                 db.to(bias.dtype) if need_b else None, None, None, None)
 
 
-def linear_log_probs(hidden: torch.Tensor, head: torch.nn.Linear,
-                     targets: torch.Tensor) -> torch.Tensor:
+def linear_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[N]`` fp32 log-probabilities of ``targets`` ``[N]`` (all valid: no ignore index)
     under ``head(hidden)`` ``[N, V]``, chunked; equal to
-    ``-F.cross_entropy(head(hidden).float(), targets, reduction="none")``."""
+    ``-F.cross_entropy(head(hidden).float(), targets, reduction="none")``.
+
+    ``dtype``: the matmuls' dtype, the model's compute dtype
+    (:func:`leantune.model.precision.compute_dtype`: the loss runs after the model's
+    autocast forward has returned, so bf16-mixed must say so); None: the autocast dtype
+    around the call, else the promotion of ``hidden``'s and the weight's."""
     rows = max(1, CHUNK_ELEMENTS // head.out_features)
     return _LinearLogProbs.apply(hidden, head.weight, head.bias, targets,
-                                 _compute_dtype(hidden, head.weight), rows)
+                                 dtype or _compute_dtype(hidden, head.weight), rows)

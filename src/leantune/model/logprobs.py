@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from leantune.data.encode import IGNORE
 from leantune.model.chunked_loss import chunked_head, linear_log_probs
 from leantune.model.head import head_at
+from leantune.model.precision import compute_dtype
 
 # What every model's forward takes from a batch; the rest is bookkeeping, which a model
 # may ask for by name (``batch_inputs``: ReFT reads where the prompts lie).
@@ -83,7 +84,7 @@ def target_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     with head_at(model, select, hidden):
         logits = model(**model_inputs(batch, model)).logits
     if hidden:  # the head saw no rows: it runs inside the log-softmax
-        return linear_log_probs(hidden[-1], head, labels[select])
+        return linear_log_probs(hidden[-1], head, labels[select], compute_dtype(model))
     if logits.dim() == 3:  # the head was not reached as expected: it ran everywhere
         logits = logits[:, -labels.shape[1]:][select]
     return token_logprobs(logits, labels[select])
@@ -111,7 +112,7 @@ def logprobs_at(model: torch.nn.Module, batch: dict[str, torch.Tensor], row: tor
     with head_at(model, select, hidden):
         logits = model(**model_inputs(batch, model)).logits
     if hidden:
-        return linear_log_probs(hidden[-1][order], head, tokens)
+        return linear_log_probs(hidden[-1][order], head, tokens, compute_dtype(model))
     if logits.dim() == 2:  # [M, V], row-major over the selected positions
         return token_logprobs(logits[order], tokens)
     return token_logprobs(logits[:, -select.shape[1]:][row, at], tokens)

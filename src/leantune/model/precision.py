@@ -5,21 +5,25 @@
 - ``fp32``: weights, activations and gradients in float32 (exact; the parity tests' home).
 - ``bf16-mixed``: every trainable weight stays float32 (the master copy AdamW updates);
   each forward runs under ``torch.autocast(device, bfloat16)``, so matmuls take bf16 inputs
-  and accumulate in fp32, while norms, softmax and the loss stay fp32. Frozen base
-  weights are float32 on CPU and bfloat16 on CUDA (``model.dtype`` overrides: on GPU the
-  halved base memory is what QLoRA-style users expect, and autocast would cast them to
-  bf16 for every matmul anyway).
+  and accumulate in fp32, while norms, softmax and the loss stay fp32. The frozen base is
+  held in bfloat16 where autocast would cast it for every matmul anyway: on CUDA the
+  whole base is loaded in bf16 (what QLoRA-style users expect); on CPU the frozen
+  ``nn.Linear`` weights are cast once after loading (:func:`frozen_linears_to`), while
+  embeddings, norms and a head tied to the embeddings stay fp32, so the residual stream
+  is fp32 as it was. Per step, that removes a bf16 copy of every frozen weight in the
+  forward and again in the backward (8-10 % of a CPU step) and halves their memory.
+  An explicit ``model.dtype`` overrides both.
 - ``bf16``: everything in bfloat16 (``model.dtype: bfloat16``), no autocast.
 - ``auto``: ``bf16-mixed`` where bf16 matmuls are fast, else ``fp32``. The choice is a
   measurement, not a CPU-name table: :func:`linear_ratio` times ``F.linear`` at the
   model's own shapes (hidden -> intermediate, intermediate -> hidden, hidden -> hidden,
-  hidden -> vocab) in fp32 and under bf16 autocast from fp32 weights (so the casts
-  bf16-mixed pays are in the bill) and picks bf16-mixed when it is at least
-  :data:`MIN_RATIO` times faster. What it measured on the CPU kinds met so far is in
-  BENCHMARKS.md.
+  hidden -> vocab) in fp32 and under bf16 autocast from bf16 weights (as bf16-mixed holds
+  the frozen base), over at least :data:`MIN_TOKENS` tokens (a step's matmuls see
+  hundreds), and picks bf16-mixed when it is at least :data:`MIN_RATIO` times faster.
+  What it measured on the CPU kinds met so far is in BENCHMARKS.md.
 
 The peak for MFU (:func:`matmul_peak`) is the best of a few square ``torch.matmul`` runs
-(1024^3 on CPU, 8192^3 on CUDA) in the run's compute dtype, at the run's thread count.
+(2048^3 on CPU, 8192^3 on CUDA) in the run's compute dtype, at the run's thread count.
 Both measurements are cached per machine (CPU model and flags, or GPU name; threads;
 torch version) in ``$LEANTUNE_CACHE/machine.json``, so they cost a second or two once.
 """
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MIN_RATIO = 1.25  # bf16-mixed's linear speed-up needed to pay for its fp32 elementwise work
 TARGET_FLOPS = 2e9  # per timed matmul: long enough to time, short enough at 7B shapes
+MIN_TOKENS = 256    # rows per timed matmul: fewer would time the weight's cast, not a step's
 
 
 @dataclass
@@ -76,11 +81,15 @@ class Precision:
             return "bfloat16"
         return "float32"
 
-    def prepare(self, model: torch.nn.Module, device_type: str) -> None:
+    def prepare(self, model: torch.nn.Module, device_type: str, frozen_half: bool = True) -> None:
         """Make ``model`` (adapter applied, before the optimizer) train in this precision:
-        fp32 master weights and autocast forwards for bf16-mixed; nothing otherwise."""
+        for bf16-mixed, fp32 master weights, the frozen linear weights in bf16 (unless
+        ``frozen_half`` is False: an explicit ``model.dtype``) and autocast forwards;
+        nothing otherwise."""
         if self.used == "bf16-mixed":  # AdamW updates fp32 master weights
             master_weights_fp32(model)
+            if frozen_half:
+                frozen_linears_to(model, torch.bfloat16)
         autocast_forward(model, self.autocast, device_type)
 
     def to_dict(self) -> dict:
@@ -155,8 +164,10 @@ def _best_seconds(fn, device: torch.device, reps: int) -> float:
 
 
 def peak_size(device: torch.device) -> int:
-    """The side of :func:`matmul_peak`'s square matmul: 8192 on CUDA, 1024 on CPU."""
-    return 8192 if device.type == "cuda" else 1024
+    """The side of :func:`matmul_peak`'s square matmul: 8192 on CUDA, 2048 on CPU (AMX
+    reached 1.4 TFLOP/s in bf16 at 1024 and 2.4 at 2048 on 2 cores: a smaller square
+    understates the peak and overstates MFU)."""
+    return 8192 if device.type == "cuda" else 2048
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
@@ -189,18 +200,21 @@ def model_shapes(config) -> list[tuple[int, int]]:
 
 
 def linear_ratio(shapes: list[tuple[int, int]], device: torch.device, reps: int = 3) -> float:
-    """Throughput of ``F.linear`` under bf16 autocast from fp32 weights over plain fp32, at
-    ``shapes``; the token count per shape is chosen for ~:data:`TARGET_FLOPS` per call."""
+    """Throughput of ``F.linear`` under bf16 autocast (fp32 input, bf16 weight: the frozen
+    base as bf16-mixed holds it) over plain fp32, at ``shapes``; the token count per shape
+    is chosen for ~:data:`TARGET_FLOPS` per call, at least :data:`MIN_TOKENS`."""
     seconds = {"fp32": 0.0, "bf16-mixed": 0.0}
     g = torch.Generator(device).manual_seed(0)  # never the global RNG: runs stay seeded
     for fan_in, fan_out in shapes:
-        tokens = int(min(4096, max(16, TARGET_FLOPS / (2 * fan_in * fan_out))))
+        tokens = int(min(4096, max(MIN_TOKENS, TARGET_FLOPS / (2 * fan_in * fan_out))))
         x = torch.randn(tokens, fan_in, device=device, generator=g)
         w = torch.randn(fan_out, fan_in, device=device, generator=g) / fan_in**0.5
         with torch.no_grad():
             seconds["fp32"] += _best_seconds(lambda x=x, w=w: F.linear(x, w), device, reps)
 
-            def mixed(x=x, w=w):
+            half = w.to(torch.bfloat16)
+
+            def mixed(x=x, w=half):
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     return F.linear(x, w)
 
@@ -220,8 +234,8 @@ def choose(requested: str, model_dtype: str, config, device: torch.device) -> Pr
         reason = "asked for"
     dtype = torch.float32 if used == "fp32" else torch.bfloat16
     name = str(dtype).removeprefix("torch.")
-    peak = cached(f"{key} | matmul peak {name}", lambda: matmul_peak(dtype, device))
     n = peak_size(device)
+    peak = cached(f"{key} | matmul peak {name} {n}^3", lambda: matmul_peak(dtype, device))
     method = (f"best of 5 torch.matmul {n}x{n}x{n} in {name}, {torch.get_num_threads()} "
               f"threads, cached in {_cache_path()}")
     return Precision(requested, used, reason, ratio, peak, method)
@@ -233,7 +247,7 @@ def measure_auto(config, device: torch.device, key: str) -> tuple[str, float | N
     fp32, the precision every model runs in, and the reason says why."""
     try:
         shapes = model_shapes(config)
-        ratio = cached(f"{key} | linear bf16-mixed/fp32 {shapes}",
+        ratio = cached(f"{key} | linear bf16-mixed/fp32 (bf16 weights) {shapes}",
                        lambda: linear_ratio(shapes, device))
     except (ValueError, TypeError, RuntimeError) as e:
         reason = (f"could not time bf16 at this model's shapes ({type(e).__name__}: "
@@ -356,4 +370,22 @@ def master_weights_fp32(model: torch.nn.Module) -> int:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
             cast += 1
+    return cast
+
+
+def frozen_linears_to(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen float32 weights and biases of every ``nn.Linear`` in ``model`` to
+    ``dtype`` in place; the count cast. A parameter that another kind of module also holds
+    (a head tied to the input embeddings) stays as it is: the embeddings' output feeds the
+    fp32 residual stream."""
+    shared = {id(p) for m in model.modules() if type(m) is not torch.nn.Linear  # noqa: E721
+              for p in m.parameters(recurse=False)}
+    cast = 0
+    for m in model.modules():
+        if type(m) is not torch.nn.Linear:  # noqa: E721 (4-bit and other subclasses: no)
+            continue
+        for p in m.parameters(recurse=False):
+            if not p.requires_grad and p.dtype == torch.float32 and id(p) not in shared:
+                p.data = p.data.to(dtype)
+                cast += 1
     return cast

@@ -47,6 +47,7 @@ from leantune.data.encode import IGNORE
 from leantune.model.chunked_loss import CHUNK_ELEMENTS, chunked_head, linear_log_probs
 from leantune.model.head import head_at
 from leantune.model.logprobs import model_inputs, next_labels, select_positions
+from leantune.model.precision import compute_dtype
 from leantune.objectives.base import Objective
 
 ADVANTAGE_EPS = 1e-4  # TRL's: a group's std of 0 must not divide
@@ -105,8 +106,8 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     if hidden:
         h = hidden[-1] if order is None else hidden[-1][order]
         h = h / temperature if temperature != 1 else h
-        lp = linear_log_probs(h, head, targets)
-        entropy = chunked_entropy(h.detach(), head)
+        lp = linear_log_probs(h, head, targets, compute_dtype(model))
+        entropy = chunked_entropy(h.detach(), head, compute_dtype(model))
     else:
         if logits.dim() == 3:  # the head ran everywhere
             logits = logits[:, -select.shape[1]:][select]
@@ -120,12 +121,16 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def chunked_entropy(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
-    """``[N]`` entropy of ``softmax(head(hidden))``, a chunk of rows at a time."""
+def chunked_entropy(hidden: torch.Tensor, head: torch.nn.Linear,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[N]`` entropy of ``softmax(head(hidden))``, a chunk of rows at a time, the head's
+    matmul in ``dtype`` (the model's compute dtype)."""
     rows = max(1, CHUNK_ELEMENTS // head.out_features)
+    w = head.weight.to(dtype)
+    b = head.bias.to(dtype) if head.bias is not None else None
     out = []
     for h in hidden.split(rows):
-        logp = F.log_softmax(head(h).float(), dim=-1)
+        logp = F.log_softmax(F.linear(h.to(dtype), w, b).float(), dim=-1)
         out.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 

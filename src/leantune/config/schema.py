@@ -228,9 +228,16 @@ class TrainConfig:
         "config must match that run's.")
     progress: bool = opt(True, "Show a progress bar.")
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = opt(
-        "auto", "bf16-mixed: bf16 autocast, fp32 trainable weights; bf16: all bf16. auto: "
+        "auto", "bf16-mixed: bf16 autocast, fp32 trainable weights, the frozen base's linear "
+        "weights held in bf16; bf16: all bf16. auto: "
         "bf16-mixed where a start-up measurement at the model's shapes finds bf16 matmuls "
         ">= 1.25x fp32 (AMX, GPUs), else fp32; the choice and ratio go to summary.json.")
+    compile: bool = opt(
+        False, "torch.compile the model's decoder layers (one compile serves every layer) for "
+        "the training steps; evaluation and generation stay eager. The first step pays the "
+        "compile (13-30 s on a 2-core CPU for SmolLM2-135M), later steps run fused kernels: "
+        "it pays on runs of more than a few dozen steps (BENCHMARKS.md). A compile that "
+        "fails falls back to eager, said in the log and summary.json.")
     chunked_loss: bool = opt(
         True, "Cross-entropy in chunks of target positions, never holding all [N, vocab] "
         "logits (same loss and gradients); off where a start-up check finds it inexact.")

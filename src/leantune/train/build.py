@@ -22,6 +22,7 @@ from leantune.config.tasks import task_names
 from leantune.data.tasks import ChoiceDoc, subset
 from leantune.eval.loss import evaluate
 from leantune.eval.multiple_choice import ChoiceScorer
+from leantune.model.compile import CompiledBlocks
 from leantune.model.flops import FlopModel
 from leantune.model.load import evaluating, load_tokenizer, resolve_dtype, resolve_local
 from leantune.model.precision import Precision, choose
@@ -82,6 +83,8 @@ class Run:
     train_memory: PeakMemory | None = None
     objective: Objective = NEXT_TOKEN  # what the steps, evaluations and FF set compute
     figures: dict = field(default_factory=dict)  # the objective's last logged figures
+    compiled: CompiledBlocks | None = None  # train.compile: the layers, compiled for steps
+    compile: dict = field(default_factory=dict)  # train.compile: used or not, why, first step
 
     @property
     def resumed(self) -> bool:
@@ -111,7 +114,7 @@ def build_run(cfg: Config) -> Run:
     base = load_base(model_cfg, adapter, source, acc.device)
     base_memory = memory_footprint(base, resolve_dtype(model_cfg.dtype))
     model = adapter.apply(adapter.prepare_base(base))
-    precision.prepare(model, acc.device.type)
+    precision.prepare(model, acc.device.type, frozen_half=cfg.model.dtype == "auto")
     params = count_parameters(model)
     if acc.is_main_process:  # before any training: will the checkpoints fit on the disk?
         stored = sum(p.nbytes for p in unique_parameters(model) if p.requires_grad)
@@ -161,9 +164,24 @@ def build_run(cfg: Config) -> Run:
               params, base_memory, packing, precision, loss_paths, strategy, steps,
               schedule, state, start, metrics, started, ff, tasks, scorer, objective=objective)
     fill_references(run, lambda b: data.batcher.collate_examples(b, eval_mode(packing)))
+    if cfg.train.compile:
+        compile_blocks(run)
     if data.rollouts is not None:
         prepare_rollouts(run)
     return run
+
+
+def compile_blocks(run: Run) -> None:
+    """``train.compile``: the decoder layers compiled for the training steps (compiling
+    happens in the first one), or a warning and eager steps where the model has none."""
+    try:
+        run.compiled = CompiledBlocks(run.acc.unwrap_model(run.model))
+    except ValueError as e:
+        log.warning("train.compile: %s; training eagerly", e)
+        run.compile = {"requested": True, "used": False, "reason": str(e)}
+        return
+    run.compile = {"requested": True, "used": True, "blocks": len(run.compiled.blocks),
+                   "block": type(run.compiled.blocks[0]).__name__}
 
 
 def prepare_rollouts(run: Run) -> None:

@@ -79,8 +79,7 @@ def train_steps(run: Run, batches, bar: tqdm) -> None:
         lr = set_lr(run)
         if run.ff is not None:
             run.ff.before_step(state.step + 1)
-        result = train_step(run.model, run.optimizer, micro, acc, cfg.optim.max_grad_norm,
-                            run.objective)
+        result = run_step(run, micro)
         check_finite(run, result)
         flops = state.train_flops
         state.account(micro, result, run.flop_model, acc,
@@ -94,6 +93,34 @@ def train_steps(run: Run, batches, bar: tqdm) -> None:
             score_tasks(run, "periodic")
         if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
             checkpoint(run)
+
+
+def run_step(run: Run, micro: list) -> StepResult:
+    """:func:`train_step` on the step's micro-batches, with the compiled layers where
+    ``train.compile`` asked for them. A step that fails compiled is taken again eagerly
+    (no update was made: its gradients are dropped first); if that succeeds, the compile
+    was at fault, and the run goes on eagerly, saying why."""
+    def step() -> StepResult:
+        return train_step(run.model, run.optimizer, micro, run.acc,
+                          run.cfg.optim.max_grad_norm, run.objective)
+
+    if run.compiled is None:
+        return step()
+    tick = time.perf_counter()
+    try:
+        with run.compiled.active():
+            result = step()
+    except Exception as e:  # noqa: BLE001 - dynamo, inductor and the C++ compiler raise anything
+        run.optimizer.zero_grad(set_to_none=True)
+        result = step()  # an error that is not the compile's is raised here, eagerly
+        cause = getattr(e, "inner_exception", None) or e  # dynamo wraps the backend's error
+        reason = f"{type(cause).__name__}: {first_line(cause)}"
+        log.warning("train.compile: the compiled step failed (%s); training eagerly", reason)
+        run.compiled = None
+        run.compile.update(used=False, reason=f"failed at step {run.state.step + 1}: {reason}")
+        return result
+    run.compile.setdefault("first_step_s", round(time.perf_counter() - tick, 2))
+    return result
 
 
 def set_lr(run: Run) -> float:

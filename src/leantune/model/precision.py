@@ -124,6 +124,10 @@ def machine_key(device: torch.device) -> str:
     else:
         info = cpu_info()
         chip = f"{info['model']} [{' '.join(info['flags'])}]"
+        # Kernels capped below the chip's features (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)
+        # time as another CPU would: their figures are kept apart.
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        chip += f" aten:{torch.backends.cpu.get_cpu_capability()}" + (f" onednn:{isa}" if isa else "")
     return f"{chip} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 

@@ -49,6 +49,10 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("continual", ["continual"]),
     ("corpus_scale", ["script:corpus_scale.py", "--gigabytes", "1", "--rounds", "2"]),
     ("speed", ["speed"]),
+    ("profile_after_fp32", ["script:profile_step.py", "train.precision=fp32"]),
+    ("profile_after_bf16", ["script:profile_step.py", "train.precision=bf16-mixed"]),
+    ("profile_after_bf16_compiled", ["script:profile_step.py", "train.precision=bf16-mixed",
+                                     "train.compile=true"]),
     ("preference", ["preference"]),
     ("grpo", ["grpo"]),
 ]

@@ -16,6 +16,7 @@ import json
 import random
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,7 +27,9 @@ from leantune.bench.common import sharegpt_exchanges
 from leantune.config import AdapterConfig, ModelConfig
 from leantune.data.encode import Encoded
 from leantune.eval.loss import evaluate
+from leantune.model.compile import CompiledBlocks
 from leantune.model.load import load_model, load_tokenizer, resolve_local
+from leantune.objectives import NEXT_TOKEN
 from leantune.packing.batching import Batcher
 from leantune.train.metrics import PeakMemory
 from leantune.train.step import train_step
@@ -53,11 +56,15 @@ def split_rows(batch: dict[str, torch.Tensor], micro_tokens: int) -> list[dict[s
 
 def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[Encoded],
              batch_size: int, max_length: int, pad_id: int, lr: float, acc: Accelerator,
-             micro_tokens: int = 4096) -> dict:
+             micro_tokens: int = 4096, compiled: CompiledBlocks | None = None) -> dict:
     """Train ``model`` from ``init`` over ``train`` with one packing mode; time it.
 
     Each optimizer step covers ``batch_size`` units (examples, or rows for ``offline``),
-    run as micro-batches of at most ``micro_tokens`` positions to bound memory."""
+    run as micro-batches of at most ``micro_tokens`` positions to bound memory. With
+    ``compiled`` (train.compile's layers), the steps run compiled; the compiles (the first
+    shapes, then symbolic ones) happen in forward/backward passes over the first two
+    steps' batches before the clock starts, no update made, timed apart
+    (``compile_seconds``)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -67,12 +74,23 @@ def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[
     steps = _batches(batcher, batch_size, seed=0)
     seconds = real = targets = positions = rows = 0
     model.train()
+    active = compiled.active if compiled is not None else nullcontext
+    compile_seconds = None
+    if compiled is not None:
+        tick = time.perf_counter()
+        for unit_ids in steps[:2]:
+            with active():
+                for micro in split_rows(batcher.collate(unit_ids), micro_tokens):
+                    NEXT_TOKEN.loss_sum(model, micro).backward()
+            model.zero_grad(set_to_none=True)
+        compile_seconds = time.perf_counter() - tick
     with PeakMemory() as memory:
         for unit_ids in steps:
             tick = time.perf_counter()
             batch = batcher.collate(unit_ids)
-            result = train_step(model, optimizer, split_rows(batch, micro_tokens), acc,
-                                max_grad_norm=1.0)
+            with active():
+                result = train_step(model, optimizer, split_rows(batch, micro_tokens), acc,
+                                    max_grad_norm=1.0)
             seconds += time.perf_counter() - tick
             real += int(batch["token_mask"].sum())
             positions += batch["input_ids"].numel()
@@ -83,7 +101,8 @@ def run_mode(model, init: dict, mode: str, train: list[Encoded], held_out: list[
     return {"mode": mode, "seconds": seconds, "tokens_per_second": real / seconds,
             "target_tokens_per_second": targets / seconds, "padding_fraction": 1 - real / positions,
             "rows": rows, "optimizer_steps": len(steps),
-            "peak_memory_delta_bytes": memory.delta, "eval_loss": eval_loss}
+            "peak_memory_delta_bytes": memory.delta, "eval_loss": eval_loss,
+            "compile_seconds": compile_seconds}
 
 
 def bench_packing(model_name: str = "embedded:smollm2", examples: int = 32, eval_examples: int = 16,

@@ -33,6 +33,9 @@ ARMS: dict[str, tuple] = {  # names without commas: --arms splits on them
     "leantune fp32": ("leantune", "lora", "online", "fp32", True),
     "leantune fp32 plain loss": ("leantune", "lora", "online", "fp32", False),
     "leantune bf16-mixed": ("leantune", "lora", "online", "bf16-mixed", True),
+    "leantune bf16-mixed compiled": ("leantune", "lora", "online", "bf16-mixed", True,
+                                     {"compile": True}),
+    "leantune fp32 compiled": ("leantune", "lora", "online", "fp32", True, {"compile": True}),
     "leantune bf16-mixed bf16 base": ("leantune", "lora", "online", "bf16-mixed", True,
                                       {"base_dtype": "bfloat16"}),
     "leantune fp32 checkpointing": ("leantune", "lora", "online", "fp32", True,
@@ -41,6 +44,8 @@ ARMS: dict[str, tuple] = {  # names without commas: --arms splits on them
     "leantune padded fp32": ("leantune", "lora", "none", "fp32", True),
     "TRL padded": ("trl", "lora", "padded", "fp32", False),
     "TRL padding-free": ("trl", "lora", "padding_free", "fp32", False),
+    "TRL padded bf16": ("trl", "lora", "padded", "bf16-mixed", False),
+    "TRL padding-free bf16": ("trl", "lora", "padding_free", "bf16-mixed", False),
     "bare HF+PEFT fp32": ("bare", "lora", "padded", "fp32", False),
     "bare HF+PEFT bf16 autocast": ("bare", "lora", "padded", "bf16-mixed", False),
     "full: leantune auto": ("leantune", "full", "online", "auto", True),
@@ -133,6 +138,8 @@ def summarize(runs: dict[str, list[dict]], setup: dict) -> dict:
         dtype = _peak_key(rs[0])
         m["precision_used"] = rs[0].get("precision_used", rs[0]["precision"])
         m["mfu"] = m["flops"] / m["seconds"] / setup["peak_flops"][dtype]
+        if rs[0].get("compile_seconds") is not None:  # compiled arms: the compile, untimed
+            m["compile_seconds"] = statistics.median(r["compile_seconds"] for r in rs)
         med[name] = m
     for m in med.values():
         for ref, label in ((BASELINE, "bare_fp32"), (PEER, "trl_padded")):

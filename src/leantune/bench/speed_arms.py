@@ -40,6 +40,7 @@ from leantune.config import AdapterConfig, ModelConfig
 from leantune.data.encode import IGNORE, Encoded
 from leantune.eval.loss import evaluate
 from leantune.model.chunked_loss import turn_off
+from leantune.model.compile import CompiledBlocks
 from leantune.model.flops import FlopModel
 from leantune.model.load import load_model, load_tokenizer, resolve_local
 from leantune.model.precision import autocast_forward, choose
@@ -80,13 +81,14 @@ def leantune_arm(spec: dict, source: str, tokenizer, train, held_out, acc) -> di
     model_cfg = ModelConfig(name_or_path=source, dtype=dtype,
                             gradient_checkpointing=spec.get("gradient_checkpointing", False))
     model = adapter.apply(load_model(model_cfg, source))
-    precision.prepare(model, acc.device.type)
+    precision.prepare(model, acc.device.type, frozen_half=spec.get("base_dtype", "auto") == "auto")
     if not spec["chunked"]:
         turn_off(model)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     result = run_mode(model, init, spec["layout"], train, held_out, spec["batch_size"],
                       spec["max_length"], tokenizer.pad_token_id, spec["lr"], acc,
-                      micro_tokens=spec["batch_size"] * spec["max_length"])
+                      micro_tokens=spec["batch_size"] * spec["max_length"],
+                      compiled=CompiledBlocks(model) if spec.get("compile") else None)
     return result | {"precision_used": precision.used, "precision_ratio": precision.ratio,
                      "peak_flops": precision.peak_flops, "flops": useful_flops(model, train)}
 
@@ -160,7 +162,8 @@ def trl_arm(spec: dict, source: str, tokenizer, train, held_out, acc) -> dict:
             learning_rate=spec["lr"], lr_scheduler_type="constant", packing=False,
             # padding-free without packing refuses a max_length: the examples are cut already
             padding_free=free, max_length=None if free else spec["max_length"],
-            report_to=[], save_strategy="no", logging_steps=1, bf16=False,
+            report_to=[], save_strategy="no", logging_steps=1,
+            bf16=spec["precision"] == "bf16-mixed",
             use_cpu=acc.device.type == "cpu", dataloader_num_workers=0, max_grad_norm=1.0,
             warmup_steps=0, seed=0)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
@@ -169,6 +172,8 @@ def trl_arm(spec: dict, source: str, tokenizer, train, held_out, acc) -> dict:
             out = trainer.train()
     seconds = out.metrics["train_runtime"]
     real = sum(len(e.input_ids) for e in train)
+    if spec["precision"] == "bf16-mixed":
+        autocast_forward(trainer.model, torch.bfloat16, acc.device.type)  # eval as it trained
     eval_loss = evaluate(trainer.model, held_out, 8,
                          lambda b: _padded(b, tokenizer.pad_token_id), acc)["loss"]
     return {"seconds": seconds, "tokens_per_second": real / seconds,

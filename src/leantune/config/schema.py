@@ -235,7 +235,8 @@ class TrainConfig:
     compile: bool = opt(
         False, "torch.compile the model's decoder layers (one compile serves every layer) for "
         "the training steps; evaluation and generation stay eager. The first step pays the "
-        "compile (13-30 s on a 2-core CPU for SmolLM2-135M), later steps run fused kernels: "
+        "compile (SmolLM2-135M on 2 CPU cores: 27 s, 4 s with inductor's cache warm, and once "
+        "more for a batch of another length), later steps run fused kernels: "
         "it pays on runs of more than a few dozen steps (BENCHMARKS.md). A compile that "
         "fails falls back to eager, said in the log and summary.json.")
     chunked_loss: bool = opt(

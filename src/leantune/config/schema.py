@@ -233,12 +233,10 @@ class TrainConfig:
         "bf16-mixed where a start-up measurement at the model's shapes finds bf16 matmuls "
         ">= 1.25x fp32 (AMX, GPUs), else fp32; the choice and ratio go to summary.json.")
     compile: bool = opt(
-        False, "torch.compile the model's decoder layers (one compile serves every layer) for "
-        "the training steps; evaluation and generation stay eager. The first step pays the "
-        "compile (SmolLM2-135M on 2 CPU cores: 27 s, 4 s with inductor's cache warm, and once "
-        "more for a batch of another length), later steps run fused kernels: "
-        "it pays on runs of more than a few dozen steps (BENCHMARKS.md). A compile that "
-        "fails falls back to eager, said in the log and summary.json.")
+        False, "torch.compile the decoder layers for the training steps (eval and generation "
+        "stay eager). The first step compiles (SmolLM2-135M, 2 CPU cores: 27 s cold, 4 s warm): "
+        "pays on runs of a few dozen steps and more (BENCHMARKS.md); a failing compile falls "
+        "back to eager, said in the log and summary.json.")
     chunked_loss: bool = opt(
         True, "Cross-entropy in chunks of target positions, never holding all [N, vocab] "
         "logits (same loss and gradients); off where a start-up check finds it inexact.")

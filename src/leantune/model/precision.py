@@ -10,8 +10,8 @@
   whole base is loaded in bf16 (what QLoRA-style users expect); on CPU the frozen
   ``nn.Linear`` weights are cast once after loading (:func:`frozen_linears_to`), while
   embeddings, norms and a head tied to the embeddings stay fp32, so the residual stream
-  is fp32 as it was. Per step, that removes a bf16 copy of every frozen weight in the
-  forward and again in the backward (8-10 % of a CPU step) and halves their memory.
+  is fp32 as it was. That removes autocast's bf16 copy of every frozen weight at each
+  forward (autocast caches casts of trainable weights only) and halves their memory.
   An explicit ``model.dtype`` overrides both.
 - ``bf16``: everything in bfloat16 (``model.dtype: bfloat16``), no autocast.
 - ``auto``: ``bf16-mixed`` where bf16 matmuls are fast, else ``fp32``. The choice is a

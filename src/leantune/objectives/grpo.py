@@ -106,8 +106,9 @@ def completion_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     if hidden:
         h = hidden[-1] if order is None else hidden[-1][order]
         h = h / temperature if temperature != 1 else h
-        lp = linear_log_probs(h, head, targets, compute_dtype(model))
-        entropy = chunked_entropy(h.detach(), head, compute_dtype(model))
+        dtype = compute_dtype(model)
+        lp = linear_log_probs(h, head, targets, dtype)
+        entropy = chunked_entropy(h.detach(), head, dtype)
     else:
         if logits.dim() == 3:  # the head ran everywhere
             logits = logits[:, -select.shape[1]:][select]

@@ -84,7 +84,7 @@ class Run:
     objective: Objective = NEXT_TOKEN  # what the steps, evaluations and FF set compute
     figures: dict = field(default_factory=dict)  # the objective's last logged figures
     compiled: CompiledBlocks | None = None  # train.compile: the layers, compiled for steps
-    compile: dict = field(default_factory=dict)  # train.compile: used or not, why, first step
+    compile: dict = field(default_factory=lambda: {"requested": False, "used": False})
 
     @property
     def resumed(self) -> bool:

@@ -33,7 +33,7 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         "train_seconds": state.train_seconds,
         "tokens_per_second": state.tokens_per_second,
         "precision": run.precision.to_dict(),
-        "compile": run.compile or {"requested": False, "used": False},
+        "compile": run.compile,
         "mfu": mfu_record(run),
         "chunked_loss": run.loss_paths["chunked_loss"],
         "head_at_targets": run.loss_paths["head_at_targets"],

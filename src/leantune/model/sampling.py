@@ -26,6 +26,7 @@ completion mask keeps the EOS token) and at most ``max_new`` long.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -103,15 +104,22 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device
 @torch.no_grad()
 def sample(model: torch.nn.Module, prompts: list[list[int]], num: int, max_new: int,
            temperature: float, top_p: float, stop: set[int], pad_id: int,
-           generator=None) -> list[list[int]]:
+           generator=None, synced: Callable[[bool], bool] | None = None) -> list[list[int]]:
     """``len(prompts) * num`` completions, prompt by prompt (prompt i's are
     ``[i * num, (i + 1) * num)``), sampled as the module docstring says; ``generator``:
     one ``torch.Generator``, or one per prompt (each prompt's completions then depend on
     its own seed only, whichever prompts it is batched with, up to the rounding of a
-    batch of another shape)."""
+    batch of another shape).
+
+    ``synced``: for a model whose every forward is collective (FSDP2 shards), called
+    once per step with whether this process needs another forward; it returns whether
+    any process does. A process whose rows are all done then runs a one-token forward
+    per step until every process is done, so all of them run the same forwards (as
+    transformers' ``generate(synced_gpus=True)`` does, which the fallback uses).
+    ``prompts`` must not be empty."""
     if not fast_path(model):
         return sample_with_generate(model, prompts, num, max_new, temperature, top_p, stop,
-                                    pad_id, generator)
+                                    pad_id, generator, synced=synced is not None)
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -128,12 +136,18 @@ def sample(model: torch.nn.Module, prompts: list[list[int]], num: int, max_new: 
         live = torch.arange(len(out), device=device)
         stops = torch.tensor(sorted(stop), device=device)
         for step in range(max_new):
-            token = pick(logits, temperature, top_p, generator, live // num)
-            for row, t in zip(live.tolist(), token.tolist()):
-                out[row].append(t)
-            going = ~torch.isin(token, stops)
-            if step == max_new - 1 or not going.any():
+            if len(live):
+                token = pick(logits, temperature, top_p, generator, live // num)
+                for row, t in zip(live.tolist(), token.tolist()):
+                    out[row].append(t)
+                going = ~torch.isin(token, stops)
+            more = step < max_new - 1 and len(live) > 0 and bool(going.any())
+            if not (synced(more) if synced is not None else more):
                 break
+            if not more:  # done here, not elsewhere: keep FSDP's all-gathers in step
+                live = live[:0]
+                model(input_ids=ids[:1, -1:])
+                continue
             if not going.all():  # finished rows leave the batch (and the cache)
                 keep = going.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
@@ -148,9 +162,11 @@ def sample(model: torch.nn.Module, prompts: list[list[int]], num: int, max_new: 
 @torch.no_grad()
 def sample_with_generate(model: torch.nn.Module, prompts: list[list[int]], num: int,
                          max_new: int, temperature: float, top_p: float, stop: set[int],
-                         pad_id: int, generator=None) -> list[list[int]]:
+                         pad_id: int, generator=None, synced: bool = False
+                         ) -> list[list[int]]:
     """:func:`sample` through transformers' ``generate`` (every completion computes its
-    prompt). Its sampling draws from the global RNG, seeded here from ``generator``."""
+    prompt). Its sampling draws from the global RNG, seeded here from ``generator``;
+    ``synced``: ``generate``'s ``synced_gpus`` (every process runs until all are done)."""
     device = next(model.parameters()).device
     if isinstance(generator, (list, tuple)):
         generator = generator[0] if generator else None
@@ -165,7 +181,8 @@ def sample_with_generate(model: torch.nn.Module, prompts: list[list[int]], num: 
                     if temperature > 0 else {"do_sample": False})
         new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
                              pad_token_id=pad_id,
-                             eos_token_id=sorted(stop), use_cache=True, **settings)
+                             eos_token_id=sorted(stop), use_cache=True,
+                             synced_gpus=synced, **settings)
         new = new[:, ids.shape[1]:]
     for row in new.tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))

@@ -56,12 +56,17 @@ def layout(kind: str, rows: Rows, pad_id: int) -> Layout:
     return [(collate_rows(rows, pad_id), spans)]
 
 
-def run_layout(model: torch.nn.Module, batches: Layout, trainable: list[torch.Tensor],
-               backward: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+def run_layout(model: torch.nn.Module, batches: Layout, backward: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
     """Real-token logits (one tensor, in example order), the summed loss, and the summed
-    gradients of ``trainable`` over the layout's batches (None without ``backward``, or
-    when the model's eval-mode forward builds no graph, as Reformer's reversible layers
-    do)."""
+    gradients of the trainable parameters over the layout's batches (None without
+    ``backward``, or when the model's eval-mode forward builds no graph, as Reformer's
+    reversible layers do).
+
+    The parameters are read after each backward, never before a forward: FSDP2 swaps the
+    root module's sharded parameters for unsharded ones from its forward until its
+    backward, so a list taken in between would clear stale tensors and leave the probe's
+    gradients on the sharded ones, to be added into the first training step."""
     device = next(model.parameters()).device
     real, total, grads = [], torch.zeros((), device=device), None
     for batch, spans in batches:
@@ -72,11 +77,11 @@ def run_layout(model: torch.nn.Module, batches: Layout, trainable: list[torch.Te
             total = total + loss.detach().float()
             if backward and loss.grad_fn is not None:
                 loss.backward()
+                trainable = [p for p in model.parameters() if p.requires_grad]
                 step = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                         for p in trainable]
                 grads = step if grads is None else [a + b for a, b in zip(grads, step)]
-                for p in trainable:
-                    p.grad = None
+                model.zero_grad(set_to_none=True)
     return torch.cat(real), total, grads
 
 
@@ -98,13 +103,10 @@ def compare_layouts(model: torch.nn.Module, rows: Rows, pad_id: int, backward: b
         gradients are finite, and ``backward``; or only ``{"error"}`` when the ``got``
         forward raises (padded runs first: what it raises propagates).
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ref, ref_loss, ref_grads = run_layout(model, layout("padded", rows, pad_id),
-                                          trainable, backward)
+    ref, ref_loss, ref_grads = run_layout(model, layout("padded", rows, pad_id), backward)
     backward = ref_grads is not None
     try:
-        out, out_loss, out_grads = run_layout(model, layout(got, rows, pad_id),
-                                              trainable, backward)
+        out, out_loss, out_grads = run_layout(model, layout(got, rows, pad_id), backward)
     except Exception as e:  # noqa: BLE001 - the padded layout ran: the layout is the cause
         return {"error": f"{type(e).__name__}: {first_line(e)}"}
     sums = torch.zeros(4, dtype=torch.float64, device=ref.device)  # |Δg|², |g|², bad g: both

@@ -46,7 +46,8 @@ from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_d
 from leantune.train.schedule import Schedule, steps_or_ratio
 from leantune.train.start import Start, check_start, restore
 from leantune.train.state import TrainState, change_world
-from leantune.train.strategy import check_strategy, launch_request
+from leantune.train.sharding import reshard
+from leantune.train.strategy import check_strategy, launch_request, shard_on_cpu
 from leantune.train.trackers import project_configuration, start_trackers, tracker_names
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def build_run(cfg: Config) -> Run:
     requested = launch_request()  # before the Accelerator, which fails on DeepSpeed launches
     acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
                       project_config=project_configuration(cfg) if trackers else None)
+    shard_on_cpu(acc, requested)
     strategy = check_strategy(acc, requested)
     set_seed(cfg.train.seed)
     check_start(cfg)
@@ -136,6 +138,7 @@ def build_run(cfg: Config) -> Run:
     objective = build_objective(cfg, adapter, acc.unwrap_model(model), acc)  # copy: weights now
     ff = build_fast_forward(cfg, model, data, packing, flop_model, acc, objective)
     tasks, scorer = build_tasks(cfg, tokenizer, packing, adapter, acc, flop_model)
+    reshard(model)  # what restore writes into the sharded parameters, the next forward sees
     state, start = restore(cfg, run_dir, adapter, acc.unwrap_model(model), optimizer, data.keys,
                            acc)
     if start.kind == "init":  # the run starts from those weights: so does a copied reference
@@ -330,9 +333,12 @@ def build_fast_forward(cfg: Config, model: torch.nn.Module, data: TrainData, pac
     mode = eval_mode(packing)
 
     def measure(examples: list) -> dict:
-        return evaluate(model, examples, cfg.eval.batch_size,
-                        lambda b: data.batcher.collate_examples(b, mode), acc, objective)
+        tally = evaluate(model, examples, cfg.eval.batch_size,
+                         lambda b: data.batcher.collate_examples(b, mode), acc, objective)
+        reshard(model)  # FF's next write must reach the weights the next forward gathers
+        return tally
 
+    reshard(model)  # the parameters FF moves are the sharded ones the optimizer steps
     return FastForward(cfg.fast_forward, [p for p in model.parameters() if p.requires_grad],
                        halves_loss(split_halves(data.ff), measure, objective,
                                    lambda tally: all_means(tally, acc)),

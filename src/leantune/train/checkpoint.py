@@ -16,6 +16,7 @@ mid-write leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -29,6 +30,10 @@ import torch
 from leantune.adapters import Adapter
 from leantune.common.files import atomic_dir
 from leantune.train.run_dir import RunDirError
+from leantune.train.sharding import (full_weights_into_shards, is_sharded, load_dcp_unsharded,
+                                     saved_sharded, shard_optimizer_state)
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -148,22 +153,50 @@ def load_checkpoint(path: Path, adapter: Adapter, model: torch.nn.Module,
     RNG through ``acc.load_state`` when the optimizer is wanted (resume, anneal)."""
     state = json.loads((path / "trainer_state.json").read_text())
     host = state.pop("host_rng")
-    if (path / "accelerate").is_dir() and optimizer is not None:
-        if acc is None:
-            raise ValueError(f"{path} holds an Accelerate state; loading it needs the run's "
-                             "Accelerator")
-        kept = None if rng else _all_rngs()
-        acc.load_state(str(path / "accelerate"))
-        if kept is not None:
-            _set_all_rngs(kept)
+    saved = path / "accelerate"
+    if saved.is_dir() and optimizer is not None:
+        if saved_sharded(saved) == is_sharded(model):  # the layout it was written in
+            if acc is None:
+                raise ValueError(f"{path} holds an Accelerate state; loading it needs the "
+                                 "run's Accelerator")
+            kept = None if rng else _all_rngs()
+            acc.load_state(str(saved))
+            if kept is not None:
+                _set_all_rngs(kept)
+            return state
+        _load_across_layouts(path, adapter, model, optimizer)
         return state
-    adapter.load_weights(model, path / adapter.output_name)
+    with full_weights_into_shards(model):
+        adapter.load_weights(model, path / adapter.output_name)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        moments = torch.load(path / "optimizer.pt", weights_only=True)
+        shard_optimizer_state(moments, optimizer)
+        optimizer.load_state_dict(moments)
     if rng:
         saved = torch.load(path / "rng.pt", weights_only=True)
         _set_all_rngs((saved, host))
     return state
+
+
+def _load_across_layouts(path: Path, adapter: Adapter, model: torch.nn.Module,
+                         optimizer: torch.optim.Optimizer) -> None:
+    """An Accelerate checkpoint into a run laid out otherwise (see
+    :mod:`leantune.train.sharding`): written under FSDP2 and read unsharded, or written
+    whole (its ``adapter/`` and ``optimizer.bin``) and read into shards. Each process's
+    RNG is not restored (it belonged to another layout); dropout draws anew."""
+    saved = path / "accelerate"
+    if saved_sharded(saved):
+        load_dcp_unsharded(saved, model, optimizer)
+    else:
+        with full_weights_into_shards(model):
+            adapter.load_weights(model, path / adapter.output_name)
+        moments = torch.load(saved / "optimizer.bin", weights_only=True)
+        shard_optimizer_state(moments, optimizer)
+        optimizer.load_state_dict(moments)
+    log.warning("%s was written %s and is read %s: weights and optimizer restored, each "
+                "process's random state not", path, *(
+                    ("sharded (FSDP2)", "unsharded") if saved_sharded(saved)
+                    else ("unsharded", "into FSDP2 shards")))
 
 
 def _all_rngs() -> tuple[dict[str, Any], dict[str, Any]]:

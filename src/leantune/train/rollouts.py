@@ -41,6 +41,7 @@ from leantune.objectives.grpo import completion_logprobs, group_advantages, nans
 from leantune.objectives.rewards import load_reward, score
 from leantune.packing.rollouts import Rollout, collate_rollouts, packed_shape, tree_shape
 from leantune.packing.trees import Tree, check_trees, mask_dtype_for
+from leantune.train.checkpoint import sharded
 from leantune.train.metrics import all_means
 from leantune.train.state import TrainState
 
@@ -176,6 +177,18 @@ class Rollouts:
         packed = self.flop_model.train(*packed_shape(rollouts, length), heads)
         return "trees" if trees <= packed else "online"
 
+    def synced(self) -> Callable[[bool], bool] | None:
+        """:func:`sample`'s ``synced`` where every forward is collective (FSDP2): whether
+        any process needs another forward (a sum over processes); None elsewhere."""
+        if not sharded(self.acc):
+            return None
+
+        def any_process(mine: bool) -> bool:
+            flag = torch.tensor(float(mine), device=self.acc.device)
+            return bool(self.acc.reduce(flag, "sum") > 0)
+
+        return any_process
+
     def take_seconds(self) -> float:
         """Seconds spent sampling and scoring since the last call."""
         out, self.seconds = self.seconds, 0.0
@@ -188,7 +201,8 @@ class Rollouts:
         g = self.o.num_generations
         completions = sample(self.acc.unwrap_model(model), [p.ids for p in prompts], g,
                              self.o.max_completion_length, self.o.temperature, self.o.top_p,
-                             self.stop, self.tokenizer.pad_token_id, self.generators(generation))
+                             self.stop, self.tokenizer.pad_token_id, self.generators(generation),
+                             self.synced())
         rewards, each, texts = self.score(prompts, completions, g)
         std = nanstd(self.acc.gather(rewards).view(1, -1))[0] if (
             self.o.scale_rewards == "batch") else None
@@ -262,14 +276,21 @@ class Rollouts:
         """Greedy completions of the held-out prompts (sharded over processes), scored:
         ``reward`` (the weighted sum) and ``rewards/NAME/mean`` per function, means over
         every process's prompts; {} without held-out prompts."""
-        mine = self.splits.eval[self.acc.process_index::self.acc.num_processes]
+        held_out, world = self.splits.eval, self.acc.num_processes
+        mine = held_out[self.acc.process_index::world]
         tally = Tally()
         inner = self.acc.unwrap_model(model)
-        for k in range(0, len(mine), EVAL_BATCH):
+        synced = self.synced()
+        # Under FSDP2 every process samples as many batches as the one with the most
+        # prompts: an empty last batch samples the first prompt, unscored.
+        most = len(mine) if synced is None else -(-len(held_out) // world)
+        for k in range(0, most, EVAL_BATCH):
             prompts = mine[k:k + EVAL_BATCH]
-            completions = sample(inner, [p.ids for p in prompts], 1,
+            completions = sample(inner, [p.ids for p in prompts or held_out[:1]], 1,
                                  self.o.max_completion_length, 0.0, 1.0, self.stop,
-                                 self.tokenizer.pad_token_id)
+                                 self.tokenizer.pad_token_id, synced=synced)
+            if not prompts:
+                continue
             rewards, each, _ = self.score(prompts, completions, 1)
             add_rewards(tally, rewards, each)
             tally.add("completions/mean_length",

@@ -19,7 +19,9 @@ variables (accelerate 1.16, ``accelerate/utils/launch.py``):
 ``AcceleratorState`` (``accelerate/state.py``) turns ``ACCELERATE_USE_FSDP`` into
 ``DistributedType.FSDP`` only when ``_prepare_backend`` found an accelerator process
 group (``MULTI_GPU``, ``MULTI_NPU``, ...); on CPU it returns ``MULTI_CPU`` (gloo) and the
-FSDP branch is never taken. DeepSpeed likewise needs ``not cpu``.
+FSDP branch is never taken. DeepSpeed likewise needs ``not cpu``. FSDP2 itself runs on
+CPU processes (``fully_shard`` on a CPU mesh, gloo's all-gather and reduce-scatter), so
+:func:`shard_on_cpu` sets the state Accelerate would have set there.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import logging
 import os
 from collections.abc import Mapping
 
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, str_to_bool
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, str_to_bool
 
 from leantune.config import ConfigError
 
@@ -95,6 +97,47 @@ def fsdp_sharding(acc: Accelerator) -> str | None:
     if plugin.fsdp_version == 2:
         return f"FSDP2 reshard_after_forward={plugin.reshard_after_forward}"
     return f"FSDP1 {plugin.sharding_strategy.name}"
+
+
+def shard_on_cpu(acc: Accelerator, requested: dict | None) -> bool:
+    """Run the FSDP2 a launch asked for on CPU processes, where Accelerate would run DDP.
+
+    ``AcceleratorState`` never promotes ``MULTI_CPU`` to FSDP (see the module's
+    docstring), although everything FSDP2 needs runs on CPU: ``fully_shard`` on a CPU
+    device mesh, gloo's all-gather and reduce-scatter, ``torch.distributed.checkpoint``.
+    So when a launch asked for FSDP2 and Accelerate joined several CPU processes, this
+    sets the state Accelerate would have set on GPUs: ``distributed_type = FSDP`` and the
+    plugin built from the launcher's variables, as ``Accelerator()`` builds it, and
+    ``PartialState``'s type too, as ``AcceleratorState`` does on GPUs. From then
+    on Accelerate's own FSDP2 paths run (``prepare``, ``save_state``, ``get_state_dict``).
+    Call it right after the ``Accelerator`` is made, before ``prepare``.
+
+    Returns:
+        True when FSDP2 now runs on CPU processes; False when there was nothing to do.
+
+    Raises:
+        ConfigError: FSDP1 was asked for on CPU (``FullyShardedDataParallel`` needs an
+            accelerator device there); FSDP2 is ``fsdp_version: 2``.
+    """
+    if (requested is None or requested["type"] != "FSDP" or acc.num_processes < 2
+            or acc.distributed_type != DistributedType.MULTI_CPU):
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* from the launcher's environment
+    if plugin.fsdp_version != 2:
+        raise ConfigError(
+            f"accelerate launch asked for {requested['sharding']} on CPU processes: leantune "
+            "shards CPU processes with FSDP2 only; set fsdp_config.fsdp_version: 2 "
+            "(examples/accelerate/fsdp_cpu.yaml)")
+    if acc.state.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.state.mixed_precision)
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    # As AcceleratorState does on GPUs: every later AcceleratorState() (the optimizer's
+    # wrapper makes one) copies PartialState's type over its own.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    log.info("FSDP2 on %d CPU processes (gloo): Accelerate's FSDP state set by leantune",
+             acc.num_processes)
+    return True
 
 
 def check_strategy(acc: Accelerator, requested: dict | None) -> dict:

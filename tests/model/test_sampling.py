@@ -116,3 +116,37 @@ def test_a_prompts_own_generator_makes_its_samples_independent_of_the_batch(lora
     for i, seed in enumerate((5, 6, 7)):
         alone = sample(model, [ps[i]], 3, 8, 1.0, 1.0, set(), tok.pad_token_id, gens([seed]))
         assert alone == together[3 * i:3 * i + 3]
+
+
+def test_synced_sampling_runs_every_process_forwards_and_samples_the_same(lora_model):
+    """Under FSDP2 every forward is collective: a process whose rows are all done keeps
+    running one-token forwards while ``synced`` says another process is not done. Here
+    the "other process" needs 5 more forwards after this one's rows stop (each prompt's
+    first greedy token is its stop token): the completions are those of the unsynced loop,
+    and the forwards are as many as the other process runs."""
+    model, tok = lora_model
+    ps = prompts(tok)
+    firsts = {s[0] for s in sample(model, ps, 1, 1, 0.0, 1.0, set(), tok.pad_token_id)}
+    plain = sample(model, ps, 1, 8, 0.0, 1.0, firsts, tok.pad_token_id)
+    assert all(len(c) == 1 for c in plain)  # done after one token: no decode forward
+    asked, calls = [], []
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return forward(*args, **kwargs)
+
+    def other_process_needs_five(mine: bool) -> bool:
+        asked.append(mine)
+        return mine or len(asked) <= 5
+
+    model.forward = counted
+    try:
+        synced = sample(model, ps, 1, 8, 0.0, 1.0, firsts, tok.pad_token_id,
+                        synced=other_process_needs_five)
+    finally:
+        del model.forward
+    assert synced == plain
+    assert asked == [False] * 6  # asked every step; this process never needed a forward
+    assert len(calls) == 1 + 5  # the prefill, then one forward per step the other runs
+    assert all(shape == (1, 1) for shape in calls[1:])  # idle: one token, no cache

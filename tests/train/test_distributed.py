@@ -17,46 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_runs import chat_rows, corpus_overrides, losses, pair_overrides, step_records
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
-
-
-def _losses(run_dir: Path) -> tuple[list[float], int]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    return [r["loss"] for r in steps], steps[-1]["tokens"]
-
-
-def chat_rows(path: Path, n: int = 40) -> Path:
-    """``n`` chat rows "add a b" -> "The answer is a+b."."""
-    path.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"add {i % 7} {i % 5}"},
-                                 {"role": "assistant", "content": f"The answer is {i % 7 + i % 5}."}]})
-        + "\n" for i in range(n)))
-    return path
-
-
-def pair_overrides(tmp_path: Path, kind: str) -> list[str]:
-    """Preference pairs (the right sum chosen): a pair is never split across processes,
-    and KTO's KL baseline is averaged over them."""
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(
-        {"prompt": f"add {i % 7} {i % 5} =", "chosen": f" {i % 7 + i % 5}",
-         "rejected": f" {i % 7 + i % 5 + 1 + i % 3}" + " maybe" * (i % 2)}) + "\n"
-        for i in range(40)))
-    return [f"data.path={path}", f"objective.kind={kind}"]
-
-
-def corpus_overrides(tmp_path: Path) -> list[str]:
-    """Two small raw-text corpora, the second replayed at a quarter of every step."""
-    for name, words in (("new", "def add return a b numbers 0 1 2"), ("old", "the quick fox")):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
-            {"text": " ".join(words.split()[(i + k) % len(words.split())] for k in range(25))})
-            + "\n" for i in range(40)))
-    return ["data.mode=corpus", f"data.path={tmp_path / 'new.jsonl'}", "data.max_length=32",
-            f"data.replay.path={tmp_path / 'old.jsonl'}", "data.replay.ratio=0.25",
-            f"data.cache_dir={tmp_path / 'cache'}"]
 
 
 @pytest.mark.parametrize("mode, port", [("examples", 29533), ("corpus", 29534),
@@ -94,9 +58,8 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
                           f"train.output_dir={tmp_path / 'one'}"],
                          env=env, capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, one.stderr[-2000:]
-    (loss2, tokens2), (loss1, tokens1) = _losses(tmp_path / "two"), _losses(tmp_path / "one")
-    assert tokens2 == tokens1
-    assert loss2 == pytest.approx(loss1, abs=1e-5)
+    assert step_records(tmp_path / "two")[-1]["tokens"] == step_records(tmp_path / "one")[-1]["tokens"]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert s2["ff_stages"] == s1["ff_stages"] == 2
@@ -173,8 +136,8 @@ def test_resume_on_another_process_count(before, after, steps, fmt, llama_dir, t
     assert s_cut["optimizer_steps"] == steps
     assert s_cut["examples"] == s_whole["examples"] == 2 * 32
     assert s_cut["train_tokens"] == s_whole["train_tokens"]
-    losses, _ = _losses(cut)
-    assert len(losses) == steps and all(math.isfinite(x) for x in losses)
+    resumed = losses(cut)
+    assert len(resumed) == steps and all(math.isfinite(x) for x in resumed)
     weights = [load_file(run / "adapter" / "adapter_model.safetensors") for run in (whole, cut)]
     if before == after:
         assert weights[0].keys() == weights[1].keys()

@@ -63,11 +63,22 @@ def test_fsdp_on_two_cpu_processes_is_refused(bare_env):
                      message), message
 
 
+def test_fsdp1_on_cpu_is_refused_before_the_accelerator(bare_env):
+    """Accelerate cannot build its FSDP1 plugin for CPU processes (sync_module_states);
+    the launch is refused in one line first. The same launch on GPUs is taken."""
+    bare_env.setenv("ACCELERATE_USE_FSDP", "true")
+    bare_env.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match=r"^accelerate launch asked for FSDP1 FULL_SHARD on "
+                                          r"CPU processes: .*fsdp_version: 2"):
+        launch_request(cpu=True)
+    assert launch_request(cpu=False)["sharding"] == "FSDP1 FULL_SHARD"
+
+
 def test_fsdp_in_one_process_warns_and_records(bare_env, caplog):
     bare_env.setenv("ACCELERATE_USE_FSDP", "true")
     bare_env.setenv("FSDP_VERSION", "1")
     bare_env.setenv("FSDP_SHARDING_STRATEGY", "shard_grad_op")
-    requested = launch_request()
+    requested = launch_request(cpu=False)  # as a one-GPU machine reads it
     with caplog.at_level(logging.WARNING, logger="leantune.train.strategy"):
         record = check_strategy(Accelerator(cpu=True), requested)  # Accelerate drops FSDP
     assert record["type"] == "NO" and record["processes"] == 1 and record["sharding"] is None
@@ -128,17 +139,18 @@ def test_process_counts_that_differ_are_warned(bare_env):
 
 
 @pytest.mark.slow
-def test_fsdp_launch_on_two_cpu_processes_is_refused(llama_dir, tmp_path):
-    """The issue's launch: Accelerate would join both processes as MULTI_CPU; both
-    refuse before the run directory exists. torchrun's agent reports the failed child
-    (exit code 2) with its own traceback and exits 1: that part is the launcher's."""
-    config = tmp_path / "fsdp_cpu.yaml"
+def test_fsdp1_launch_on_two_cpu_processes_is_refused(llama_dir, tmp_path):
+    """FSDP2 runs on CPU processes (tests/train/test_fsdp.py); FSDP1 does not (its
+    FullyShardedDataParallel wants an accelerator device), so both processes refuse it
+    before the run directory exists. torchrun's agent reports the failed child (exit code
+    2) with its own traceback and exits 1: that part is the launcher's."""
+    config = tmp_path / "fsdp1_cpu.yaml"
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\n"
                       "num_machines: 1\nmachine_rank: 0\nnum_processes: 2\n"
                       "mixed_precision: 'no'\nuse_cpu: true\nfsdp_config:\n"
-                      "  fsdp_version: 2\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
-                      "  fsdp_state_dict_type: SHARDED_STATE_DICT\n"
-                      "  fsdp_reshard_after_forward: true\n")
+                      "  fsdp_version: 1\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+                      "  fsdp_sharding_strategy: FULL_SHARD\n"
+                      "  fsdp_state_dict_type: SHARDED_STATE_DICT\n")
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "add 1 2"},
                                              {"role": "assistant", "content": "3"}]}) + "\n")
@@ -152,9 +164,9 @@ def test_fsdp_launch_on_two_cpu_processes_is_refused(llama_dir, tmp_path):
         timeout=240)
     errors = [line for line in done.stderr.splitlines() if line.startswith("leantune: error:")]
     assert errors, done.stderr[-3000:]
-    assert all(re.fullmatch(r"leantune: error: accelerate launch asked for FSDP2 "
-                            r"reshard_after_forward=True over 2 processes but Accelerate runs "
-                            r"MULTI_CPU: .*--multi_gpu --num_processes 2.* on GPUs", line)
+    assert all(re.fullmatch(r"leantune: error: accelerate launch asked for FSDP1 FULL_SHARD "
+                            r"on CPU processes: leantune shards CPU processes with FSDP2 only; "
+                            r"set fsdp_config.fsdp_version: 2 .*fsdp_cpu.yaml\)", line)
                for line in errors), errors
     assert re.search(r"exitcode\s*:\s*2 ", done.stderr), done.stderr[-3000:]
     assert done.returncode == 1  # torchrun's ChildFailedError, raised by accelerate launch

@@ -44,9 +44,9 @@ from leantune.train.preference import (
 )
 from leantune.train.run_dir import check_free_space, output_bytes, prepare_run_dir
 from leantune.train.schedule import Schedule, steps_or_ratio
+from leantune.train.sharding import reshard
 from leantune.train.start import Start, check_start, restore
 from leantune.train.state import TrainState, change_world
-from leantune.train.sharding import reshard
 from leantune.train.strategy import check_strategy, launch_request, shard_on_cpu
 from leantune.train.trackers import project_configuration, start_trackers, tracker_names
 

@@ -30,8 +30,13 @@ import torch
 from leantune.adapters import Adapter
 from leantune.common.files import atomic_dir
 from leantune.train.run_dir import RunDirError
-from leantune.train.sharding import (full_weights_into_shards, is_sharded, load_dcp_unsharded,
-                                     saved_sharded, shard_optimizer_state)
+from leantune.train.sharding import (
+    full_weights_into_shards,
+    is_sharded,
+    load_dcp_unsharded,
+    saved_sharded,
+    shard_optimizer_state,
+)
 
 log = logging.getLogger(__name__)
 

@@ -115,10 +115,12 @@ def load_dcp_unsharded(accelerate_dir: Path, model: torch.nn.Module,
     into an unsharded ``model`` and ``optimizer``: DCP reads every process's shards into
     whole tensors (a collective under DDP: every process reads all of it)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
-                                                         get_optimizer_state_dict,
-                                                         set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     weights = {"model": get_model_state_dict(model)}
     dcp.load(weights, checkpoint_id=str(accelerate_dir / FSDP_MODEL_DIR))

@@ -30,6 +30,7 @@ import logging
 import os
 from collections.abc import Mapping
 
+import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, str_to_bool
 
@@ -54,21 +55,30 @@ NOT_FSDP_BECAUSE = {
 }
 
 
-def launch_request(env: Mapping[str, str] = os.environ) -> dict | None:
+def launch_request(env: Mapping[str, str] = os.environ, cpu: bool | None = None
+                   ) -> dict | None:
     """What the launcher asked for, read from the environment it set (see the module's
     docstring): ``{"type": "FSDP" | None, "sharding": str | None, "processes": int | None}``,
     or None when nothing was asked (a plain ``leantune train``).
 
     Call it before the ``Accelerator`` exists: ``Accelerator()`` on a DeepSpeed launch
     fails with an ImportError where deepspeed is not installed, and on MPI it rewrites
-    ``WORLD_SIZE``. A DeepSpeed launch is refused here (:data:`DEEPSPEED_REFUSED`).
+    ``WORLD_SIZE``. A DeepSpeed launch is refused here (:data:`DEEPSPEED_REFUSED`), and
+    FSDP1 on CPU (``cpu``; default: no CUDA device), which Accelerate's FSDP1 plugin
+    cannot even be built for; FSDP2 runs there (:func:`shard_on_cpu`).
 
     Raises:
-        ConfigError: the launch asked for DeepSpeed.
+        ConfigError: the launch asked for DeepSpeed, or for FSDP1 on CPU.
     """
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise ConfigError(DEEPSPEED_REFUSED)
     fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
+    if fsdp and cpu and requested_fsdp(env).startswith("FSDP1"):
+        raise ConfigError(
+            f"accelerate launch asked for {requested_fsdp(env)} on CPU processes: leantune "
+            "shards CPU processes with FSDP2 only; set fsdp_config.fsdp_version: 2 "
+            "(examples/accelerate/fsdp_cpu.yaml)")
     processes = next((int(env[k]) for k in WORLD_SIZE_VARS if k in env), None)
     # The simple launcher's trace of --num_processes > 1: it starts one process anyway.
     simple_many = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and processes is None
@@ -114,20 +124,12 @@ def shard_on_cpu(acc: Accelerator, requested: dict | None) -> bool:
 
     Returns:
         True when FSDP2 now runs on CPU processes; False when there was nothing to do.
-
-    Raises:
-        ConfigError: FSDP1 was asked for on CPU (``FullyShardedDataParallel`` needs an
-            accelerator device there); FSDP2 is ``fsdp_version: 2``.
+        (FSDP1 on CPU is refused before, by :func:`launch_request`.)
     """
     if (requested is None or requested["type"] != "FSDP" or acc.num_processes < 2
             or acc.distributed_type != DistributedType.MULTI_CPU):
         return False
     plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* from the launcher's environment
-    if plugin.fsdp_version != 2:
-        raise ConfigError(
-            f"accelerate launch asked for {requested['sharding']} on CPU processes: leantune "
-            "shards CPU processes with FSDP2 only; set fsdp_config.fsdp_version: 2 "
-            "(examples/accelerate/fsdp_cpu.yaml)")
     if acc.state.mixed_precision != "no":
         plugin.set_mixed_precision(acc.state.mixed_precision)
     acc.state.distributed_type = DistributedType.FSDP

@@ -6,10 +6,12 @@ another or no sharding, and two machines joined over loopback equal one process.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 from distributed_runs import (
+    ENV,
     chat_rows,
     corpus_overrides,
     grpo_overrides,
@@ -72,14 +74,44 @@ def test_two_sharded_processes_match_one_with_twice_the_batch(method, lr, port, 
     assert two.stdout.count("run directory:") == 1  # only rank 0 prints and writes
 
 
+@pytest.mark.parametrize("overrides, port", [
+    (["adapter.method=loreft", "optim.lr=1e-3"], 29557),
+    (["adapter.use_dora=true", "optim.lr=1e-3"], 29558),
+    (["adapter.method=ia3", "optim.lr=1e-2"], 29559)], ids=["loreft", "dora", "ia3"])
+def test_adapters_under_fsdp2_match_one_process(overrides, port, llama_dir, tmp_path):
+    """ReFT's interventions (leantune's own module), DoRA's magnitudes, IA3's scales."""
+    overrides = [*common(llama_dir, chat_rows(tmp_path / "chat.jsonl")), *overrides]
+    train(launcher("fsdp", port), [*overrides, "train.batch_size=2"], tmp_path / "two")
+    train(launcher("one", port), [*overrides, "train.batch_size=4"], tmp_path / "one")
+    assert summary(tmp_path / "two")["strategy"] == FSDP2
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert max_difference(weights(tmp_path / "two"), weights(tmp_path / "one")) < 1e-5
+
+
+def test_prompt_tuning_is_refused_under_fsdp2(llama_dir, tmp_path):
+    overrides = [*common(llama_dir, chat_rows(tmp_path / "chat.jsonl")),
+                 "adapter.method=prompt_tuning", f"train.output_dir={tmp_path / 'run'}"]
+    done = subprocess.run([*launcher("fsdp", 29560), "train", *overrides], env=ENV,
+                          capture_output=True, text=True, timeout=240)
+    errors = {line for line in done.stderr.splitlines() if line.startswith("leantune: error:")}
+    assert errors == {"leantune: error: adapter.method=prompt_tuning cannot train under FSDP: "
+                      "PEFT looks its virtual tokens up outside the model's forward, where "
+                      "FSDP2 holds them as shards; its table is small enough for every "
+                      "process to hold, so launch with DDP instead (accelerate launch "
+                      "--multi_gpu --num_processes N)"}, done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("objective, port", [("corpus", 29543), ("dpo", 29544),
                                              ("dpo-full", 29545), ("kto", 29546),
+                                             ("simpo", 29561), ("orpo", 29562),
                                              ("grpo", 29547)])
 def test_objectives_under_fsdp2_match_one_process(objective, port, llama_dir, tmp_path):
     """Continual pre-training with replay (windows built once, by rank 0), DPO with the
-    adapter switched off as reference and with a sharded copy of the full model, KTO, and
-    GRPO with a held-out split of 65 prompts (33 and 32 per process: every process must
-    sample as many batches, or FSDP's collectives fall out of step)."""
+    adapter switched off as reference and with a sharded copy of the full model, KTO,
+    SimPO and ORPO (no reference), and GRPO with a held-out split of 65 prompts (33 and
+    32 per process: every process must sample as many batches, or FSDP's collectives fall
+    out of step)."""
     overrides = common(llama_dir, chat_rows(tmp_path / "chat.jsonl"))
     if objective == "corpus":
         overrides += corpus_overrides(tmp_path)

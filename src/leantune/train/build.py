@@ -103,13 +103,14 @@ def build_run(cfg: Config) -> Run:
                       project_config=project_configuration(cfg) if trackers else None)
     shard_on_cpu(acc, requested)
     strategy = check_strategy(acc, requested)
+    adapter = build_adapter(cfg.adapter)
+    check_sharded_adapter(adapter, strategy)  # before the run directory is made
     set_seed(cfg.train.seed)
     check_start(cfg)
     run_dir = prepare_run_dir(cfg, acc)
     with acc.main_process_first():  # one process dequantizes a GGUF, the others reuse it
         source = resolve_local(cfg.model)
     tokenizer = load_tokenizer(cfg.model, source)
-    adapter = build_adapter(cfg.adapter)
     precision = choose_precision(cfg, source, acc)
     model_cfg = replace(cfg.model, dtype=precision.weight_dtype(
         cfg.model.dtype, trains_base=adapter.name == "full", cuda=acc.device.type == "cuda"))
@@ -172,6 +173,21 @@ def build_run(cfg: Config) -> Run:
     if data.rollouts is not None:
         prepare_rollouts(run)
     return run
+
+
+def check_sharded_adapter(adapter: Adapter, strategy: dict) -> None:
+    """Refuse, in one line, an adapter FSDP cannot shard: prompt tuning, whose virtual
+    tokens PEFT looks up outside the model's forward, where FSDP2 holds them as shards.
+
+    Raises:
+        ConfigError: prompt tuning under FSDP.
+    """
+    if strategy["type"] == "FSDP" and adapter.virtual_tokens:
+        raise ConfigError(
+            f"adapter.method={adapter.name} cannot train under FSDP: PEFT looks its virtual "
+            "tokens up outside the model's forward, where FSDP2 holds them as shards; its "
+            "table is small enough for every process to hold, so launch with DDP instead "
+            "(accelerate launch --multi_gpu --num_processes N)")
 
 
 def compile_blocks(run: Run) -> None:

@@ -57,6 +57,7 @@ def test_two_sharded_processes_match_one_with_twice_the_batch(method, lr, port, 
     train(launcher("one", port), [*overrides, "train.batch_size=4"], tmp_path / "one")
     s2, s1 = summary(tmp_path / "two"), summary(tmp_path / "one")
     assert s2["strategy"] == FSDP2
+    assert len(s2["peak_memory_bytes_per_process"]) == 2
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     g2, g1 = (step_records(tmp_path / run)[0]["grad_norm"] for run in ("two", "one"))
     assert g2 == pytest.approx(g1, rel=1e-5)

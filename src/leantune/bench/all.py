@@ -55,6 +55,7 @@ BENCHES: list[tuple[str, list[str]]] = [
                                      "train.compile=true"]),
     ("preference", ["preference"]),
     ("grpo", ["grpo"]),
+    ("scaling", ["script:scaling.py", "--rounds", "2"]),
 ]
 PLOTTED = {"fast_forward", "fast_forward_tasks", "continual"}
 

@@ -6,6 +6,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from leantune.eval.loss import positions
 from leantune.model.mfu import mfu_text
 from leantune.train.build import Run
@@ -17,6 +19,7 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
                   replies_after: list[str]) -> dict:
     """The run's figures; ``after`` is the main held-out set's final eval."""
     state, (trainable, total), mem = run.state, run.params, run.train_memory
+    peak = max(peak_memory_bytes(), mem.peak, mem.prior_peak) if mem else peak_memory_bytes()
     summary = {
         "method": run.cfg.adapter.method,
         "model": run.cfg.model.name_or_path,
@@ -40,8 +43,11 @@ def build_summary(run: Run, after: dict | None, prompts, replies_before: list[st
         # What Accelerate runs (type, processes, FSDP sharding) beside what the launch asked.
         "strategy": run.strategy,
         # Two meters (rusage and sampled /proc) differ by a few pages: report the larger.
-        "peak_memory_bytes": max(peak_memory_bytes(), mem.peak, mem.prior_peak) if mem
-        else peak_memory_bytes(),
+        "peak_memory_bytes": peak,
+        # Every process's peak, by rank (a gather: each process builds the summary). What
+        # FSDP saves shows here: each process holds its shard.
+        "peak_memory_bytes_per_process": [int(x) for x in run.acc.gather(
+            torch.tensor([peak], device=run.acc.device)).tolist()],
         # Memory at the first step and the peak during training (CUDA allocated, else
         # resident): their difference is what training itself added (activations,
         # gradients, optimizer state), apart from loading model and data.

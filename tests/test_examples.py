@@ -71,6 +71,20 @@ def test_accelerate_configs_are_valid_and_state_their_launch_command(name):
     assert command in path.read_text() and command in (ROOT / "README.md").read_text()
 
 
+def test_cpu_fsdp_config_is_valid_and_states_its_launch_command():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = ROOT / "examples" / "accelerate" / "fsdp_cpu.yaml"
+    cluster = ClusterConfig.from_yaml_file(str(path))  # unknown keys raise
+    assert (cluster.distributed_type, cluster.use_cpu, cluster.mixed_precision) == (
+        "FSDP", True, "no")
+    assert cluster.fsdp_config["fsdp_version"] == 2 and cluster.num_processes == 2
+    command = ("accelerate launch --config_file examples/accelerate/fsdp_cpu.yaml "
+               "$(which leantune) train my.yaml")
+    assert command in path.read_text() and command in (ROOT / "README.md").read_text()
+    assert "examples/slurm/train.sbatch" in (ROOT / "README.md").read_text()
+
+
 def test_readme_export_commands_parse():
     """Every `leantune export` line the README shows (GGUF included) is a valid command."""
     import shlex

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from distributed_runs import (
+    BIN,
     ENV,
+    REPO,
     chat_rows,
     corpus_overrides,
     grpo_overrides,
@@ -222,3 +224,31 @@ def test_two_machines_on_loopback_match_one_process(kind, port, llama_dir, tmp_p
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert max_difference(weights(tmp_path / "two"), weights(tmp_path / "one")) < 1e-5
     assert [n.stdout.count("run directory:") for n in nodes] == [1, 0]  # global rank 0
+
+
+def test_slurm_example_on_loopback(llama_dir, tmp_path):
+    """``examples/slurm/train.sbatch`` as SLURM would run it on 2 nodes, with ``srun``
+    and ``scontrol`` standing in (both "nodes" here, one CPU process each, FSDP2):
+    the same run as one process with the global batch."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (fake / "srun").write_text(  # every node runs the command with its SLURM_NODEID
+        "#!/bin/bash\nshift  # --kill-on-bad-exit=1\n"
+        "SLURM_NODEID=0 \"$@\" & a=$!\nSLURM_NODEID=1 \"$@\" & b=$!\n"
+        "wait $a && wait $b\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    overrides = common(llama_dir, chat_rows(tmp_path / "chat.jsonl"))
+    env = {**ENV, "PATH": f"{fake}:{BIN}:{ENV['PATH']}", "SLURM_JOB_NODELIST": "node[0-1]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "1",
+           "ACCELERATE_CONFIG": "examples/accelerate/fsdp_cpu.yaml", "MAIN_PORT": "29563"}
+    done = subprocess.run(["bash", "examples/slurm/train.sbatch", *overrides,
+                           "train.batch_size=2", f"train.output_dir={tmp_path / 'two'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    train(launcher("one", 0), [*overrides, "train.batch_size=4"], tmp_path / "one")
+    s2 = summary(tmp_path / "two")
+    assert s2["strategy"]["type"] == "FSDP" and s2["strategy"]["processes"] == 2
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert max_difference(weights(tmp_path / "two"), weights(tmp_path / "one")) < 1e-5

@@ -1,9 +1,9 @@
 """Two processes (torchrun + Accelerate, gloo on CPU) with per-process batch b train
 exactly like one process with batch 2b: same loss curve, same tokens, same eval, and
 the same Fast Forward decisions (the FF-set loss is reduced over processes) - on
-examples and on preference pairs with DPO and KTO (launched by torchrun), and on corpus
-windows with replay (launched by ``accelerate launch``; the shards built once, by rank
-0)."""
+examples and on preference pairs with DPO, IPO, SimPO, ORPO and KTO (launched by
+torchrun), and on corpus windows with replay (launched by ``accelerate launch``; the
+shards built once, by rank 0). FSDP2's twins are in test_fsdp.py."""
 
 from __future__ import annotations
 
@@ -22,9 +22,13 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
+PAIRS = ("dpo", "kto", "ipo", "simpo", "orpo")  # the preference objectives
+
 
 @pytest.mark.parametrize("mode, port", [("examples", 29533), ("corpus", 29534),
-                                        ("dpo", 29536), ("kto", 29537)])
+                                        ("dpo", 29536), ("kto", 29537),
+                                        ("ipo", 29564), ("simpo", 29565),
+                                        ("orpo", 29566)])
 def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp_path):
     data = chat_rows(tmp_path / "chat.jsonl")
     # fp32: auto measures bf16 in each launch (the suite's in-process patch does not reach
@@ -40,7 +44,7 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
               # laid out (2 x 2 rows per process vs 4 rows): unbounded, the decisions match.
               "fast_forward.max_cost=null"]
     common += corpus_overrides(tmp_path) if mode == "corpus" else []
-    common += pair_overrides(tmp_path, mode) if mode in ("dpo", "kto") else []
+    common += pair_overrides(tmp_path, mode) if mode in PAIRS else []
     leantune = [sys.executable, "-m", "leantune", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bin_dir = Path(sys.executable).parent
@@ -74,10 +78,10 @@ def test_two_processes_match_one_with_twice_the_batch(mode, port, llama_dir, tmp
                               "warning": None}
     assert s1["strategy"] == {"type": "NO", "processes": 1, "sharding": None,
                               "requested": None, "warning": None}
-    if mode in ("dpo", "kto"):
+    if mode in PAIRS:
         o2, o1 = s2["objective"], s1["objective"]
         for key, value in o1["held_out"]["after"].items():
-            if mode == "dpo" or key.startswith("logps"):
+            if mode != "kto" or key.startswith("logps"):
                 assert o2["held_out"]["after"][key] == pytest.approx(value, abs=1e-5), key
         for key, value in o1["train"].items():
             assert o2["train"][key] == pytest.approx(value, abs=1e-5), key

@@ -170,28 +170,33 @@ def sharded_run(llama_dir, tmp_path_factory) -> tuple[Path, list[str]]:
     return tmp / "whole", overrides
 
 
-@pytest.mark.parametrize("kind, processes, port", [("fsdp", 2, 29549), ("ddp", 2, 29550),
-                                                   ("fsdp", 3, 29551), ("one", 1, 29552)])
-def test_sharded_checkpoint_resumes_anywhere(kind, processes, port, sharded_run, tmp_path):
+@pytest.mark.parametrize("kind, processes, rows, port", [
+    ("fsdp", 2, 2, 29549), ("ddp", 2, 2, 29550), ("one", 1, 4, 29552), ("fsdp", 3, 2, 29551)])
+def test_sharded_checkpoint_resumes_anywhere(kind, processes, rows, port, sharded_run,
+                                             tmp_path):
     """Killed after step 3, resumed: on the same 2 FSDP2 processes the run ends
-    bit-identical; on 2 DDP processes (the shards read whole) it ends as the run that never
-    stopped; on 3 FSDP2 processes (DCP re-shards) or 1 process the global batch changes,
-    so the run is checked to go on from the checkpoint's exact weights: at an LR of 1e-30
-    nothing moves them."""
+    bit-identical; on 2 DDP processes, or on 1 process of 4 rows (the same global batch:
+    the data plan goes on unchanged), the shards are read whole and the run ends as the
+    one that never stopped; on 3 FSDP2 processes (DCP re-shards) the global batch
+    changes, so the run is checked to go on from the checkpoint's exact weights: at an LR
+    of 1e-30 nothing moves them."""
     whole, overrides = sharded_run
     cut = cut_after(whole, tmp_path / "cut", 3)
-    same_batch = processes == 2
-    extra = ["train.resume=true"] + ([] if same_batch else ["optim.lr=1e-30"])
+    same_batch = processes * rows == 4
+    extra = ["train.resume=true", f"train.batch_size={rows}"]
+    extra += [] if same_batch else ["optim.lr=1e-30"]
     done = train(launcher(kind, port, processes), [*overrides, *extra], cut)
     assert summary(cut)["optimizer_steps"] == 8
     if same_batch:
         assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
         limit = 0.0 if kind == "fsdp" else 1e-6
         assert max_difference(weights(cut), weights(whole)) <= limit
+        assert "re-batched" not in done.stderr
     else:
         saved = weights(cut / "checkpoints" / "step-3")
         assert max_difference(weights(cut), saved) < 1e-7
         assert max_difference(saved, weights(whole)) > 1e-3  # the check can fail
+        assert "resume from 2 processes on 3, 2 rows each (was 2)" in done.stderr
     if kind != "fsdp":
         assert "was written sharded (FSDP2) and is read unsharded" in done.stderr
 

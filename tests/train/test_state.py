@@ -1,6 +1,7 @@
-"""The examples-mode data position across process counts: a run resumed on another
-number of processes re-batches what is left of the epoch, so every unit of an epoch is
-taken exactly once, whatever the changes; an unchanged process count keeps the plan."""
+"""The examples-mode data position across process counts and batch sizes: a run resumed
+on another number of processes or ``train.batch_size`` re-batches what is left of the
+epoch, so every unit of an epoch is taken exactly once, whatever the changes; an
+unchanged global batch keeps the plan."""
 
 from __future__ import annotations
 
@@ -79,7 +80,30 @@ def test_one_process_then_two_covers_the_epoch_like_one_process_alone():
     alone = [i for b in epoch_plan(LENGTHS, cfg, 1, 0)[:5] for i in b]
     assert first == alone  # before the change: exactly the one-process plan
     change_world(state, 2)
-    assert state.segments == [[1, 5]]
+    assert state.segments == [[1, 5, 3]]  # 1 process of 3 rows took 5 micro-batches
     rest = [i for p in take(cfg, state, 2, 5) for i in p]
     assert set(rest).isdisjoint(first) and len(rest) == 5 * 6
     assert len(set(rest) | set(first)) == 15 + 30
+
+
+def test_a_resume_with_another_batch_size_takes_every_unit_once():
+    """2 processes of 2 rows, then 1 process of 4 (the same global batch, as a user keeps
+    it: the plan goes on unchanged), then 1 of 3 (re-batched: a segment records the size
+    it ran with); the epoch is covered once. An earlier checkpoint's two-number segments
+    are read with the config's size."""
+    seen, state, plans = [], TrainState(), []
+    for world, size, micro in ((2, 2, 3), (1, 4, 2), (1, 3, 4)):
+        cfg = load_config(None, ["data.batching=random", f"train.batch_size={size}"])
+        plans.append(change_world(state, world, size))
+        seen += [i for p in take(cfg, state, world, micro) for i in p]
+    assert plans == [True, False, True]  # (1 x None -> 2 x 2 is a fresh state's first)
+    assert state.segments == [[1, 5, 4]] and state.batch_size == 3
+    whole = epoch_plan(LENGTHS, load_config(None, ["data.batching=random",
+                                                   "train.batch_size=4"]), 1, 0)
+    assert sorted(seen[:5 * 4]) == sorted(i for b in whole[:5] for i in b)  # as 1 x 4 alone
+    assert len(seen) == 3 * 4 + 2 * 4 + 4 * 3 == len(set(seen))  # nothing twice
+    rest = remaining_plan(LENGTHS, cfg, state)[state.batch_in_epoch:]
+    assert sorted(seen + [i for b in rest for i in b]) == list(range(len(LENGTHS)))
+    old = TrainState(world=2, batch_in_epoch=0, segments=[[2, 3]])  # saved before sizes
+    assert remaining_plan(LENGTHS, config("random"), old) == remaining_plan(
+        LENGTHS, config("random"), TrainState(world=2, batch_size=3, segments=[[2, 3, 3]]))

@@ -144,15 +144,16 @@ def build_run(cfg: Config) -> Run:
                            acc)
     if start.kind == "init":  # the run starts from those weights: so does a copied reference
         objective = build_objective(cfg, adapter, acc.unwrap_model(model), acc)
-    saved_world = state.world
-    change_world(state, acc.num_processes)
-    steps, schedule = plan_steps(cfg, data, state, acc.num_processes, saved_world)
-    if saved_world != acc.num_processes and start.kind != "fresh":
-        log.warning("%s from %d processes on %d: the global batch goes from %d to %d, the rest "
-                    "of epoch %d is re-batched, and the run ends at step %d (was %s)",
-                    start.kind, saved_world, acc.num_processes,
-                    cfg.train.batch_size * saved_world, cfg.train.batch_size * acc.num_processes,
-                    state.epoch, steps, state.planned_steps)
+    (world, size), now = (state.world, state.batch_size or cfg.train.batch_size), (
+        acc.num_processes, cfg.train.batch_size)
+    rebatched = change_world(state, *now, cfg.data.token_budget is not None) and (
+        start.kind in ("resume", "anneal"))
+    steps, schedule = plan_steps(cfg, data, state, acc.num_processes, rebatched)
+    if rebatched:
+        log.warning("%s from %d processes on %d, %d rows each (was %d): the global batch goes "
+                    "from %d to %d, the rest of epoch %d is re-batched, and the run ends at "
+                    "step %d (was %s)", start.kind, world, now[0], now[1], size, world * size,
+                    now[0] * now[1], state.epoch, steps, state.planned_steps)
     state.planned_steps = steps
     if start.kind != "fresh":
         acc.print(f"{start.describe()} (step {state.step} of {steps})")
@@ -231,13 +232,13 @@ def held_out_count(data: TrainData) -> str:
 
 
 def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int,
-               saved_world: int | None = None) -> tuple[int, Schedule]:
+               rebatched: bool = False) -> tuple[int, Schedule]:
     """The run's optimizer steps and LR schedule. A run annealing a checkpoint taken at
     step ``s0`` ends at ``s0 + decay_steps`` (or ``decay_ratio * s0``).
 
-    A run of ``train.epochs`` resumed on another number of processes than ``saved_world``
-    takes the data it has left in the steps of the new global batch:
-    ``step + ceil((1 - step / planned_steps) * steps_at_new_world)``.
+    A run of ``train.epochs`` continued with another global batch (``rebatched``: another
+    number of processes or ``train.batch_size``) takes the data it has left in the steps
+    of the new global batch: ``step + ceil((1 - step / planned_steps) * steps_now)``.
     """
     s = cfg.schedule
     if state.anneal_at is not None:
@@ -245,8 +246,7 @@ def plan_steps(cfg: Config, data: TrainData, state: TrainState, world: int,
                                                         state.anneal_at))
     else:
         steps = data.steps(cfg, world)
-        if (saved_world not in (None, world) and cfg.train.max_steps is None
-                and state.planned_steps):
+        if rebatched and cfg.train.max_steps is None and state.planned_steps:
             left = 1 - state.step / state.planned_steps
             steps = state.step + max(1, math.ceil(left * steps))
     return steps, Schedule.of(s, steps, state.anneal_at, state.anneal_start)

@@ -28,8 +28,10 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # global micro-batches of `epoch` taken since `segments`
     world: int = 1           # processes that took them (the global batch is per-process x world)
-    # Earlier parts of `epoch` run with another process count, as [world, micro-batches]:
-    # a run resumed on a different number of processes re-batches what is left of the epoch.
+    batch_size: int | None = None  # their per-process micro-batch (None: saved before it was kept)
+    # Earlier parts of `epoch` run with another global batch, as [world, micro-batches,
+    # per-process batch] (older checkpoints: [world, micro-batches]): a run resumed on
+    # another number of processes or train.batch_size re-batches what is left of the epoch.
     segments: list[list[int]] = field(default_factory=list)
     planned_steps: int | None = None  # the run's total steps, as planned when this state was saved
     target_tokens: int = 0
@@ -117,11 +119,14 @@ class TrainState:
         self.ff_seconds += record["ff_seconds"]
 
 
-def epoch_plan(lengths: list[int], cfg: Config, world: int, epoch: int) -> list[list[int]]:
-    """The global micro-batches (unit indices) of one epoch, for all processes together."""
+def epoch_plan(lengths: list[int], cfg: Config, world: int, epoch: int,
+               batch_size: int | None = None) -> list[list[int]]:
+    """The global micro-batches (unit indices) of one epoch, for all processes together;
+    ``batch_size``: per process (default ``train.batch_size``)."""
     budget = cfg.data.token_budget * world if cfg.data.token_budget else None
-    return select_batches(lengths, cfg.train.batch_size * world, cfg.train.seed, epoch,
-                          cfg.data.batching, budget, padded=cfg.data.packing == "none")
+    return select_batches(lengths, (batch_size or cfg.train.batch_size) * world,
+                          cfg.train.seed, epoch, cfg.data.batching, budget,
+                          padded=cfg.data.packing == "none")
 
 
 def remaining_plan(lengths: list[int], cfg: Config, state: TrainState) -> list[list[int]]:
@@ -133,26 +138,45 @@ def remaining_plan(lengths: list[int], cfg: Config, state: TrainState) -> list[l
     taken twice or skipped.
     """
     rest = list(range(len(lengths)))
-    for world, taken in state.segments:
-        used = {i for b in _plan_over(rest, lengths, cfg, world, state.epoch)[:taken] for i in b}
+    for world, taken, *size in state.segments:
+        plan = _plan_over(rest, lengths, cfg, world, state.epoch, size[0] if size else None)
+        used = {i for b in plan[:taken] for i in b}
         rest = [i for i in rest if i not in used]
-    return _plan_over(rest, lengths, cfg, state.world, state.epoch)
+    return _plan_over(rest, lengths, cfg, state.world, state.epoch, state.batch_size)
 
 
-def _plan_over(units: list[int], lengths: list[int], cfg: Config, world: int, epoch: int
-               ) -> list[list[int]]:
+def _plan_over(units: list[int], lengths: list[int], cfg: Config, world: int, epoch: int,
+               batch_size: int | None = None) -> list[list[int]]:
     """:func:`epoch_plan` over the subset ``units`` of all units (indices into ``lengths``)."""
-    plan = epoch_plan([lengths[i] for i in units], cfg, world, epoch)
+    plan = epoch_plan([lengths[i] for i in units], cfg, world, epoch, batch_size)
     return [[units[j] for j in b] for b in plan]
 
 
-def change_world(state: TrainState, world: int) -> None:
-    """Carry the data position over to ``world`` processes: the part of the epoch taken so
-    far becomes a segment, and the rest is re-batched for the new global batch."""
-    if world != state.world:
+def change_world(state: TrainState, world: int, batch_size: int | None = None,
+                 by_tokens: bool = False) -> bool:
+    """Carry the data position over to ``world`` processes of ``batch_size`` each (None:
+    the size it had). When the epoch's plan changes, the part of the epoch taken so far
+    becomes a segment and the rest is re-batched for the new global batch; the plan is
+    the same when the global batch ``world x batch_size`` is (and, with a token budget
+    per process (``by_tokens``), the process count too), so 2 processes of 2 rows go on
+    as 1 of 4 exactly where they were.
+
+    Returns:
+        Whether the plan changed (the rest of the epoch is re-batched).
+    """
+    size = batch_size or state.batch_size
+
+    def plan(w: int, b: int | None) -> tuple:
+        return (w * b if b else w, w if by_tokens or not b else None)
+
+    changed = plan(world, size) != plan(state.world, state.batch_size or size)
+    if changed:
         if state.batch_in_epoch:
-            state.segments.append([state.world, state.batch_in_epoch])
+            state.segments.append([state.world, state.batch_in_epoch,
+                                   *([state.batch_size] if state.batch_size else [])])
         state.world, state.batch_in_epoch = world, 0
+    state.world, state.batch_size = world, size
+    return changed
 
 
 def micro_batches(batcher: Batcher | PairBatcher, cfg: Config, state: TrainState, acc: Accelerator
@@ -164,7 +188,8 @@ def micro_batches(batcher: Batcher | PairBatcher, cfg: Config, state: TrainState
     """
     world, rank = acc.num_processes, acc.process_index
     lengths = batcher.unit_lengths
-    change_world(state, world)  # a no-op unless build_run has not done it
+    change_world(state, world, cfg.train.batch_size,  # a no-op unless build_run has not
+                 cfg.data.token_budget is not None)
     while True:
         batches = remaining_plan(lengths, cfg, state)
         while state.batch_in_epoch < len(batches):

@@ -56,7 +56,8 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
                       "corpus_scale": "script not found", "speed": 0,
                       "profile_after_fp32": "script not found",
                       "profile_after_bf16": "script not found",
-                      "profile_after_bf16_compiled": "script not found", "preference": 0,
+                      "profile_after_bf16_compiled": "script not found",
+                      "matmul_shapes": "script not found", "preference": 0,
                       "grpo": 0, "scaling": "script not found"}
     assert json.loads((tmp_path / "all.json").read_text())["benches"] == record["benches"]
     tables = (tmp_path / "TABLES.md").read_text()

@@ -53,6 +53,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("profile_after_bf16", ["script:profile_step.py", "train.precision=bf16-mixed"]),
     ("profile_after_bf16_compiled", ["script:profile_step.py", "train.precision=bf16-mixed",
                                      "train.compile=true"]),
+    ("matmul_shapes", ["script:matmul_shapes.py"]),
     ("preference", ["preference"]),
     ("grpo", ["grpo"]),
     ("scaling", ["script:scaling.py", "--rounds", "2"]),

@@ -144,8 +144,8 @@ def build_run(cfg: Config) -> Run:
                            acc)
     if start.kind == "init":  # the run starts from those weights: so does a copied reference
         objective = build_objective(cfg, adapter, acc.unwrap_model(model), acc)
-    (world, size), now = (state.world, state.batch_size or cfg.train.batch_size), (
-        acc.num_processes, cfg.train.batch_size)
+    world, size = state.world, state.batch_size or cfg.train.batch_size  # as saved
+    now = (acc.num_processes, cfg.train.batch_size)
     rebatched = change_world(state, *now, cfg.data.token_budget is not None) and (
         start.kind in ("resume", "anneal"))
     steps, schedule = plan_steps(cfg, data, state, acc.num_processes, rebatched)

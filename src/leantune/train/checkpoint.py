@@ -36,6 +36,7 @@ from leantune.train.sharding import (
     load_dcp_unsharded,
     saved_sharded,
     shard_optimizer_state,
+    sharded,
 )
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,6 @@ def save_accelerate_checkpoint(run_dir: Path, step: int, adapter: Adapter, acc,
             acc.unwrap_model(model), t / adapter.output_name, state_dict=full))
     acc.wait_for_everyone()
     return path
-
-
-def sharded(acc) -> bool:
-    """Whether parameters and optimizer state are split across processes."""
-    from accelerate.utils import DistributedType
-
-    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def accelerate_format(fmt: str, acc) -> bool:

@@ -32,9 +32,9 @@ from leantune.train.checkpoint import (
     save_accelerate_checkpoint,
     save_checkpoint,
     save_output,
-    sharded,
 )
 from leantune.train.metrics import PeakMemory, all_means, peak_memory_bytes
+from leantune.train.sharding import sharded
 from leantune.train.step import StepResult, train_step
 from leantune.train.summary import build_summary
 

@@ -41,8 +41,8 @@ from leantune.objectives.grpo import completion_logprobs, group_advantages, nans
 from leantune.objectives.rewards import load_reward, score
 from leantune.packing.rollouts import Rollout, collate_rollouts, packed_shape, tree_shape
 from leantune.packing.trees import Tree, check_trees, mask_dtype_for
-from leantune.train.checkpoint import sharded
 from leantune.train.metrics import all_means
+from leantune.train.sharding import sharded
 from leantune.train.state import TrainState
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,13 @@ import torch
 FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR = "pytorch_model_fsdp_0", "optimizer_0"  # Accelerate's names
 
 
+def sharded(acc) -> bool:
+    """Whether parameters and optimizer state are split across processes."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model``'s parameters are DTensors (FSDP2 shards)."""
     from torch.distributed.tensor import DTensor

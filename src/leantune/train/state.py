@@ -174,7 +174,7 @@ def change_world(state: TrainState, world: int, batch_size: int | None = None,
         if state.batch_in_epoch:
             state.segments.append([state.world, state.batch_in_epoch,
                                    *([state.batch_size] if state.batch_size else [])])
-        state.world, state.batch_in_epoch = world, 0
+        state.batch_in_epoch = 0
     state.world, state.batch_size = world, size
     return changed
 

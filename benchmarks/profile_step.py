@@ -1,6 +1,7 @@
 """Where a training step's time goes, by op class, in the run's real code path.
 
-    python benchmarks/profile_step.py [--config CONFIG] [--steps 4] [--out OUT.json] [key=value ...]
+    python benchmarks/profile_step.py [--config CONFIG] [--steps 4] [--unfused] [--out OUT.json]
+                                      [key=value ...]
 
 Builds the run as ``leantune train CONFIG`` would (default: examples/quickstart.yaml),
 takes two warm-up steps, then profiles ``--steps`` optimizer steps with torch.profiler and
@@ -13,7 +14,8 @@ adds, activations, LoRA's scaling, backward of norms and activations). An op bel
 the innermost such scope around it: module forwards tagged here, autograd nodes,
 custom autograd functions. Under ``train.compile=true`` inductor's fused kernels show as
 one event per compiled graph call ("fused (compiled)"); its matmuls and attention stay
-separate ops and count as above. Prints a table and tokens/s;
+separate ops and count as above. ``--unfused`` runs PEFT's own LoRA forward in place of
+the fused layer (the code before it). Prints a table and tokens/s;
 ``--out`` writes it with the CPU model and flags. Run alone: timings are the machine's.
 """
 from __future__ import annotations
@@ -38,27 +40,50 @@ except ImportError:
     run_step = None
 
 CLASSES = ("matmul", "attention", "casts", "dropout", "norms", "loss", "optimizer",
-           "elementwise", "fused (compiled)")
-MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}
+           "lora (fused)", "elementwise", "fused (compiled)")
+MATMUL = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
+          "mkldnn::_linear_pointwise"}
 CASTS = {"aten::copy_", "aten::_to_copy"}
 # Scopes (module forwards tagged by :func:`tag_modules`, autograd nodes, custom functions)
 # that own every op under them, matmuls apart.
-SCOPES = (("Optimizer.step", "optimizer"), ("Dropout", "dropout"), ("RMSNorm", "norms"),
-          ("LayerNorm", "norms"), ("_LinearLogProbs", "loss"), ("WhereBackward", "dropout"),
-          ("NativeDropoutBackward", "dropout"),
+SCOPES = (("Optimizer.step", "optimizer"), ("Dropout", "dropout"), ("LoRALinear", "lora (fused)"),
+          ("RMSNorm", "norms"), ("LayerNorm", "norms"), ("_LinearLogProbs", "loss"),
+          ("WhereBackward", "dropout"), ("NativeDropoutBackward", "dropout"),
           ("Attention", "attention"), ("scaled_dot_product", "attention"))
 
 
-def tag_modules(model: torch.nn.Module) -> None:
+def tag_modules(model: torch.nn.Module, dropout: bool) -> None:
     """Open a profiler scope named after the module class around the forward of every
-    dropout and norm, so their ops are counted by what they belong to."""
+    norm and (``dropout``) dropout, so their ops are counted by what they belong to. Not
+    the fused LoRA layer's dropout: a hook on it sends the layer back to PEFT's path."""
     for m in model.modules():
         name = type(m).__name__
-        if name in ("FastDropout", "Dropout") or name.endswith(("RMSNorm", "LayerNorm")):
+        if (dropout and name in ("FastDropout", "Dropout")) or name.endswith(
+                ("RMSNorm", "LayerNorm")):
             m.register_forward_pre_hook(
                 lambda mod, args, name=name: setattr(
                     mod, "_scope", torch.profiler.record_function(name).__enter__()))
             m.register_forward_hook(lambda mod, args, out: mod._scope.__exit__(None, None, None))
+
+
+def tag_fused_lora() -> None:
+    """Scopes for the fused LoRA layer: its dropout masks count as dropout, its other
+    non-matmul ops (input casts, masked copies, gradient casts) as "lora (fused)"; the
+    backward is the autograd node ``LoRALinearBackward`` already."""
+    from leantune.adapters import lora_kernel
+
+    mask, forward = lora_kernel.keep_mask, lora_kernel.LoRALinear.forward
+
+    def scoped_mask(*args):
+        with torch.profiler.record_function("Dropout mask"):
+            return mask(*args)
+
+    def scoped_forward(*args):
+        with torch.profiler.record_function("LoRALinear"):
+            return forward(*args)
+
+    lora_kernel.keep_mask = scoped_mask
+    lora_kernel.LoRALinear.forward = staticmethod(scoped_forward)
 
 
 def op_class(event) -> str:
@@ -99,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default="examples/quickstart.yaml")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out")
+    ap.add_argument("--unfused", action="store_true", help="PEFT's own LoRA layer forward")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, ["train.progress=false", "eval.before=false",
@@ -108,8 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     run = build_run(cfg)
     batches = run.data.micro_batches(cfg, run.state, run.acc, run.steps)
     run.model.train()
+    if args.unfused:  # the fused forward is an instance attribute over PEFT's class method
+        for m in run.model.modules():
+            m.__dict__.pop("forward", None)
     if not cfg.train.compile:  # inside compiled layers they are fused, and a hook would break it
-        tag_modules(run.model)
+        tag_modules(run.model, dropout=args.unfused)
+        tag_fused_lora()
 
     def step() -> int:
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
@@ -131,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds, top = classify(prof)
     total = sum(seconds.values())
     out = {"cpu": cpu_info(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "config": args.config, "overrides": args.overrides, "steps": args.steps,
+           "config": args.config, "overrides": args.overrides, "unfused": args.unfused,
+           "steps": args.steps,
            "precision": run.precision.used, "tokens": tokens, "wall_s": wall,
            "tokens_per_s_profiled": tokens / wall,
            "classes_s": {c: round(seconds.get(c, 0.0), 3) for c in CLASSES},

@@ -54,9 +54,12 @@ def test_runs_in_order_into_the_out_dir_and_keeps_going(tmp_path, capsys):
                       "fast_forward": 0, "fast_forward_tasks": 0, "adapters": 1, "reft": 0,
                       "tasks": 0, "tasks_sweep": 0, "tasks_curves": 0, "continual": 0,
                       "corpus_scale": "script not found", "speed": 0,
-                      "profile_after_fp32": "script not found",
-                      "profile_after_bf16": "script not found",
-                      "profile_after_bf16_compiled": "script not found",
+                      "profile_fp32": "script not found",
+                      "profile_fp32_unfused": "script not found",
+                      "profile_bf16": "script not found",
+                      "profile_bf16_unfused": "script not found",
+                      "profile_bf16_compiled": "script not found",
+                      "quickstart_precision": "script not found",
                       "matmul_shapes": "script not found", "preference": 0,
                       "grpo": 0, "scaling": "script not found"}
     assert json.loads((tmp_path / "all.json").read_text())["benches"] == record["benches"]

@@ -4,13 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from leantune.model.dropout import LEVELS, FastDropout, keep_mask, use_fast_dropout
+from leantune.model.dropout import LEVELS, FastDropout, keep_mask, masked, use_fast_dropout
 
 
 def test_mask_drops_the_rounded_probability_and_lanes_are_independent():
     torch.manual_seed(0)
     n = 1 << 22
-    keep, p = keep_mask(torch.Size([n]), 0.05, torch.device("cpu"))
+    mask, p = keep_mask(torch.Size([n]), 0.05, torch.device("cpu"))
+    assert mask.dtype == torch.int16 and set(mask.unique().tolist()) == {-1, 0}
+    keep = mask != 0
     assert p == round(0.05 * LEVELS) / LEVELS and abs(p - 0.05) <= 2**-17
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs((1 - keep.float().mean().item()) - p) < 5 * sigma
@@ -47,6 +49,24 @@ def test_identity_in_eval_and_at_zero_and_seeded():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         FastDropout(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_bitwise_mask_is_a_select(dtype):
+    torch.manual_seed(2)
+    x = torch.randn(300, 77).to(dtype)
+    x[0, :5] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-30, -3.0])
+    mask, p = keep_mask(x.shape, 0.4, x.device, dtype)
+    assert mask.dtype.itemsize == dtype.itemsize and abs(p - 0.4) <= 2**-17
+    got = masked(x, mask)
+    want = torch.where(mask != 0, x, torch.zeros((), dtype=dtype))
+    assert got.dtype == dtype and torch.equal(got.view(mask.dtype), want.view(mask.dtype))
+    strided = x.t()  # any layout: the AND reads the values' bits where they are
+    torch.testing.assert_close(masked(strided, mask.t()), want.t(), rtol=0, atol=0,
+                               equal_nan=True)
+    # p rounding to no drop at all, and the largest p the lanes can express
+    assert bool((keep_mask(x.shape, 1e-7, x.device, dtype)[0] == -1).all())
+    assert keep_mask(x.shape, 0.99999999, x.device, dtype)[1] == (LEVELS - 1) / LEVELS
 
 
 def test_autocast_output_is_the_autocast_dtype():

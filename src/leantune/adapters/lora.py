@@ -19,6 +19,7 @@ import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
 from torch import nn
 
+from leantune.adapters.lora_kernel import fuse_lora_layers
 from leantune.adapters.peft_adapter import PeftAdapter
 from leantune.adapters.targets import all_linear_targets, preset_targets
 from leantune.model.dropout import use_fast_dropout
@@ -84,10 +85,13 @@ def fused_expert_targets(config: LoraConfig, model: nn.Module) -> set[str]:
 def fast_lora_dropout(model: nn.Module) -> nn.Module:
     """``model`` with PEFT's LoRA dropout (``nn.Dropout`` per adapted layer) drawn by
     :class:`~leantune.model.dropout.FastDropout`: the same inverted dropout for a quarter
-    of the random numbers (``bernoulli_`` was 11-17 % of a CPU step)."""
+    of the random numbers (``bernoulli_`` was 11-17 % of a CPU step), and each plain LoRA
+    linear layer run as one fused autograd node
+    (:class:`~leantune.adapters.lora_kernel.LoRALinear`)."""
     for module in model.modules():
         if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
             use_fast_dropout(module.lora_dropout)
+    fuse_lora_layers(model)
     return model
 
 

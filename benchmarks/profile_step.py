@@ -70,8 +70,10 @@ def tag_fused_lora() -> None:
     """Scopes for the fused LoRA layer: its dropout masks count as dropout, its other
     non-matmul ops (input casts, masked copies, gradient casts) as "lora (fused)"; the
     backward is the autograd node ``LoRALinearBackward`` already."""
-    from leantune.adapters import lora_kernel
-
+    try:
+        from leantune.adapters import lora_kernel
+    except ImportError:  # the code before the fused layer (PYTHONPATH=<older worktree>/src)
+        return
     mask, forward = lora_kernel.keep_mask, lora_kernel.LoRALinear.forward
 
     def scoped_mask(*args):
@@ -135,8 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     batches = run.data.micro_batches(cfg, run.state, run.acc, run.steps)
     run.model.train()
     if args.unfused:  # the fused forward is an instance attribute over PEFT's class method
-        for m in run.model.modules():
-            m.__dict__.pop("forward", None)
+        for m in run.model.modules():  # (the model's own, autocast_forward's, stays)
+            if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+                m.__dict__.pop("forward", None)
     if not cfg.train.compile:  # inside compiled layers they are fused, and a hook would break it
         tag_modules(run.model, dropout=args.unfused)
         tag_fused_lora()

@@ -32,7 +32,8 @@ def unfused(model):
     """The same model with PEFT's own ``lora.Linear.forward``."""
     other = copy.deepcopy(model)
     for m in other.modules():
-        m.__dict__.pop("forward", None)
+        if type(m) is LoraLinear:
+            m.__dict__.pop("forward", None)
     return other
 
 

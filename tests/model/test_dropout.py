@@ -33,6 +33,10 @@ def test_dropout_is_inverted_and_its_gradient_is_the_mask():
     assert abs(kept.float().mean().item() - 0.7) < 0.01
     y.backward(torch.ones_like(y))
     torch.testing.assert_close(x.grad, kept.float() * scale)
+    x.grad = None
+    drop(x).sum().backward()  # an expanded (stride 0) gradient comes back masked as well
+    assert 0.65 < (x.grad != 0).float().mean().item() < 0.75
+    torch.testing.assert_close(x.grad.unique(), torch.tensor([0.0, scale]))
     # E[y] = x: over many masks the mean output of a fixed input is the input.
     ones = torch.ones(1 << 20)
     assert abs(drop(ones).mean().item() - 1) < 5 * math.sqrt(0.3 / 0.7 / (1 << 20))

@@ -9,13 +9,13 @@ cost more than the LoRA matmuls themselves. :class:`LoRALinear` does the same ar
 with the compute dtype fixed once (the autocast dtype, else the input's)::
 
     xc  = x.to(c)                           [N, in]
-    xd  = xc & keep                         (keep: FastDropout's mask on the bits; none at p = 0)
+    xd  = xc & mask                         (FastDropout's mask on the bits; none at p = 0)
     h   = xd @ A^T                          [N, r]
     y   = xc @ W^T + b + s' h @ B^T         [N, out]   (one addmm; s' = s / (1 - p'))
 
     dh  = s' dy @ B                         [N, r]
     dB  = s' dy^T @ h,   dA = dh^T @ xd     (cast to the fp32 master weights' dtype)
-    dx  = dy @ W + (dh @ A) & keep          (one addmm), cast to x's dtype
+    dx  = dy @ W + (dh @ A) & mask          (one addmm), cast to x's dtype
 
 Saved for backward: ``xd``, ``h``, the mask and the weights (references; A and B in the
 compute dtype, r rows each). The base is frozen, so W's gradient and with it ``xc`` are
@@ -27,8 +27,8 @@ in the same order as PEFT's forward with :class:`~leantune.model.dropout.FastDro
 the fused and unfused layers drop the same elements (tested). Only the plain case is
 fused: one active adapter, not merged, adapters enabled, no DoRA or other variant, an
 ``nn.Linear`` base, no forward hook on the base or adapter modules, no per-call adapter
-names, not inside ``torch.compile`` (which fuses
-the unfused graph itself); every other call runs PEFT's own forward unchanged.
+names, not inside ``torch.compile`` (which fuses the unfused graph itself); every other
+call runs PEFT's own forward unchanged.
 """
 
 from __future__ import annotations
@@ -42,15 +42,16 @@ from leantune.model.dropout import FastDropout, keep_mask, masked
 
 
 class LoRALinear(torch.autograd.Function):
-    """``y = x W^T + b + s' (keep ⊙ x) A^T B^T`` in compute dtype ``dtype``; see the module
-    docstring for the formulas. ``keep`` is None when nothing is dropped."""
+    """``y = x W^T + b + s' (x & mask) A^T B^T`` in compute dtype ``dtype``; see the module
+    docstring for the formulas. ``mask`` (:func:`~leantune.model.dropout.keep_mask`'s) is
+    None when nothing is dropped."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, keep, dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, mask, dtype):
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):  # every operand is in dtype
             xc = x.to(dtype)
-            xd = xc if keep is None else masked(xc, keep)
+            xd = xc if mask is None else masked(xc, mask)
             a, b, w = lora_a.to(dtype), lora_b.to(dtype), weight.to(dtype)
             xd = xd.reshape(-1, shape[-1])
             h = xd @ a.t()
@@ -61,14 +62,14 @@ class LoRALinear(torch.autograd.Function):
             flat.addmm_(h, b.t(), alpha=scale)
             if bias is not None:
                 flat.add_(bias.to(dtype))
-        ctx.save_for_backward(xd, h, keep, weight, a, b)
+        ctx.save_for_backward(xd, h, mask, weight, a, b)
         ctx.scale, ctx.dtype, ctx.shape = scale, dtype, shape
         ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xd, h, keep, weight, a, b = ctx.saved_tensors
+        xd, h, mask, weight, a, b = ctx.saved_tensors
         dtype, s = ctx.dtype, ctx.scale
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         with torch.autocast(dy.device.type, enabled=False):
@@ -79,8 +80,8 @@ class LoRALinear(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 lora_dx = dh @ a
-                if keep is not None:
-                    lora_dx = masked(lora_dx, keep.reshape(lora_dx.shape))
+                if mask is not None:
+                    lora_dx = masked(lora_dx, mask.reshape(lora_dx.shape))
                 grad_x = lora_dx.addmm_(dy, weight.to(dtype)).to(x_dtype).reshape(ctx.shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
@@ -123,13 +124,13 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     device = x.device.type
     dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
              else x.dtype)
-    scale, keep = self.scaling[name], None
+    scale, mask = self.scaling[name], None
     dropout = self.lora_dropout[name]
     if isinstance(dropout, FastDropout) and dropout.training and dropout.p > 0:
-        keep, p = keep_mask(x.shape, dropout.p, x.device, dtype)
+        mask, p = keep_mask(x.shape, dropout.p, x.device, dtype)
         scale = scale / (1 - p)
     base = self.base_layer
-    return LoRALinear.apply(x, base.weight, base.bias, a, b, scale, keep, dtype)
+    return LoRALinear.apply(x, base.weight, base.bias, a, b, scale, mask, dtype)
 
 
 def fuse_lora_layers(model: nn.Module) -> int:

@@ -67,7 +67,7 @@ class _Dropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (mask,) = ctx.saved_tensors
-        return masked(dy.contiguous(), mask).mul_(ctx.scale), None, None
+        return masked(dy, mask).mul_(ctx.scale), None, None
 
 
 class FastDropout(nn.Module):

@@ -106,6 +106,28 @@ def test_autocast_forward_and_master_weights():
     assert model[1].weight.grad.dtype == torch.float32
 
 
+def test_generation_runs_under_the_autocast_too():
+    """PEFT's generate reaches the inner model's forward, past the patched one: with an
+    untied head held in bf16 it met fp32 hidden states and failed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules="all-linear"))
+    mixed = Precision("bf16-mixed", "bf16-mixed", "test", 2.0, 1e12, "test")
+    mixed.prepare(model, "cpu")
+    assert model.base_model.model.lm_head.weight.dtype == torch.bfloat16  # frozen, untied
+    ids = torch.randint(1, 64, (1, 5))
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 8)
+    model.leantune_autocast = None  # in_fp32's switch reaches generate as well
+    with pytest.raises(RuntimeError, match="same dtype"):
+        model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+
+
 @pytest.mark.parametrize("pair", ["train.precision=fp32 model.dtype=bfloat16",
                                   "train.precision=bf16 model.dtype=float32"])
 def test_conflicting_dtype_is_refused(pair):

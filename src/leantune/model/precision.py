@@ -272,21 +272,26 @@ def fall_back(precision: Precision, reason: str, device: torch.device) -> Precis
 def autocast_forward(model: torch.nn.Module, dtype: torch.dtype | None, device_type: str) -> None:
     """Run every call of ``model`` under ``torch.autocast(device_type, dtype)`` (None: as
     is). It patches the instance's ``forward`` (as Accelerate's mixed precision does), so
-    training, evaluation, probing, scoring and generation all share it, and DDP's
-    ``self.module(...)`` reaches it. The dtype is read at each call from
-    ``model.leantune_autocast``, so :func:`in_fp32` can switch it off for a block."""
+    training, evaluation, probing, scoring and sampling all share it, and DDP's
+    ``self.module(...)`` reaches it; and its ``generate``, which PEFT's models run through
+    the inner model's forward, past the patched one (the frozen linears are bf16 and would
+    meet fp32 inputs). The dtype is read at each call from ``model.leantune_autocast``, so
+    :func:`in_fp32` can switch it off for a block."""
     if dtype is None:
         return
-    forward = model.forward
 
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        now = model.leantune_autocast
-        # enabled=False also overrides an autocast around the call (Accelerate's).
-        with torch.autocast(device_type, dtype=now or dtype, enabled=now is not None):
-            return forward(*args, **kwargs)
+    def under_autocast(call):
+        @functools.wraps(call)
+        def run(*args, **kwargs):
+            now = model.leantune_autocast
+            # enabled=False also overrides an autocast around the call (Accelerate's).
+            with torch.autocast(device_type, dtype=now or dtype, enabled=now is not None):
+                return call(*args, **kwargs)
+        return run
 
-    model.forward = run
+    model.forward = under_autocast(model.forward)
+    if callable(getattr(model, "generate", None)):
+        model.generate = under_autocast(model.generate)
     model.leantune_autocast = dtype
 
 

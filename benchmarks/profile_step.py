@@ -34,6 +34,15 @@ from leantune.model.precision import cpu_info
 from leantune.train.build import build_run
 from leantune.train.step import train_step
 
+try:  # the fused LoRA layer (the code before it, run by PYTHONPATH=<worktree>/src, had none)
+    from leantune.adapters import lora_kernel
+    from leantune.adapters.lora_kernel import unfuse_lora_layers
+except ImportError:
+    lora_kernel = None
+
+    def unfuse_lora_layers(model) -> int:
+        return 0
+
 try:  # train.compile's steps (the code before it had train_step alone)
     from leantune.train.loop import run_step
 except ImportError:
@@ -70,9 +79,7 @@ def tag_fused_lora() -> None:
     """Scopes for the fused LoRA layer: its dropout masks count as dropout, its other
     non-matmul ops (input casts, masked copies, gradient casts) as "lora (fused)"; the
     backward is the autograd node ``LoRALinearBackward`` already."""
-    try:
-        from leantune.adapters import lora_kernel
-    except ImportError:  # the code before the fused layer (PYTHONPATH=<older worktree>/src)
+    if lora_kernel is None:
         return
     mask, forward = lora_kernel.keep_mask, lora_kernel.LoRALinear.forward
 
@@ -136,10 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     run = build_run(cfg)
     batches = run.data.micro_batches(cfg, run.state, run.acc, run.steps)
     run.model.train()
-    if args.unfused:  # the fused forward is an instance attribute over PEFT's class method
-        for m in run.model.modules():  # (the model's own, autocast_forward's, stays)
-            if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
-                m.__dict__.pop("forward", None)
+    if args.unfused:
+        unfuse_lora_layers(run.model)
     if not cfg.train.compile:  # inside compiled layers they are fused, and a hook would break it
         tag_modules(run.model, dropout=args.unfused)
         tag_fused_lora()

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from leantune.adapters.lora import fast_lora_dropout
-from leantune.adapters.lora_kernel import LoRALinear, fuse_lora_layers
+from leantune.adapters.lora_kernel import LoRALinear, fuse_lora_layers, unfuse_lora_layers
 
 
 def lora_llama(dropout=0.1, seed=0, **lora):
@@ -31,9 +31,7 @@ def lora_llama(dropout=0.1, seed=0, **lora):
 def unfused(model):
     """The same model with PEFT's own ``lora.Linear.forward``."""
     other = copy.deepcopy(model)
-    for m in other.modules():
-        if type(m) is LoraLinear:
-            m.__dict__.pop("forward", None)
+    assert unfuse_lora_layers(other) == 14
     return other
 
 

@@ -144,3 +144,13 @@ def fuse_lora_layers(model: nn.Module) -> int:
             module.forward = types.MethodType(fused_forward, module)
             fused += 1
     return fused
+
+
+def unfuse_lora_layers(model: nn.Module) -> int:
+    """Undo :func:`fuse_lora_layers`: PEFT's own ``lora.Linear.forward`` again for every
+    layer under ``model`` (other instance forwards, such as the model's autocast wrapper,
+    stay); the count."""
+    from peft.tuners.lora.layer import Linear
+
+    return sum(module.__dict__.pop("forward", None) is not None
+               for module in model.modules() if type(module) is Linear)
